@@ -1,0 +1,135 @@
+"""Model configuration: the released Higgs Audio v2 shape and a tiny one for CPUs.
+
+`ModelConfig` is a flat dataclass. It is built from a preset name or from the
+released `config.json` format, in which the Llama backbone's fields live in a
+`text_config` block and the audio fields at the top level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ModelConfig:
+    # Llama backbone
+    vocab_size: int = 128256
+    hidden_size: int = 3072
+    intermediate_size: int = 8192
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 24
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    # rope_type "llama3" frequency scaling; None means plain RoPE.
+    rope_scaling: dict | None = field(
+        default_factory=lambda: {
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
+    )
+    initializer_range: float = 0.02
+    # Audio path
+    audio_num_codebooks: int = 8  # K
+    audio_codebook_size: int = 1024  # C; stream BOS = C, stream EOS = C + 1
+    audio_stream_bos_id: int = 1024
+    audio_stream_eos_id: int = 1025
+    audio_dual_ffn_layers: list[int] = field(default_factory=lambda: list(range(28)))
+    audio_ffn_intermediate_size: int = 8192
+    use_delay_pattern: bool = True
+
+    @property
+    def audio_num_classes(self) -> int:
+        """C + 2: the codes plus the stream BOS and EOS."""
+        return self.audio_codebook_size + 2
+
+    def validate(self) -> None:
+        problems = []
+        if self.num_attention_heads % self.num_key_value_heads:
+            problems.append(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.audio_stream_bos_id != self.audio_codebook_size:
+            problems.append(f"audio_stream_bos_id={self.audio_stream_bos_id} != audio_codebook_size")
+        if self.audio_stream_eos_id != self.audio_codebook_size + 1:
+            problems.append(f"audio_stream_eos_id={self.audio_stream_eos_id} != audio_codebook_size + 1")
+        bad = [i for i in self.audio_dual_ffn_layers if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            problems.append(f"audio_dual_ffn_layers {bad} outside [0, {self.num_hidden_layers})")
+        if problems:
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+    @classmethod
+    def from_preset(cls, name: str) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+        cfg = cls(**PRESETS[name])
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_pretrained_config(cls, path: str | Path) -> "ModelConfig":
+        """Read the released `config.json` (a file, or a folder holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read config: {e}") from e
+        text = raw.get("text_config")
+        if not isinstance(text, dict):
+            raise ValueError(f"{path}: missing the 'text_config' block of the released format")
+        kw = {}
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "rope_theta"):
+            if name not in text:
+                raise ValueError(f"{path}: text_config.{name} is missing")
+            kw[name] = text[name]
+        kw["head_dim"] = text.get("head_dim", text["hidden_size"] // text["num_attention_heads"])
+        kw["rope_scaling"] = text.get("rope_scaling")
+        kw["initializer_range"] = text.get("initializer_range", 0.02)
+        for name in ("audio_num_codebooks", "audio_codebook_size", "audio_stream_bos_id",
+                     "audio_stream_eos_id", "audio_dual_ffn_layers", "audio_ffn_intermediate_size"):
+            if name not in raw:
+                raise ValueError(f"{path}: top-level field {name!r} is missing")
+            kw[name] = raw[name]
+        kw["use_delay_pattern"] = raw.get("use_delay_pattern", True)
+        if raw.get("audio_ffn_hidden_size", kw["hidden_size"]) != kw["hidden_size"]:
+            raise ValueError(f"{path}: audio_ffn_hidden_size != hidden_size is not supported")
+        cfg = cls(**kw)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict] = {
+    # The released bosonai/higgs-audio-v2-generation-3B-base backbone + DualFFN.
+    "higgs-v2-3b": {},
+    # Same structure, sized to train in minutes on 2 CPU cores. The vocabulary
+    # is that of the demo tokenizer (data/tokenizer.json) rounded up; the
+    # larger init range gives a randomly initialized, frozen head logits big
+    # enough that LoRA alone can fit the demo set (see README, "make train").
+    "tiny": {
+        "vocab_size": 2048,
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "audio_dual_ffn_layers": [0, 1, 2, 3],
+        "audio_ffn_intermediate_size": 688,
+        "initializer_range": 0.02,
+    },
+}

@@ -1,0 +1,231 @@
+"""Hand-written LoRA: a frozen linear layer plus a trainable low-rank update.
+
+             x (…, in)
+             ├───────────────────────────┐
+             │                           dropout
+             │                           A: (r, in)   kaiming-uniform
+      W: (out, in), frozen               B: (out, r)  zeros
+             │                           × scale      (alpha / r, or alpha / √r with rsLoRA)
+             └──────────── + ────────────┘
+                           y (…, out)
+
+    y = x Wᵀ + scale · (dropout(x) Aᵀ) Bᵀ   ≡   x (W + scale · B A)ᵀ   without dropout
+
+B starts at zero, so the model is unchanged at step 0. A and B stay in fp32
+when W is bf16 (the adapter's input is cast at the matmul), as PEFT does.
+
+Adapter files use PEFT's layout, so `PeftModel.from_pretrained` reads them as
+they are: `adapter_model.safetensors` with keys
+`base_model.model.<module path>.lora_{A,B}.weight` and `adapter_config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PEFT_PREFIX = "base_model.model."
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` (no bias) with a LoRA update. Keeps the base's `weight` name."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        super().__init__()
+        if base.bias is not None:
+            raise ValueError("LoRALinear supports bias-free linear layers only (all of Higgs Audio's)")
+        if r <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {r}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # (out, in), frozen
+        self.weight.requires_grad_(False)
+        dev = base.weight.device
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=torch.float32)
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.scale = alpha / math.sqrt(r) if rslora else alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self._unmerged_weight: torch.Tensor | None = None
+        self.reset_lora_parameters()
+
+    @torch.no_grad()
+    def reset_lora_parameters(self):
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)  # (…, out)
+        if self.merged:
+            return y
+        a = self.dropout(x).to(self.lora_A.weight.dtype)
+        return y + (self.lora_B(self.lora_A(a)) * self.scale).to(y.dtype)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """scale · B @ A in fp32, (out, in)."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale
+
+    @torch.no_grad()
+    def merge(self, name: str = "") -> None:
+        """W ← W + scale·B@A (computed in fp32, cast once). A second merge does nothing."""
+        if self.merged:
+            return
+        delta = self.delta_weight()
+        if not torch.isfinite(delta).all():
+            raise ValueError(f"LoRA update of {name or 'layer'} is not finite; refusing to merge")
+        self._unmerged_weight = self.weight.detach().clone()
+        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the exact base weight kept at merge time (bitwise, any dtype)."""
+        if not self.merged:
+            return
+        self.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged = False
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}"
+
+
+def matches(path: str, pattern: str) -> bool:
+    """PEFT's rule: a pattern names a module when it is its path or a dotted suffix of it."""
+    return path == pattern or path.endswith("." + pattern)
+
+
+def apply_lora(model: nn.Module, targets=None, r: int = 16, alpha: float = 32.0,
+               dropout: float = 0.0, rslora: bool = False) -> list[str]:
+    """Freeze every parameter of `model` and wrap the targeted linears in LoRALinear.
+
+    Returns the wrapped module paths. A pattern that matches no linear layer is an error.
+    """
+    targets = list(targets or DEFAULT_TARGETS)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    chosen = [
+        (path, m) for path, m in model.named_modules()
+        if isinstance(m, nn.Linear) and any(matches(path, t) for t in targets)
+    ]
+    unused = [t for t in targets if not any(matches(path, t) for path, _ in chosen)]
+    if unused:
+        raise ValueError(f"LoRA target pattern(s) {unused} match no linear layer of the model")
+    for path, lin in chosen:
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, child, LoRALinear(lin, r, alpha, dropout, rslora))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("LoRA on %d layers: trainable %s / total %s (%.3f%%)",
+             len(chosen), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return [path for path, _ in chosen]
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def merge_lora(model: nn.Module) -> None:
+    for path, m in lora_layers(model).items():
+        m.merge(path)
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for m in lora_layers(model).values():
+        m.unmerge()
+
+
+# --------------------------------------------------------------------------- adapter files
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's key names (fp32, contiguous, on CPU)."""
+    out = {}
+    for path, m in lora_layers(model).items():
+        out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = m.lora_A.weight.detach().float().cpu().contiguous()
+        out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = m.lora_B.weight.detach().float().cpu().contiguous()
+    return out
+
+
+def adapter_config(model: nn.Module, targets, dropout: float, base_model: str) -> dict:
+    layers = list(lora_layers(model).values())
+    if not layers:
+        raise ValueError("the model has no LoRA layers")
+    first = layers[0]
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "r": first.r,
+        "lora_alpha": first.alpha,
+        "lora_dropout": dropout,
+        "target_modules": list(targets),
+        "use_rslora": first.rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+        "base_model_name_or_path": base_model,
+    }
+
+
+def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read `adapter_config.json` and `adapter_model.safetensors` from a folder."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg_path}: cannot read adapter config: {e}") from e
+    for field in ("peft_type", "r", "lora_alpha", "target_modules"):
+        if field not in cfg:
+            raise ValueError(f"{cfg_path}: field {field!r} is missing")
+    if cfg["peft_type"] != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type is {cfg['peft_type']!r}, expected 'LORA'")
+    if not weights_path.exists():
+        raise FileNotFoundError(f"{weights_path}: adapter weights are missing")
+    return cfg, load_file(str(weights_path))
+
+
+@torch.no_grad()
+def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "adapter") -> None:
+    """Copy PEFT-named LoRA tensors into the model's LoRA layers, strictly."""
+    layers = lora_layers(model)
+    expected = set()
+    for path, m in layers.items():
+        for part, param in (("lora_A", m.lora_A.weight), ("lora_B", m.lora_B.weight)):
+            key = f"{PEFT_PREFIX}{path}.{part}.weight"
+            expected.add(key)
+            if key not in tensors:
+                raise KeyError(f"{source}: tensor {key!r} is missing")
+            t = tensors[key]
+            if tuple(t.shape) != tuple(param.shape):
+                raise ValueError(f"{source}: tensor {key!r} has shape {tuple(t.shape)}, "
+                                 f"model expects {tuple(param.shape)}")
+            param.copy_(t)
+    unknown = sorted(set(tensors) - expected)
+    if unknown:
+        raise KeyError(f"{source}: {len(unknown)} tensor(s) match no LoRA module of the model, "
+                       f"e.g. {unknown[:3]}")
+
+
+def load_adapter(model: nn.Module, folder: str | Path) -> dict:
+    """Apply LoRA as the adapter's config says, then load its weights. Returns the config."""
+    cfg, tensors = read_adapter(folder)
+    if not lora_layers(model):
+        apply_lora(model, cfg["target_modules"], cfg["r"], cfg["lora_alpha"],
+                   cfg.get("lora_dropout", 0.0), cfg.get("use_rslora", False))
+    load_adapter_tensors(model, tensors, source=str(Path(folder) / "adapter_model.safetensors"))
+    return cfg

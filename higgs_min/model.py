@@ -1,0 +1,307 @@
+"""The Higgs Audio v2 model: a Llama-3 decoder with a DualFFN audio path.
+
+    input_ids (B, L) ──embed_tokens──┐
+                                      ├─ x (B, L, H): audio positions take the sum of
+    audio_codes (B, L, K) ──codebook──┘   their K codebook embeddings instead
+    for each layer:
+        text rows:  x += attn(input_layernorm(x));        x += mlp(post_attention_layernorm(x))
+        audio rows: x += attn(audio_input_layernorm(x));  x += audio_mlp(audio_post_attention_layernorm(x))
+        (attention is one shared self-attention over all rows; the DualFFN split
+         only applies in layers listed in `audio_dual_ffn_layers`)
+    hidden = norm(x)                                          (B, L, H)
+    text logits  = audio_decoder_proj.text_lm_head(hidden rows)   (N, V)
+    audio logits = audio_decoder_proj.audio_lm_head(hidden rows)  (N, K, C + 2)
+
+The forward returns hidden states only; heads are applied by the caller to the
+rows it scores (see loss.py), so nobody builds (B, L, V) logits by accident.
+State-dict names are the released checkpoint's names exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from higgs_min.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalize in fp32 (as Llama does) whatever the compute dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (head_dim / 2,), with Llama-3 scaling when configured.
+
+    Llama-3 scaling leaves high frequencies (short wavelengths) alone, divides
+    low frequencies by `factor`, and blends linearly in between.
+    """
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    rs = cfg.rope_scaling
+    if not rs:
+        return inv_freq.float()
+    if rs.get("rope_type") != "llama3":
+        raise ValueError(f"rope_scaling type {rs.get('rope_type')!r} is not supported (only 'llama3')")
+    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    orig = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((orig / wavelen) - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelen > orig / low, inv_freq / factor, blended)
+    out = torch.where(wavelen < orig / high, inv_freq, out)
+    return out.float()
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention through scaled_dot_product_attention."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        H = cfg.hidden_size
+        self.q_proj = nn.Linear(H, self.nh * self.hd, bias=False)
+        self.k_proj = nn.Linear(H, self.nkv * self.hd, bias=False)
+        self.v_proj = nn.Linear(H, self.nkv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.nh * self.hd, H, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask):
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.nh, self.hd).transpose(1, 2)  # (B, nh, L, hd)
+        k = self.k_proj(x).view(B, L, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, L, hd)
+        v = self.v_proj(x).view(B, L, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, L, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
+        y = y.transpose(1, 2).reshape(B, L, self.nh * self.hd)  # (B, L, nh*hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dual_ffn: bool):
+        super().__init__()
+        H = cfg.hidden_size
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(H, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(H, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps)
+        self.dual_ffn = dual_ffn
+        if dual_ffn:
+            self.audio_mlp = MLP(H, cfg.audio_ffn_intermediate_size)
+            self.audio_input_layernorm = RMSNorm(H, cfg.rms_norm_eps)
+            self.audio_post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, attn_mask, audio_rows, text_rows):
+        """x (B, L, H); audio_rows / text_rows: flat row indices into (B*L,), or None."""
+        if not self.dual_ffn or audio_rows is None:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        B, L, H = x.shape
+        is_audio = torch.zeros(B * L, 1, dtype=torch.bool, device=x.device)
+        is_audio[audio_rows] = True
+        h = torch.where(is_audio.view(B, L, 1), self.audio_input_layernorm(x), self.input_layernorm(x))
+        x = x + self.self_attn(h, cos, sin, attn_mask)
+        # Each row goes through exactly one FFN: gather, run, scatter back.
+        flat = x.reshape(B * L, H)
+        t = flat[text_rows]
+        a = flat[audio_rows]
+        ffn = torch.zeros_like(flat)
+        ffn = ffn.index_copy(0, text_rows, self.mlp(self.post_attention_layernorm(t)))
+        ffn = ffn.index_copy(0, audio_rows, self.audio_mlp(self.audio_post_attention_layernorm(a)))
+        return x + ffn.view(B, L, H)
+
+
+class AudioDecoderProjector(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.text_lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.audio_lm_head = nn.Linear(
+            cfg.hidden_size, cfg.audio_num_codebooks * cfg.audio_num_classes, bias=False
+        )
+
+
+class HiggsAudioModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = cfg = config
+        H, K = cfg.hidden_size, cfg.audio_num_codebooks
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, H)
+        self.audio_codebook_embeddings = nn.Embedding(K * cfg.audio_num_classes, H)
+        dual = set(cfg.audio_dual_ffn_layers)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i in dual) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.audio_decoder_proj = AudioDecoderProjector(cfg)
+        # Not in the state dict: the released checkpoint has no buffers.
+        self.register_buffer(
+            "codebook_offsets", torch.arange(K) * cfg.audio_num_classes, persistent=False
+        )  # (K,)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self):
+        # Buffers hold garbage after to_empty() (meta -> real); recompute them.
+        self.codebook_offsets.copy_(torch.arange(self.config.audio_num_codebooks) * self.config.audio_num_classes)
+
+    def embed(self, input_ids, audio_codes, audio_mask):
+        """input_ids (B, L); audio_codes (B, L, K) stream ids in [0, C+2); audio_mask (B, L)."""
+        x = self.embed_tokens(input_ids)  # (B, L, H)
+        if audio_mask is None or not audio_mask.any():
+            return x
+        b, l = audio_mask.nonzero(as_tuple=True)
+        ids = audio_codes[b, l] + self.codebook_offsets  # (N, K), codebook k offset by k*(C+2)
+        a = self.audio_codebook_embeddings(ids).sum(dim=1)  # (N, H)
+        return x.index_put((b, l), a.to(x.dtype))
+
+    def forward(self, input_ids, attention_mask=None, audio_codes=None, audio_mask=None):
+        """Return the final hidden states (B, L, H).
+
+        attention_mask (B, L): 1 for real tokens, 0 for padding (None: no padding).
+        audio_mask (B, L): True where the position holds an audio frame (in or out);
+        those rows take the codebook embeddings and the audio FFN path.
+        """
+        B, L = input_ids.shape
+        x = self.embed(input_ids, audio_codes, audio_mask)
+        pos = torch.arange(L, device=x.device, dtype=torch.float32)
+        # Recomputed each call (hd/2 numbers) so that model.to(bf16) cannot round it.
+        inv_freq = rope_inv_freq(self.config).to(x.device)
+        freqs = torch.outer(pos, inv_freq)  # (L, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (L, hd)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)  # broadcast over (B, nh, L, hd)
+        attn_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+            attn_mask = causal[None, None] & attention_mask.bool()[:, None, None, :]  # (B, 1, L, L)
+        audio_rows = text_rows = None
+        if audio_mask is not None and audio_mask.any():
+            flat = audio_mask.reshape(-1)
+            audio_rows = flat.nonzero().squeeze(1)
+            text_rows = (~flat).nonzero().squeeze(1)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn_mask, audio_rows, text_rows)
+        return self.norm(x)
+
+    def text_logits(self, hidden_rows):
+        """hidden_rows (N, H) -> (N, V)."""
+        return self.audio_decoder_proj.text_lm_head(hidden_rows)
+
+    def audio_logits(self, hidden_rows):
+        """hidden_rows (N, H) -> (N, K, C + 2)."""
+        K, C2 = self.config.audio_num_codebooks, self.config.audio_num_classes
+        return self.audio_decoder_proj.audio_lm_head(hidden_rows).view(-1, K, C2)
+
+
+# --------------------------------------------------------------------------- loading
+
+def weight_files(path: str | Path) -> tuple[dict[str, Path], Path | None]:
+    """Map tensor name -> shard file for a .safetensors file or a folder.
+
+    A folder holds `model.safetensors.index.json` (sharded) or `model.safetensors`.
+    Returns (name -> file, index path or None).
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{index}: not a safetensors index ({e})") from e
+            return {name: path / shard for name, shard in weight_map.items()}, index
+        single = path / "model.safetensors"
+        if not single.exists():
+            raise FileNotFoundError(f"{path}: neither model.safetensors.index.json nor model.safetensors")
+        path = single
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    with safe_open(str(path), framework="pt") as f:
+        return {name: path for name in f.keys()}, None
+
+
+@torch.no_grad()
+def load_pretrained(model: HiggsAudioModel, path: str | Path, dtype: torch.dtype | None = None) -> HiggsAudioModel:
+    """Load released-format weights into `model`, strictly, shard by shard (memory-mapped).
+
+    A model built on the meta device is materialized first. Every tensor of the
+    model must be present with its exact shape, and no other tensor may be.
+    """
+    from safetensors import safe_open
+
+    if any(p.is_meta for p in model.parameters()):
+        model.to_empty(device="cpu")
+        model.init_buffers()  # every parameter is overwritten below
+    if dtype is not None:
+        model.to(dtype)
+    params = model.state_dict()
+    name_to_file, _ = weight_files(path)
+    missing = sorted(set(params) - set(name_to_file))
+    unexpected = sorted(set(name_to_file) - set(params))
+    if missing or unexpected:
+        raise KeyError(
+            f"{path}: weights do not match the model: missing {len(missing)} {missing[:5]}, "
+            f"unexpected {len(unexpected)} {unexpected[:5]}"
+        )
+    by_file: dict[Path, list[str]] = {}
+    for name, file in name_to_file.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in sorted(by_file.items()):
+        with safe_open(str(file), framework="pt") as f:
+            present = set(f.keys())
+            for name in names:
+                if name not in present:
+                    raise KeyError(f"{file}: tensor {name!r} listed in the index is not in the shard")
+                t = f.get_tensor(name)
+                want = params[name]
+                if tuple(t.shape) != tuple(want.shape):
+                    raise ValueError(
+                        f"{file}: tensor {name!r} has shape {tuple(t.shape)}, model expects {tuple(want.shape)}"
+                    )
+                want.copy_(t.to(want.dtype))
+    return model
