@@ -121,7 +121,7 @@ PRESETS: dict[str, dict] = {
     # larger init range gives a randomly initialized, frozen head logits big
     # enough that LoRA alone can fit the demo set (see README, "make train").
     "tiny": {
-        "vocab_size": 2048,
+        "vocab_size": 1024,
         "hidden_size": 256,
         "intermediate_size": 688,
         "num_hidden_layers": 4,

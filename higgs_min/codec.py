@@ -1,0 +1,87 @@
+"""Audio <-> codes with descript-audio-codec (DAC), imported lazily.
+
+`import dac` pulls in descript-audiotools and torchaudio (seconds), so only
+this module imports it, and only inside functions: training never waits for it.
+Nothing here downloads: weights come from a local file, or, for demos and
+tests only, a seeded random DAC is built on request.
+"""
+
+from __future__ import annotations
+
+import wave
+from pathlib import Path
+
+import numpy as np
+import torch
+
+NUM_CODEBOOKS = 8
+
+# A small random DAC at the released audio tokenizer's framing (24 kHz, hop 960
+# = 25 frames/s, 8 codebooks of 1024). Its codes are deterministic functions of
+# the audio but carry no learned meaning: for demos and tests only.
+RANDOM_CODEC_CONFIG = dict(encoder_dim=32, encoder_rates=[2, 4, 8, 15], decoder_dim=256,
+                           decoder_rates=[15, 8, 4, 2], n_codebooks=8, codebook_size=1024,
+                           sample_rate=24000)
+
+
+def load_codec(weights: str | Path | None = None, random_seed: int | None = None):
+    """A DAC in eval mode: from local `weights`, or seeded random when asked explicitly."""
+    import dac  # lazy: see the module docstring
+
+    if weights is not None:
+        path = Path(weights)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: codec weights not found (nothing is downloaded)")
+        model = dac.DAC.load(str(path))
+    elif random_seed is not None:
+        torch.manual_seed(random_seed)
+        model = dac.DAC(**RANDOM_CODEC_CONFIG)
+    else:
+        raise ValueError("no codec weights: pass --codec-weights PATH, or --random-codec-seed N "
+                         "for a seeded random codec (demos and tests only)")
+    if model.n_codebooks < NUM_CODEBOOKS:
+        raise ValueError(f"codec has {model.n_codebooks} codebooks, need at least {NUM_CODEBOOKS}")
+    return model.eval()
+
+
+def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
+    """16-bit PCM WAV -> (mono float waveform (T,), sample rate)."""
+    try:
+        with wave.open(str(path), "rb") as w:
+            if w.getsampwidth() != 2:
+                raise ValueError(f"{path}: {8 * w.getsampwidth()}-bit WAV; only 16-bit PCM is read")
+            rate, ch = w.getframerate(), w.getnchannels()
+            pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+    except (wave.Error, EOFError) as e:
+        raise ValueError(f"{path}: not a readable WAV file: {e}") from e
+    x = torch.from_numpy(pcm.astype(np.float32) / 32768.0).view(-1, ch).mean(1)
+    return x, rate
+
+
+def write_wav(path: str | Path, x: torch.Tensor, rate: int) -> None:
+    pcm = (x.clamp(-1, 1) * 32767).round().to(torch.int16).numpy()
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+
+
+@torch.no_grad()
+def encode(model, waveform: torch.Tensor, rate: int) -> np.ndarray:
+    """Mono waveform (T,) at `rate` -> int16 codes (8, frames): the first 8 quantizers."""
+    import torchaudio.functional as AF
+
+    if rate != model.sample_rate:
+        waveform = AF.resample(waveform, rate, model.sample_rate)
+    x = model.preprocess(waveform.view(1, 1, -1), model.sample_rate)  # (1, 1, T') padded to the hop
+    _, codes, _, _, _ = model.encode(x)  # (1, n_q, frames)
+    return codes[0, :NUM_CODEBOOKS].to(torch.int16).numpy()
+
+
+@torch.no_grad()
+def decode(model, codes: np.ndarray) -> torch.Tensor:
+    """Codes (K, frames) -> mono waveform (T,) at model.sample_rate."""
+    c = torch.from_numpy(np.asarray(codes, dtype=np.int64))[None]  # (1, K, frames)
+    z = model.quantizer.from_codes(c)[0]
+    return model.decode(z)[0, 0]

@@ -1,0 +1,378 @@
+"""Conversations to tokens and labels, in the released model's ChatML layout.
+
+One conversation (a JSONL line) becomes one sample whose audio is laid out on
+the same positions as the text, so one rule scores both streams:
+
+    position     0            1 …              a-1             a … a+S-1      a+S          a+S+1
+    input_ids    <|b_o_t|>    header, text …   <|audio_out_bos|>  <|AUDIO_OUT|>×S  <|audio_eos|>  <|eot_id|>
+    text_labels  -100 (prompt, headers)   own id (assistant text)  own id  -100 ×S   own id  own id
+    audio_codes  ·            ·                 ·               delay([BOS|codes|EOS])  (K columns each)
+    audio_labels -100         -100              -100            delay([-100|codes|EOS])
+
+S = T + K + 1 for codes (K, T). THE NEXT-TOKEN RULE (`next_token_targets`, the
+only place it is written): the logits at position i are scored against the
+label at position i + 1, for text and audio alike.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+SPECIAL_TOKENS = {
+    "begin_of_text": "<|begin_of_text|>",
+    "end_of_text": "<|end_of_text|>",  # the released config's pad_token_id
+    "start_header": "<|start_header_id|>",
+    "end_header": "<|end_header_id|>",
+    "eot": "<|eot_id|>",
+    "audio_out_bos": "<|audio_out_bos|>",
+    "audio_out": "<|AUDIO_OUT|>",
+    "audio_eos": "<|audio_eos|>",
+    "audio_bos": "<|audio_bos|>",
+    "audio_in": "<|AUDIO|>",
+}
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Targets for the logits at each position: labels shifted left by one along dim 1.
+
+    labels (B, L) or (B, L, K) -> same shape; target[:, i] = labels[:, i + 1], and the
+    last position has no target (IGNORE_INDEX). Scoring logits at i against the
+    label at i itself is the classic bug that keeps a loss at chance (ln V).
+    """
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
+
+
+def delay_pattern(codes: torch.Tensor, bos: int, pad: int) -> torch.Tensor:
+    """Shift codebook row k right by k: (K, T) -> (K, T + K - 1).
+
+    Row k's first k columns are `bos`, its last K - 1 - k columns are `pad`. At
+    column t the model thus sees code t of book 0, t-1 of book 1, …, t-K+1 of book K-1.
+    """
+    K, T = codes.shape
+    out = codes.new_full((K, T + K - 1), pad)
+    for k in range(K):
+        out[k, :k] = bos
+        out[k, k:k + T] = codes[k]
+    return out
+
+
+def revert_delay_pattern(delayed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `delay_pattern` on its valid region: (K, T + K - 1) -> (K, T)."""
+    K, TK = delayed.shape
+    T = TK - K + 1
+    return torch.stack([delayed[k, k:k + T] for k in range(K)])
+
+
+def audio_stream(codes: torch.Tensor, bos: int, eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes (K, T) -> (input, labels), each (K, T + K + 1).
+
+    input  = delay([BOS | codes | EOS]) with BOS in front and EOS in the tail;
+    labels = delay([-100 | codes | EOS]) with -100 in front and in the tail.
+    """
+    K = codes.shape[0]
+    col = lambda v: codes.new_full((K, 1), v)  # noqa: E731
+    inp = delay_pattern(torch.cat([col(bos), codes, col(eos)], 1), bos=bos, pad=eos)
+    lab = delay_pattern(torch.cat([col(IGNORE_INDEX), codes, col(eos)], 1), bos=IGNORE_INDEX, pad=IGNORE_INDEX)
+    return inp, lab
+
+
+class DataError(ValueError):
+    """Bad input, with where it is: file, line and field."""
+
+
+@dataclass
+class Sample:
+    """One conversation. L positions, K codebooks."""
+    index: int  # line number in the JSONL file (1-based)
+    input_ids: torch.Tensor  # (L,)
+    text_labels: torch.Tensor  # (L,)
+    audio_codes: torch.Tensor  # (L, K) stream ids at audio positions, 0 elsewhere
+    audio_labels: torch.Tensor  # (L, K) -100 except at assistant audio positions
+    audio_in_mask: torch.Tensor  # (L,) bool: audio given as input (system/user)
+    audio_out_mask: torch.Tensor  # (L,) bool: audio the model generates (assistant)
+    stream_shapes: list  # [(role, (K, T)), …] as read from the codes files
+
+    def stats(self) -> str:
+        L = len(self.input_ids)
+        t_on = int((self.text_labels != IGNORE_INDEX).sum())
+        a_on = int((self.audio_labels != IGNORE_INDEX).sum())
+        a_total = int(self.audio_out_mask.sum()) * self.audio_labels.shape[1]
+        shapes = ", ".join(f"{r}:{list(s)}" for r, s in self.stream_shapes) or "none"
+        return (f"sample line {self.index}: input length {L}, label length {len(self.text_labels)}; "
+                f"text labels {L - t_on} masked / {t_on} unmasked / {L} total; "
+                f"audio labels {a_total - a_on} masked / {a_on} unmasked / {a_total} total; "
+                f"audio codes {shapes}")
+
+
+class ChatEncoder:
+    """Turns one parsed conversation into a Sample. Special-token ids are looked up by name."""
+
+    def __init__(self, tokenizer_path: str | Path, num_codebooks: int, codebook_size: int, vocab_size: int):
+        from tokenizers import Tokenizer
+
+        self.tokenizer_path = Path(tokenizer_path)
+        try:
+            self.tok = Tokenizer.from_file(str(tokenizer_path))
+        except Exception as e:  # tokenizers raises a bare Exception on bad files
+            raise DataError(f"{tokenizer_path}: cannot load tokenizer: {e}") from e
+        self.ids = {}
+        for key, name in SPECIAL_TOKENS.items():
+            tid = self.tok.token_to_id(name)
+            if tid is None:
+                raise DataError(f"{tokenizer_path}: special token {name} is not in the tokenizer")
+            if tid >= vocab_size:
+                raise DataError(f"{tokenizer_path}: {name} has id {tid} >= model vocab_size {vocab_size}")
+            self.ids[key] = tid
+        if self.tok.get_vocab_size() > vocab_size:
+            raise DataError(f"{tokenizer_path}: tokenizer has {self.tok.get_vocab_size()} tokens, "
+                            f"model vocab_size is {vocab_size}")
+        self.K, self.C = num_codebooks, codebook_size
+
+    def text(self, s: str) -> list[int]:
+        return self.tok.encode(s, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def encode(self, messages: list[dict], codes_of, where: str, index: int) -> Sample:
+        """`codes_of(item, field_where)` returns a (K, T) int64 tensor for an audio item."""
+        sp = self.ids
+        ids, labels, codes, alabels, ain, aout, shapes = [], [], [], [], [], [], []
+        zero_codes = [0] * self.K
+        no_alabels = [IGNORE_INDEX] * self.K
+
+        def add(tokens, supervised):
+            ids.extend(tokens)
+            labels.extend(tokens if supervised else [IGNORE_INDEX] * len(tokens))
+            codes.extend([zero_codes] * len(tokens))
+            alabels.extend([no_alabels] * len(tokens))
+            ain.extend([False] * len(tokens))
+            aout.extend([False] * len(tokens))
+
+        def add_audio(c, role):
+            inp, lab = audio_stream(c, bos=self.C, eos=self.C + 1)  # (K, S) each
+            S = inp.shape[1]
+            out = role == "assistant"
+            ids.extend([sp["audio_out" if out else "audio_in"]] * S)
+            labels.extend([IGNORE_INDEX] * S)
+            codes.extend(inp.T.tolist())
+            alabels.extend(lab.T.tolist() if out else [no_alabels] * S)
+            ain.extend([not out] * S)
+            aout.extend([out] * S)
+            shapes.append((role, tuple(c.shape)))
+
+        add([sp["begin_of_text"]], False)
+        for m_i, msg in enumerate(messages):
+            mw = f"{where}: messages[{m_i}]"
+            if not isinstance(msg, dict):
+                raise DataError(f"{mw}: expected an object, got {type(msg).__name__}")
+            role = msg.get("role")
+            if role not in ROLES:
+                raise DataError(f"{mw}.role: unknown role {role!r} (expected one of {ROLES})")
+            content = msg.get("content")
+            sup = role == "assistant"
+            add([sp["start_header"]] + self.text(role) + [sp["end_header"]] + self.text("\n\n"), False)
+            items = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            if not isinstance(items, list):
+                raise DataError(f"{mw}.content: expected a string or a list, got {type(content).__name__}")
+            for i_i, item in enumerate(items):
+                iw = f"{mw}.content[{i_i}]"
+                kind = item.get("type") if isinstance(item, dict) else None
+                if kind == "text":
+                    if not isinstance(item.get("text"), str):
+                        raise DataError(f"{iw}.text: expected a string")
+                    add(self.text(item["text"]), sup)
+                elif kind == "audio":
+                    c = codes_of(item, iw)
+                    if sup:
+                        add([sp["audio_out_bos"]], True)
+                        add_audio(c, role)
+                        add([sp["audio_eos"]], True)
+                    else:
+                        add([sp["audio_bos"]], False)
+                        add_audio(c, role)
+                        add([sp["audio_eos"]], False)
+                else:
+                    raise DataError(f"{iw}.type: expected 'text' or 'audio', got {kind!r}")
+            add([sp["eot"]], sup)
+        t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt)  # noqa: E731
+        return Sample(index, t(ids), t(labels), t(codes).view(-1, self.K), t(alabels).view(-1, self.K),
+                      t(ain, torch.bool), t(aout, torch.bool), shapes)
+
+
+def load_codes(path: Path, where: str, K: int, C: int) -> torch.Tensor:
+    """Read integer codes (K, T) from .npy or .safetensors and check them."""
+    if not path.exists():
+        raise DataError(f"{where}.codes: file {path} does not exist")
+    try:
+        if path.suffix == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        elif path.suffix == ".safetensors":
+            from safetensors.numpy import load_file
+            tensors = load_file(str(path))
+            if len(tensors) != 1:
+                raise DataError(f"{where}.codes: {path} holds {len(tensors)} tensors, expected 1")
+            arr = next(iter(tensors.values()))
+        else:
+            raise DataError(f"{where}.codes: {path} is neither .npy nor .safetensors")
+    except DataError:
+        raise
+    except (OSError, ValueError) as e:
+        raise DataError(f"{where}.codes: cannot read {path}: {e}") from e
+    if arr.ndim != 2 or arr.shape[0] != K:
+        raise DataError(f"{where}.codes: {path} has shape {list(arr.shape)}, expected [{K}, T]")
+    if arr.shape[1] == 0:
+        raise DataError(f"{where}.codes: {path} has no frames")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(f"{where}.codes: {path} has dtype {arr.dtype}, expected integers")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= C:
+        raise DataError(f"{where}.codes: {path} has values in [{lo}, {hi}], expected [0, {C})")
+    return torch.from_numpy(arr.astype(np.int64))
+
+
+@dataclass
+class LoadReport:
+    loaded: int
+    skipped: dict  # reason -> count
+
+    def summary(self) -> str:
+        total = sum(self.skipped.values())
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(self.skipped.items())) or "none"
+        return f"loaded {self.loaded}, skipped {total} ({reasons})"
+
+
+def load_jsonl(path: str | Path, encoder: ChatEncoder, max_length: int, skip_bad: bool = False,
+               log_first: int = 0) -> tuple[list[Sample], LoadReport]:
+    """Read and encode every conversation of a JSONL file, validating all of it up front.
+
+    Bad lines raise DataError (file:line: field: problem) unless `skip_bad`, in which
+    case they are counted and warned about. Samples with no supervised token and
+    samples longer than `max_length` are always skipped and counted.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read data file: {e}") from e
+    if not raw.strip():
+        raise DataError(f"{path}: the data file is empty")
+    samples, skipped = [], {}
+
+    def skip(reason, msg):
+        skipped[reason] = skipped.get(reason, 0) + 1
+        log.warning("skipping %s", msg)
+
+    for line_no, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from e
+            if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+                raise DataError(f"{where}: messages: expected an object with a 'messages' list")
+            if not obj["messages"]:
+                raise DataError(f"{where}: messages: the conversation is empty")
+
+            def codes_of(item, iw):
+                if "codes" in item:
+                    if not isinstance(item["codes"], str):
+                        raise DataError(f"{iw}.codes: expected a path string")
+                    return load_codes(path.parent / item["codes"], iw, encoder.K, encoder.C)
+                if "audio" in item:
+                    raise DataError(f"{iw}.audio: raw audio must be encoded first: "
+                                    f"python -m higgs_min.prepare --data {path} --out OUT.jsonl --codec-weights PATH")
+                raise DataError(f"{iw}: an audio item needs 'codes' (or 'audio', then prepare)")
+
+            sample = encoder.encode(obj["messages"], codes_of, where, line_no)
+        except DataError as e:
+            if not skip_bad:
+                raise
+            skip("bad input", str(e))
+            continue
+        if not (sample.text_labels != IGNORE_INDEX).any() and not (sample.audio_labels != IGNORE_INDEX).any():
+            skip("no supervised token", f"{where}: no assistant text or audio to learn from")
+            continue
+        if len(sample.input_ids) > max_length:
+            skip("longer than max length", f"{where}: {len(sample.input_ids)} positions > max_length {max_length}")
+            continue
+        if len(samples) < log_first:
+            log.info("%s", sample.stats())
+        samples.append(sample)
+    report = LoadReport(len(samples), skipped)
+    log.info("%s: %s", path, report.summary())
+    if not samples:
+        raise DataError(f"{path}: no usable sample ({report.summary()})")
+    return samples, report
+
+
+def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sample. Returns (B, L) and (B, L, K) tensors."""
+    B, L, K = len(samples), max(len(s.input_ids) for s in samples), samples[0].audio_codes.shape[1]
+    out = {
+        "input_ids": torch.full((B, L), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros(B, L, dtype=torch.long),
+        "text_labels": torch.full((B, L), IGNORE_INDEX, dtype=torch.long),
+        "audio_codes": torch.zeros(B, L, K, dtype=torch.long),
+        "audio_labels": torch.full((B, L, K), IGNORE_INDEX, dtype=torch.long),
+        "audio_in_mask": torch.zeros(B, L, dtype=torch.bool),
+        "audio_out_mask": torch.zeros(B, L, dtype=torch.bool),
+        "sample_index": torch.tensor([s.index for s in samples]),
+    }
+    for b, s in enumerate(samples):
+        n = len(s.input_ids)
+        out["input_ids"][b, :n] = s.input_ids
+        out["attention_mask"][b, :n] = 1
+        out["text_labels"][b, :n] = s.text_labels
+        out["audio_codes"][b, :n] = s.audio_codes
+        out["audio_labels"][b, :n] = s.audio_labels
+        out["audio_in_mask"][b, :n] = s.audio_in_mask
+        out["audio_out_mask"][b, :n] = s.audio_out_mask
+    return out
+
+
+def length_grouped_order(lengths: list[int], batch_size: int, seed: int) -> list[int]:
+    """A shuffled order in which each run of `batch_size` holds samples of similar length.
+
+    Shuffle, sort within mega-batches of 50 batches by length, then shuffle the batches:
+    padding drops while every epoch still sees a new order.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    mega = batch_size * 50
+    groups = [sorted(order[i:i + mega], key=lambda j: -lengths[j]) for i in range(0, len(order), mega)]
+    batches = [g[i:i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
+    rng.shuffle(batches)
+    return [j for b in batches for j in b]
+
+
+def padding_fraction(samples: list[Sample], order: list[int], batch_size: int) -> float:
+    """Fraction of padded positions when batches are taken in `order`."""
+    real = padded = 0
+    for i in range(0, len(order), batch_size):
+        lens = [len(samples[j].input_ids) for j in order[i:i + batch_size]]
+        real += sum(lens)
+        padded += max(lens) * len(lens)
+    return 1 - real / padded if padded else 0.0
+

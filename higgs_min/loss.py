@@ -1,0 +1,191 @@
+"""Losses: labelled-rows-only text cross-entropy and a vectorized multi-codebook one.
+
+Both streams follow `data.next_token_targets` (logits at i vs label at i+1).
+
+Text: only the rows with a target go through `text_lm_head`: (N, H) -> (N, V),
+never (B, L, V). Above `chunk_rows` rows the head + cross-entropy run chunk by
+chunk under activation checkpointing, so the extra memory is one chunk's logits
+whatever the batch.
+
+Audio: logits (N, K, C+2) against targets (N, K) in one cross_entropy call over
+N*K rows; per-codebook sums, counts and accuracy fall out of the same tensor.
+
+Losses are returned as *sums with counts* so the trainer can normalize by the
+number of targets over all micro-batches and ranks (see train.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from higgs_min.data import IGNORE_INDEX, next_token_targets
+
+log = logging.getLogger(__name__)
+
+
+def _text_chunk(head, h, t):
+    logits = head(h).float()  # (n, V)
+    loss_sum = F.cross_entropy(logits, t, reduction="sum")
+    return loss_sum, logits.detach().argmax(-1)
+
+
+@dataclass
+class TextScores:
+    loss_sum: torch.Tensor  # () sum of per-token losses
+    count: int  # N, tokens scored
+    pred: torch.Tensor  # (N,) argmax ids
+    target: torch.Tensor  # (N,)
+    row: torch.Tensor  # (N,) batch index of each scored token
+    logits_shape: tuple  # (N, V): what was materialized
+
+
+def text_scores(hidden, text_labels, head, chunk_rows: int = 128) -> TextScores:
+    """hidden (B, L, H), text_labels (B, L), head: H -> V."""
+    targets = next_token_targets(text_labels)  # (B, L)
+    sel = targets != IGNORE_INDEX
+    h, t = hidden[sel], targets[sel]  # (N, H), (N,)
+    row = sel.nonzero()[:, 0]
+    N = t.numel()
+    V = head.weight.shape[0] if hasattr(head, "weight") else -1
+    if N == 0:
+        return TextScores(hidden.sum() * 0.0, 0, t, t, row, (0, V))
+    if N <= chunk_rows:
+        loss_sum, pred = _text_chunk(head, h, t)
+    else:
+        sums, preds = [], []
+        for i in range(0, N, chunk_rows):
+            s, p = checkpoint(_text_chunk, head, h[i:i + chunk_rows], t[i:i + chunk_rows], use_reentrant=False)
+            sums.append(s)
+            preds.append(p)
+        loss_sum, pred = torch.stack(sums).sum(), torch.cat(preds)
+    return TextScores(loss_sum, N, pred, t, row, (min(N, chunk_rows), V))
+
+
+def multi_codebook_sums(logits, targets, ignore_index: int = IGNORE_INDEX):
+    """logits (N, K, C), targets (N, K) -> per-codebook (loss sums, counts, correct), each (K,)."""
+    N, K, C = logits.shape
+    if targets.shape != (N, K):
+        raise ValueError(f"audio logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)}")
+    ce = F.cross_entropy(logits.reshape(N * K, C).float(), targets.reshape(N * K),
+                         ignore_index=ignore_index, reduction="none").view(N, K)  # 0 where ignored
+    valid = targets != ignore_index
+    correct = (logits.detach().argmax(-1) == targets) & valid
+    return ce.sum(0), valid.sum(0), correct.sum(0)
+
+
+def reduce_codebooks(sums, counts, reduction: str = "codebook_mean"):
+    """Per-codebook sums (K,) and counts (K,) -> (loss, per-codebook means (K,)).
+
+    codebook_mean: mean over codebooks (that have targets) of each codebook's mean;
+    token_mean: total sum / total count.
+    """
+    per_cb = sums / counts.clamp(min=1)
+    has = counts > 0
+    if reduction == "codebook_mean":
+        loss = (per_cb * has).sum() / has.sum().clamp(min=1)
+    elif reduction == "token_mean":
+        loss = sums.sum() / counts.sum().clamp(min=1)
+    else:
+        raise ValueError(f"unknown audio reduction {reduction!r} (codebook_mean or token_mean)")
+    return loss, per_cb
+
+
+def multi_codebook_cross_entropy(logits, targets, ignore_index: int = IGNORE_INDEX,
+                                 reduction: str = "codebook_mean"):
+    """Cross-entropy over K codebooks at once. logits (N, K, C), targets (N, K).
+
+    Returns (loss, per-codebook losses (K,)).
+    """
+    sums, counts, _ = multi_codebook_sums(logits, targets, ignore_index)
+    return reduce_codebooks(sums, counts, reduction)
+
+
+@dataclass
+class AudioScores:
+    loss_sums: torch.Tensor  # (K,)
+    counts: torch.Tensor  # (K,)
+    correct: torch.Tensor  # (K,)
+    pred: torch.Tensor  # (N, K) argmax ids
+    target: torch.Tensor  # (N, K)
+    row: torch.Tensor  # (N,) batch index
+    logits_shape: tuple  # (N, K, C + 2)
+
+
+def audio_scores(hidden, audio_labels, audio_out_mask, audio_logits_fn) -> AudioScores:
+    """hidden (B, L, H), audio_labels (B, L, K), audio_out_mask (B, L)."""
+    targets = next_token_targets(audio_labels)  # (B, L, K)
+    sel = audio_out_mask & (targets != IGNORE_INDEX).any(-1)  # (B, L)
+    logits = audio_logits_fn(hidden[sel])  # (N, K, C + 2)
+    t = targets[sel]  # (N, K)
+    sums, counts, correct = multi_codebook_sums(logits, t)
+    if t.numel() == 0:
+        sums = sums + hidden.sum() * 0.0  # keep the graph connected for DDP
+    return AudioScores(sums, counts, correct, logits.detach().argmax(-1), t, sel.nonzero()[:, 0],
+                       tuple(logits.shape))
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+class Diagnostics:
+    """What a person needs to see at log steps to know whether training is learning."""
+
+    def __init__(self, vocab_size: int, audio_classes: int, warmup_steps: int, decode=None):
+        self.chance = {"text": math.log(vocab_size), "audio": math.log(audio_classes)}
+        self.warmup_steps = warmup_steps
+        self.decode = decode
+        self.at_chance_streak = {"text": 0, "audio": 0}
+
+    def check_finite(self, loss: torch.Tensor, step: int, sample_index) -> None:
+        if not torch.isfinite(loss).all():
+            raise FloatingPointError(
+                f"non-finite loss {loss.item()} at step {step}; samples (JSONL lines) {list(map(int, sample_index))}")
+
+    def report(self, step: int, losses: dict, text: TextScores, audio: AudioScores) -> list[str]:
+        """Return the log lines for one step and emit warnings. `losses`: name -> float."""
+        lines = [f"step {step}: scored text logits {text.logits_shape} (per chunk) for {text.count} text targets; "
+                 f"audio logits {audio.logits_shape} for {int(audio.counts.sum())} audio targets"]
+        if text.count == 0 and int(audio.counts.sum()) == 0:
+            log.warning("step %d: batch has zero targets", step)
+        for name in ("text", "audio"):
+            value, chance = losses.get(name), self.chance[name]
+            if value is None:
+                continue
+            ratio = value / chance
+            lines.append(f"  {name} loss {value:.4f} | chance ln {'V' if name == 'text' else '(C+2)'} = "
+                         f"{chance:.4f} | ratio {ratio:.3f}")
+            if value == 0.0:
+                log.warning("step %d: %s loss is exactly 0: check that labels are not leaking into inputs", step, name)
+            if step > self.warmup_steps and abs(ratio - 1) < 0.03:
+                self.at_chance_streak[name] += 1
+                log.warning("step %d: %s loss at chance level (%.4f vs %.4f): the model is not learning",
+                            step, name, value, chance)
+            else:
+                self.at_chance_streak[name] = 0
+        lines.extend(self.predictions(text, audio))
+        return lines
+
+    def predictions(self, text: TextScores, audio: AudioScores) -> list[str]:
+        out = []
+        if text.count:
+            mine = text.row == text.row[0]
+            pred, tgt = text.pred[mine][:40].tolist(), text.target[mine][:40].tolist()
+            if self.decode:
+                out.append(f"  predicted text: {self.decode(pred)!r}")
+                out.append(f"  target text:    {self.decode(tgt)!r}")
+            acc = (text.pred == text.target).float().mean().item()
+            out.append(f"  text accuracy {acc:.3f}")
+        if audio.target.numel():
+            mine = audio.row == audio.row[0]
+            p0, t0 = audio.pred[mine][:, 0], audio.target[mine][:, 0]
+            keep = t0 != IGNORE_INDEX
+            out.append(f"  codebook 0 predicted {p0[keep][:10].tolist()}")
+            out.append(f"  codebook 0 target    {t0[keep][:10].tolist()}")
+            acc = (audio.correct.float() / audio.counts.clamp(min=1)).tolist()
+            out.append("  audio accuracy per codebook " + " ".join(f"{a:.3f}" for a in acc))
+        return out
