@@ -1,0 +1,359 @@
+"""Checkpoints that are complete or absent, never partial.
+
+A checkpoint is the folder `output_dir/checkpoint-{step}/` whose `manifest.json`
+(written last) lists every other file with its sha256 and size. The folder
+exists under that name only after all of it was written, fsynced and re-read:
+
+    .tmp-checkpoint-{step}-{random}/   write each file, flush, fsync
+                                       write manifest.json, fsync; fsync the folder
+                                       re-read every file, compare with the manifest
+    rename -> checkpoint-{step}/       fsync output_dir
+    latest  (temp file + rename)       names the newest checkpoint
+
+A folder is a checkpoint if and only if its manifest verifies. Only safetensors
+and JSON are written; loading never unpickles anything.
+
+    python -m higgs_min.checkpoint verify DIR
+    python -m higgs_min.checkpoint list OUTPUT_DIR
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TMP_PREFIX = ".tmp-checkpoint-"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Write, flush and fsync one file."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def verify(folder: str | Path) -> dict:
+    """Check a checkpoint folder against its manifest. Returns the manifest; raises CheckpointError."""
+    folder = Path(folder)
+    mpath = folder / MANIFEST
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder")
+    if not mpath.exists():
+        raise CheckpointError(f"{folder}: no {MANIFEST} (incomplete or not a checkpoint)")
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+        if manifest.get("format") != FORMAT or not isinstance(files, dict) or not files:
+            raise ValueError(f"unsupported format {manifest.get('format')!r} or empty file list")
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{mpath}: unreadable manifest: {e}") from e
+    for name, meta in files.items():
+        p = folder / name
+        if not p.is_file():
+            raise CheckpointError(f"{folder}: {name} is listed in the manifest but missing")
+        size = p.stat().st_size
+        if size != meta["bytes"]:
+            raise CheckpointError(f"{folder}: {name} has {size} bytes, manifest says {meta['bytes']}")
+        if sha256_file(p) != meta["sha256"]:
+            raise CheckpointError(f"{folder}: {name} does not match its sha256 in the manifest")
+    extra = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST and p.name not in files)
+    if extra:
+        raise CheckpointError(f"{folder}: files not in the manifest: {extra}")
+    return manifest
+
+
+def save(output_dir: str | Path, step: int, files: dict[str, bytes]) -> Path:
+    """Atomically write `files` (name -> bytes) as output_dir/checkpoint-{step}. Returns its path.
+
+    On any failure the temporary folder is removed and the error re-raised with
+    the path; an existing checkpoint-{step} is replaced only by a verified one.
+    """
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f"{TMP_PREFIX}{step}-{secrets.token_hex(4)}"
+    try:
+        tmp.mkdir()
+        manifest = {"format": FORMAT, "step": step, "files": {}}
+        for name, data in files.items():
+            write_file(tmp / name, data)
+            manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        write_file(tmp / MANIFEST, json_bytes(manifest))
+        fsync_dir(tmp)
+        verify(tmp)  # re-read from disk: what we rename is what we meant to write
+        if final.exists():
+            # Never delete what was there: a broken folder is kept for inspection,
+            # a valid one is removed only once the new one is in place.
+            try:
+                verify(final)
+                aside, keep = final.with_name(f"{final.name}.replaced-{secrets.token_hex(4)}"), False
+            except CheckpointError as e:
+                aside, keep = final.with_name(f"{final.name}.invalid-{secrets.token_hex(4)}"), True
+                log.warning("%s exists but is invalid (%s); moving it to %s", final, e, aside.name)
+            os.rename(final, aside)
+            os.rename(tmp, final)
+            if not keep:
+                shutil.rmtree(aside)
+        else:
+            os.rename(tmp, final)
+        fsync_dir(output_dir)
+        write_latest(output_dir, final.name)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            code = errno.errorcode.get(e.errno, e.errno)
+            raise CheckpointError(f"saving {final} failed: [{code}] {e.strerror or e} (path: {e.filename or tmp})") from e
+        raise
+    return final
+
+
+def write_latest(output_dir: Path, name: str) -> None:
+    tmp = output_dir / f".latest.tmp-{secrets.token_hex(4)}"
+    write_file(tmp, (name + "\n").encode())
+    os.replace(tmp, output_dir / "latest")
+    fsync_dir(output_dir)
+
+
+def scan(output_dir: str | Path) -> list[dict]:
+    """Every checkpoint-N folder, newest first: {step, path, ok, reason, bytes}."""
+    output_dir = Path(output_dir)
+    out = []
+    if not output_dir.is_dir():
+        return out
+    for p in output_dir.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if not m:
+            continue
+        try:
+            verify(p)
+            ok, reason = True, "ok"
+        except CheckpointError as e:
+            ok, reason = False, str(e)
+        size = sum(f.stat().st_size for f in p.iterdir() if f.is_file()) if p.is_dir() else 0
+        out.append({"step": int(m.group(1)), "path": p, "ok": ok, "reason": reason, "bytes": size})
+    return sorted(out, key=lambda c: -c["step"])
+
+
+def latest_valid(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint whose manifest verifies; broken ones are reported, never deleted."""
+    for c in scan(output_dir):
+        if c["ok"]:
+            return c["path"]
+        log.warning("passing over %s: %s", c["path"], c["reason"])
+    return None
+
+
+def remove_stale_tmp(output_dir: str | Path) -> list[Path]:
+    """Remove `.tmp-checkpoint-*` folders left by a crash (call on rank 0 before training)."""
+    stale = [p for p in Path(output_dir).glob(f"{TMP_PREFIX}*")]
+    for p in stale:
+        log.warning("removing stale temporary checkpoint folder %s (left by an interrupted save)", p)
+        shutil.rmtree(p)
+    return stale
+
+
+def rotate(output_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete valid checkpoints beyond the newest `keep_last` valid ones. Broken ones are left alone."""
+    if keep_last <= 0:
+        return []
+    valid = [c["path"] for c in scan(output_dir) if c["ok"]]
+    doomed = valid[keep_last:]
+    for p in doomed:
+        log.info("keep-last %d: deleting %s", keep_last, p)
+        shutil.rmtree(p)
+    return doomed
+
+
+def preflight(output_dir: str | Path, estimated_bytes: int, save_steps: int, max_steps: int,
+              strict_space: bool = False) -> Path:
+    """Prove the output folder is writable and roomy before step 1. Returns its absolute path."""
+    output_dir = Path(output_dir).resolve()
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".probe-{secrets.token_hex(4)}"
+        write_file(probe, b"higgs_min write probe\n")
+        probe.unlink()
+        fsync_dir(output_dir)
+    except OSError as e:
+        raise CheckpointError(f"output folder {output_dir} is not writable: {e.strerror or e} "
+                              f"(errno {errno.errorcode.get(e.errno, e.errno)}); nothing was trained") from e
+    free = shutil.disk_usage(output_dir).free
+    if free < 2 * estimated_bytes:
+        msg = (f"{output_dir}: {free / 1e6:.1f} MB free, a checkpoint needs about "
+               f"{estimated_bytes / 1e6:.1f} MB (x2 while a save is in flight)")
+        if strict_space:
+            raise CheckpointError(msg + " (--strict-space)")
+        log.warning("%s", msg)
+    saves = sorted({s for s in range(save_steps, max_steps + 1, save_steps)} | {max_steps}) if save_steps > 0 else [max_steps]
+    shown = saves if len(saves) <= 8 else saves[:4] + ["…"] + saves[-2:]
+    log.info("checkpoints: output %s, save_steps %d, max_steps %d, saves at steps %s, "
+             "estimated %.1f MB each, %.1f MB free", output_dir, save_steps, max_steps, shown,
+             estimated_bytes / 1e6, free / 1e6)
+    if save_steps > max_steps:
+        log.warning("save_steps %d > max_steps %d: only the final checkpoint (step %d) will be written",
+                    save_steps, max_steps, max_steps)
+    return output_dir
+
+
+# --------------------------------------------------------------------------- training state
+
+def rng_state() -> dict:
+    import random
+
+    import numpy as np
+    import torch
+
+    np_state = np.random.get_state()
+    return {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().numpy().tobytes().hex(),
+        "cuda": [s.numpy().tobytes().hex() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    as_tensor = lambda h: torch.frombuffer(bytearray(bytes.fromhex(h)), dtype=torch.uint8)  # noqa: E731
+    torch.set_rng_state(as_tensor(state["torch"]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([as_tensor(h) for h in state["cuda"]])
+
+
+def training_files(model, optimizer, adapter_cfg: dict, trainer_state: dict) -> dict[str, bytes]:
+    """Everything a checkpoint holds, as name -> bytes (safetensors and JSON only)."""
+    from safetensors.torch import save as safetensors_bytes
+
+    from higgs_min.lora import adapter_state_dict
+
+    names = {p: n for n, p in model.named_parameters() if p.requires_grad}
+    moments, scalars, groups = {}, {}, []
+    for g in optimizer.param_groups:
+        groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": [names[p] for p in g["params"]]})
+        for p in g["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if value.dim() == 0:
+                    scalars.setdefault(names[p], {})[key] = value.item()
+                else:
+                    moments[f"{names[p]}.{key}"] = value.detach().cpu().contiguous()
+    return {
+        "adapter_model.safetensors": safetensors_bytes(adapter_state_dict(model)),
+        "adapter_config.json": json_bytes(adapter_cfg),
+        "optimizer.safetensors": safetensors_bytes(moments),
+        "optimizer.json": json_bytes({"param_groups": groups, "scalars": scalars}),
+        "trainer_state.json": json_bytes(trainer_state),
+    }
+
+
+def load_training_state(folder: str | Path, model, optimizer) -> dict:
+    """Verify `folder`, restore adapter weights and optimizer state; return trainer_state."""
+    import torch
+    from safetensors.torch import load_file
+
+    from higgs_min.lora import load_adapter_tensors
+
+    folder = Path(folder)
+    verify(folder)
+    load_adapter_tensors(model, load_file(str(folder / "adapter_model.safetensors")),
+                         source=str(folder / "adapter_model.safetensors"))
+    moments = load_file(str(folder / "optimizer.safetensors"))
+    meta = json.loads((folder / "optimizer.json").read_text())
+    names = {p: n for n, p in model.named_parameters() if p.requires_grad}
+    state, groups, index = {}, [], 0
+    for g, saved in zip(optimizer.param_groups, meta["param_groups"]):
+        ids = []
+        for p in g["params"]:
+            n = names[p]
+            entry = {k: torch.tensor(v, dtype=torch.float32) for k, v in meta["scalars"].get(n, {}).items()}
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if f"{n}.{key}" in moments:
+                    entry[key] = moments[f"{n}.{key}"]
+            if entry:
+                state[index] = entry
+            ids.append(index)
+            index += 1
+        if saved["params"] != [names[p] for p in g["params"]]:
+            raise CheckpointError(f"{folder}/optimizer.json: parameter names differ from the model's LoRA parameters")
+        group = {k: v for k, v in saved.items() if k != "params"}
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+        groups.append({**group, "params": ids})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return json.loads((folder / "trainer_state.json").read_text())
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m higgs_min.checkpoint", description="Verify or list checkpoints.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("verify", help="check one checkpoint folder against its manifest").add_argument("dir", type=Path)
+    sub.add_parser("list", help="list the checkpoints of an output folder").add_argument("output_dir", type=Path)
+    args = ap.parse_args(argv)
+    if args.cmd == "verify":
+        try:
+            m = verify(args.dir)
+        except CheckpointError as e:
+            print(f"INVALID {e}")
+            return 1
+        total = sum(f["bytes"] for f in m["files"].values())
+        print(f"OK {args.dir}: step {m['step']}, {len(m['files'])} files, {total / 1e6:.2f} MB, sha256 verified")
+        return 0
+    rows = scan(args.output_dir)
+    if not rows:
+        print(f"{args.output_dir}: no checkpoint-N folders")
+    for c in rows:
+        print(f"{c['path'].name:>20}  {'valid' if c['ok'] else 'INVALID'}  {c['bytes'] / 1e6:9.2f} MB"
+              + ("" if c["ok"] else f"  {c['reason']}"))
+    for p in Path(args.output_dir).glob(f"{TMP_PREFIX}*"):
+        print(f"{p.name:>20}  stale temporary folder (an interrupted save)")
+    return 0 if all(c["ok"] for c in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

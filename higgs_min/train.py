@@ -1,0 +1,418 @@
+"""LoRA fine-tuning of a Higgs Audio v2 model: one process, or many under torchrun.
+
+    python -m higgs_min.train                      # tiny preset on the shipped demo set
+    torchrun --nproc-per-node 2 -m higgs_min.train --device cpu
+
+One optimizer step:
+    1. take grad_accum micro-batches of batch_size samples (per rank, DistributedSampler order)
+    2. count the text and per-codebook audio targets of all of them, summed over ranks
+    3. each micro-batch: loss = Σ token losses / global count, backward
+       (DDP averages gradients over ranks, so the loss is scaled by world_size;
+        no_sync on all but the last micro-batch) -- N ranks × batch b == 1 rank × batch N·b
+    4. clip, AdamW step, learning rate from warmup + cosine
+    5. log, then save at save_steps, at the last step, and on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DistributedSampler
+
+from higgs_min import checkpoint, distributed
+from higgs_min.config import ModelConfig
+from higgs_min.data import ChatEncoder, DataError, IGNORE_INDEX, collate, load_jsonl, next_token_targets
+from higgs_min.lora import DEFAULT_TARGETS, adapter_config, apply_lora
+from higgs_min.loss import Diagnostics, audio_scores, text_scores
+from higgs_min.model import HiggsAudioModel, load_pretrained
+
+log = logging.getLogger("higgs_min.train")
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m higgs_min.train", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = ap.add_argument
+    a("--config", type=Path, help="JSON file of option values (keys as option names with _); "
+                                  "command-line options override it")
+    a("--data", type=Path, default=DATA / "demo.jsonl", help="training conversations (JSONL)")
+    a("--tokenizer", type=Path, default=DATA / "tokenizer.json", help="tokenizers tokenizer.json")
+    a("--preset", default="tiny", help="model preset when no --base-weights: tiny or higgs-v2-3b")
+    a("--base-weights", type=Path, help="released-format weights (folder with config.json and shards)")
+    a("--output-dir", type=Path, default=Path("output"), help="where checkpoints and logs go")
+    a("--max-steps", type=int, default=300, help="optimizer steps to train")
+    a("--save-steps", type=int, default=100, help="save every N steps (and always at the last step)")
+    a("--batch-size", type=int, default=8, help="samples per micro-batch per rank")
+    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--lr", type=float, default=3e-3, help="peak learning rate")
+    a("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
+    a("--warmup-steps", type=int, default=20, help="linear warmup steps, then cosine decay")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    a("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
+    a("--seed", type=int, default=0, help="seed for model init, LoRA init and data order")
+    a("--resume", default="auto", help="auto (newest valid checkpoint in --output-dir), none, or a checkpoint folder")
+    a("--lora-rank", type=int, default=16, help="LoRA rank r")
+    a("--lora-alpha", type=float, default=32.0, help="LoRA alpha (scale = alpha / r)")
+    a("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input")
+    a("--lora-targets", default=",".join(DEFAULT_TARGETS),
+      help="comma-separated module-name patterns (PEFT suffix rule)")
+    a("--rslora", action="store_true", help="scale = alpha / sqrt(r)")
+    a("--text-weight", type=float, default=1.0, help="weight of the text loss")
+    a("--audio-weight", type=float, default=1.0, help="weight of the audio loss")
+    a("--audio-reduction", default="codebook_mean", choices=["codebook_mean", "token_mean"],
+      help="mean of per-codebook means, or mean over all audio tokens")
+    a("--text-loss-chunk", type=int, default=128, help="text rows per head+CE chunk (bounds memory)")
+    a("--max-length", type=int, default=2048, help="longer samples are skipped (counted)")
+    a("--skip-bad-samples", action="store_true", help="count and skip bad JSONL lines instead of failing")
+    a("--log-every", type=int, default=10, help="log metrics every N steps")
+    a("--log-samples", type=int, default=3, help="log the label statistics of the first N samples")
+    a("--device", default="auto", help="auto, cpu or cuda")
+    a("--dist-timeout", type=float, default=600.0, help="seconds a collective may wait before failing")
+    a("--keep-last", type=int, default=0, help="keep only the newest N valid checkpoints (0: all)")
+    a("--backup-dir", type=Path, help="second output folder to try when a save fails")
+    a("--on-save-error", default="raise", choices=["raise", "continue"], help="what a failed save does")
+    a("--strict-space", action="store_true", help="fail in preflight when free space looks too small")
+    a("--tensorboard", action="store_true", help="also write TensorBoard event files")
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.config:
+        try:
+            values = json.loads(args.config.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            ap.error(f"--config {args.config}: {e}")
+        known = {a.dest for a in ap._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            ap.error(f"--config {args.config}: unknown option(s) {unknown}")
+        ap.set_defaults(**values)
+        args = ap.parse_args(argv)  # the command line still wins over the file
+    return args
+
+
+def lr_at(step: int, args) -> float:
+    """Linear warmup to args.lr, then cosine decay to args.lr * min_lr_ratio at max_steps."""
+    if step <= args.warmup_steps:
+        return args.lr * step / max(1, args.warmup_steps)
+    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+class Scorer(nn.Module):
+    """Model + heads at the scored rows, as one module so DDP sees every trainable use."""
+
+    def __init__(self, model: HiggsAudioModel, text_chunk: int):
+        super().__init__()
+        self.model, self.text_chunk = model, text_chunk
+
+    def forward(self, batch):
+        audio_mask = batch["audio_in_mask"] | batch["audio_out_mask"]
+        hidden = self.model(batch["input_ids"], batch["attention_mask"], batch["audio_codes"], audio_mask)
+        text = text_scores(hidden, batch["text_labels"], self.model.audio_decoder_proj.text_lm_head, self.text_chunk)
+        audio = audio_scores(hidden, batch["audio_labels"], batch["audio_out_mask"], self.model.audio_logits)
+        return text, audio
+
+
+def target_counts(batch, K: int) -> torch.Tensor:
+    """(1 + K,): text targets, then audio targets per codebook, by the next-token rule."""
+    text = (next_token_targets(batch["text_labels"]) != IGNORE_INDEX).sum()
+    audio = next_token_targets(batch["audio_labels"])  # (B, L, K)
+    audio = ((audio != IGNORE_INDEX) & batch["audio_out_mask"][..., None]).sum((0, 1))  # (K,)
+    return torch.cat([text.view(1), audio]).double()
+
+
+def objective(text, audio, counts, args):
+    """This micro-batch's share of the step loss, normalized by the step's global counts."""
+    counts = counts.float()
+    text_term = text.loss_sum / counts[0].clamp(min=1)
+    g = counts[1:]
+    if args.audio_reduction == "codebook_mean":
+        has = (g > 0).float()
+        audio_term = (audio.loss_sums / g.clamp(min=1) * has).sum() / has.sum().clamp(min=1)
+    else:
+        audio_term = audio.loss_sums.sum() / g.sum().clamp(min=1)
+    return args.text_weight * text_term + args.audio_weight * audio_term
+
+
+class BatchStream:
+    """This rank's batches, epoch after epoch, resumable at (epoch, batch position)."""
+
+    def __init__(self, samples, batch_size, dist_info, seed, pad_id):
+        self.samples, self.batch_size, self.pad_id = samples, batch_size, pad_id
+        self.sampler = DistributedSampler(range(len(samples)), num_replicas=dist_info.world_size,
+                                          rank=dist_info.rank, shuffle=True, seed=seed, drop_last=False)
+        self.epoch, self.position, self._order = 0, 0, None
+
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def next(self):
+        if self.position >= self.batches_per_epoch():
+            self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        if self._order is None:
+            self.sampler.set_epoch(self.epoch)
+            self._order = list(self.sampler)
+        idx = self._order[self.position * self.batch_size:(self.position + 1) * self.batch_size]
+        self.position += 1
+        return collate([self.samples[i] for i in idx], self.pad_id)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; acted on at the next step boundary, agreed by all ranks."""
+
+    def __init__(self):
+        self.raised = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.raised = signal.Signals(signum).name
+
+
+def setup_logging(is_main: bool, output_dir: Path | None = None):
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if output_dir is not None and is_main:
+        handlers.append(logging.FileHandler(output_dir / "train.log"))
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, force=True, handlers=handlers,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base_name):
+    """Rank 0 writes; all ranks get the same outcome; no rank hangs on a failed save."""
+    outcome = "ok"
+    if dist_info.is_main:
+        files = checkpoint.training_files(model, optimizer, adapter_config(
+            model, args.lora_targets.split(","), args.lora_dropout, base_name), trainer_state)
+        targets = [args.output_dir] + ([args.backup_dir] if args.backup_dir else [])
+        errors = []
+        for target in targets:
+            try:
+                Path(target).mkdir(parents=True, exist_ok=True)
+                path = checkpoint.save(target, step, files)
+                log.info("saved %s (%.1f MB, manifest verified)", path.resolve(),
+                         sum(map(len, files.values())) / 1e6)
+                if args.keep_last:
+                    checkpoint.rotate(target, args.keep_last)
+                break
+            except (checkpoint.CheckpointError, OSError) as e:
+                log.error("checkpoint at step %d into %s failed: %s", step, target, e)
+                errors.append(str(e))
+        else:
+            outcome = "; then ".join(errors)
+    outcome = distributed.broadcast_from_main(outcome)
+    if outcome != "ok":
+        if args.on_save_error == "raise":
+            raise checkpoint.CheckpointError(f"step {step}: {outcome}")
+        log.warning("step %d: continuing without a checkpoint (--on-save-error continue)", step)
+
+
+def train(args) -> dict:
+    dist_info = distributed.init(args.device, args.dist_timeout)
+    setup_logging(dist_info.is_main)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    if dist_info.device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+
+    # Model: base weights (frozen) + LoRA (trainable).
+    if args.base_weights:
+        cfg = ModelConfig.from_pretrained_config(args.base_weights)
+        with torch.device("meta"):
+            model = HiggsAudioModel(cfg)
+        dtype = torch.bfloat16 if dist_info.device.type == "cuda" else torch.float32
+        load_pretrained(model, args.base_weights, dtype=dtype)
+        base_name = str(args.base_weights)
+    else:
+        cfg = ModelConfig.from_preset(args.preset)
+        model = HiggsAudioModel(cfg)
+        base_name = f"higgs_min preset {args.preset} (random init, seed {args.seed})"
+    apply_lora(model, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout, args.rslora)
+    model.to(dist_info.device)
+
+    # Data: everything validated before step 1.
+    encoder = ChatEncoder(args.tokenizer, cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size)
+    samples, report = load_jsonl(args.data, encoder, args.max_length, args.skip_bad_samples,
+                                 args.log_samples if dist_info.is_main else 0)
+    stream = BatchStream(samples, args.batch_size, dist_info, args.seed, encoder.ids["end_of_text"])
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    n_trainable = sum(p.numel() for p in params)
+
+    # Output folder: proven writable before any training step.
+    outcome = "ok"
+    if dist_info.is_main:
+        try:
+            args.output_dir = checkpoint.preflight(args.output_dir, n_trainable * 4 * 3 + (1 << 20),
+                                                   args.save_steps, args.max_steps, args.strict_space)
+            checkpoint.remove_stale_tmp(args.output_dir)
+        except checkpoint.CheckpointError as e:
+            outcome = str(e)
+    outcome = distributed.broadcast_from_main(outcome)
+    if outcome != "ok":
+        raise checkpoint.CheckpointError(outcome)
+    args.output_dir = Path(args.output_dir).resolve()
+    setup_logging(dist_info.is_main, args.output_dir)
+    resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    if dist_info.is_main:
+        log.info("resolved config: %s", json.dumps(resolved, sort_keys=True))
+        checkpoint.write_file(args.output_dir / "run_config.json", checkpoint.json_bytes(
+            {"train": resolved, "model": cfg.to_dict(), "world_size": dist_info.world_size}))
+
+    # Resume.
+    start_step = 0
+    resume_from = None
+    if args.resume == "auto":
+        resume_from = checkpoint.latest_valid(args.output_dir)
+    elif args.resume != "none":
+        resume_from = Path(args.resume)
+    if resume_from is not None:
+        state = checkpoint.load_training_state(resume_from, model, optimizer)
+        start_step = state["step"]
+        stream.epoch, stream.position = state["epoch"], state["batch_in_epoch"]
+        if state["world_size"] != dist_info.world_size or state["batch_size"] != args.batch_size:
+            log.warning("resuming with world_size %d / batch %d; the checkpoint had %d / %d: data order differs",
+                        dist_info.world_size, args.batch_size, state["world_size"], state["batch_size"])
+        checkpoint.set_rng_state(state["rng"][dist_info.rank] if dist_info.rank < len(state["rng"]) else state["rng"][0])
+        log.info("resumed from %s at step %d", resume_from, start_step)
+
+    scorer = Scorer(model, args.text_loss_chunk)
+    ddp = DDP(scorer, find_unused_parameters=True) if dist_info.enabled else scorer
+    diag = Diagnostics(cfg.vocab_size, cfg.audio_num_classes, args.warmup_steps, encoder.decode)
+    stop = StopFlag()
+    K = cfg.audio_num_codebooks
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dist_info.device.type == "cuda"
+                else contextlib.nullcontext())
+    metrics_path = args.output_dir / "metrics.jsonl"
+    tb = None
+    if args.tensorboard and dist_info.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        tb = SummaryWriter(str(args.output_dir / "tensorboard"))
+    bar = None
+    if dist_info.is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=args.max_steps, initial=start_step, desc="train", unit="step", mininterval=2.0,
+                   dynamic_ncols=True)
+    t0, tokens_seen, last = time.time(), 0, {}
+    step = start_step
+    while step < args.max_steps:
+        step += 1
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, args)
+        micro = [{k: v.to(dist_info.device) for k, v in stream.next().items()} for _ in range(args.grad_accum)]
+        counts = distributed.all_reduce_sum(sum(target_counts(b, K) for b in micro).to(dist_info.device))
+        sums = torch.zeros(1 + 2 * K, dtype=torch.float64, device=dist_info.device)  # text sum, audio sums, correct
+        for i, batch in enumerate(micro):
+            sync = i == len(micro) - 1 or not dist_info.enabled
+            with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast:
+                text, audio = ddp(batch)
+                loss = objective(text, audio, counts, args)
+            diag.check_finite(loss, step, batch["sample_index"])
+            (loss * dist_info.world_size).backward()
+            sums += torch.cat([text.loss_sum.detach().view(1), audio.loss_sums.detach(),
+                               audio.correct.to(sums.dtype)]).double()
+            tokens_seen += int(batch["attention_mask"].sum()) * dist_info.world_size
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        distributed.all_reduce_sum(sums)
+        text_loss = (sums[0] / counts[0].clamp(min=1)).item()
+        per_cb = (sums[1:1 + K] / counts[1:].clamp(min=1))
+        has = counts[1:] > 0
+        audio_loss = (per_cb[has].mean() if args.audio_reduction == "codebook_mean"
+                      else sums[1:1 + K].sum() / counts[1:].sum().clamp(min=1)).item() if has.any() else float("nan")
+        total = args.text_weight * text_loss + args.audio_weight * audio_loss
+        elapsed = time.time() - t0
+        last = {"step": step, "loss": total, "text_loss": text_loss, "audio_loss": audio_loss,
+                "audio_loss_per_codebook": per_cb.tolist(), "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": float(grad_norm), "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "elapsed_s": elapsed}
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.3f}", text=f"{text_loss:.3f}", audio=f"{audio_loss:.3f}",
+                            tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
+        if dist_info.is_main and (step % args.log_every == 0 or step == args.max_steps or step == start_step + 1):
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(last) + "\n")
+            if tb is not None:
+                for k in ("loss", "text_loss", "audio_loss", "lr", "grad_norm"):
+                    tb.add_scalar(k, last[k], step)
+            next_save = min(args.max_steps, (step // args.save_steps + 1) * args.save_steps) if args.save_steps > 0 else args.max_steps
+            for line in diag.report(step, {"text": text_loss, "audio": audio_loss}, text, audio):
+                log.info("%s", line)
+            log.info("step %d/%d: loss %.4f, lr %.2e, grad norm %.3f, %.0f tokens/s; next checkpoint at step %d",
+                     step, args.max_steps, total, last["lr"], last["grad_norm"], last["tokens_per_s"], next_save)
+
+        stopping = distributed.any_rank(stop.raised is not None, dist_info.device)
+        if (args.save_steps > 0 and step % args.save_steps == 0) or step == args.max_steps or stopping:
+            trainer_state = {
+                "step": step, "epoch": stream.epoch, "batch_in_epoch": stream.position,
+                "samples_seen": step * args.grad_accum * args.batch_size * dist_info.world_size,
+                "world_size": dist_info.world_size, "batch_size": args.batch_size,
+                "scheduler": {"type": "linear_warmup_cosine", "warmup_steps": args.warmup_steps,
+                              "max_steps": args.max_steps, "lr": args.lr, "min_lr_ratio": args.min_lr_ratio,
+                              "last_lr": optimizer.param_groups[0]["lr"]},
+                "config": resolved, "data": report.summary(),
+                "rng": gather_rng(dist_info),
+            }
+            save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base_name)
+        if stopping:
+            log.warning("stopping at step %d on %s (checkpoint saved)", step, stop.raised or "a signal on another rank")
+            break
+    if bar is not None:
+        bar.close()
+    if step == start_step and dist_info.is_main:
+        log.info("nothing to do: the checkpoint is already at step %d of --max-steps %d", step, args.max_steps)
+    if dist_info.is_main:
+        log.info("done at step %d. checkpoints: %s (latest: %s); metrics: %s; log: %s",
+                 step, args.output_dir, (args.output_dir / "latest").read_text().strip()
+                 if (args.output_dir / "latest").exists() else "none", metrics_path, args.output_dir / "train.log")
+    if tb is not None:
+        tb.close()
+    distributed.barrier()
+    return last
+
+
+def gather_rng(dist_info) -> list:
+    """Every rank's RNG state, in rank order (rank 0 writes them all)."""
+    import torch.distributed as dist
+    mine = checkpoint.rng_state()
+    if not dist.is_initialized():
+        return [mine]
+    out = [None] * dist_info.world_size
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (DataError, checkpoint.CheckpointError, FloatingPointError) as e:
+        logging.getLogger("higgs_min.train").error("%s", e)
+        return 1
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
