@@ -130,6 +130,6 @@ PRESETS: dict[str, dict] = {
         "head_dim": 64,
         "audio_dual_ffn_layers": [0, 1, 2, 3],
         "audio_ffn_intermediate_size": 688,
-        "initializer_range": 0.02,
+        "initializer_range": 0.08,
     },
 }
