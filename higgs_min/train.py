@@ -179,19 +179,30 @@ class StopFlag:
 
     def __init__(self):
         self.raised = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
         self.raised = signal.Signals(signum).name
 
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
 
 def setup_logging(is_main: bool, output_dir: Path | None = None):
+    """Log to stderr (and output_dir/train.log on rank 0) through the package's logger."""
+    logger = logging.getLogger("higgs_min")
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     handlers = [logging.StreamHandler(sys.stderr)]
     if output_dir is not None and is_main:
         handlers.append(logging.FileHandler(output_dir / "train.log"))
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, force=True, handlers=handlers,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for h in handlers:
+        h.setFormatter(fmt)
+        logger.addHandler(h)
 
 
 def save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base_name):
@@ -377,6 +388,7 @@ def train(args) -> dict:
         if stopping:
             log.warning("stopping at step %d on %s (checkpoint saved)", step, stop.raised or "a signal on another rank")
             break
+    stop.restore()
     if bar is not None:
         bar.close()
     if step == start_step and dist_info.is_main:
