@@ -1,0 +1,43 @@
+"""Launch the trainer with a save that fails, for fault tests (used under torchrun too).
+
+    python tests/faultinject.py FAIL_SPEC -- <train options>
+
+FAIL_SPEC is `rank:errno:after_bytes`: on that rank, checkpoint writes raise
+OSError(errno) once `after_bytes` bytes were written by this process (a disk
+that fills up mid-save, or an I/O error).
+"""
+import errno
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from higgs_min import checkpoint  # noqa: E402
+from higgs_min.train import main  # noqa: E402
+
+
+def install(rank: int, code: int, after_bytes: int, only_under: str | None = None):
+    real = checkpoint.write_file
+    written = [0]
+
+    def failing_write(path, data):
+        if int(os.environ.get("RANK", "0")) == rank and (only_under is None or str(path).startswith(only_under)):
+            if written[0] + len(data) > after_bytes:
+                keep = max(0, after_bytes - written[0])
+                with open(path, "wb") as f:  # a partial file, as a full disk leaves it
+                    f.write(data[:keep])
+                written[0] = after_bytes
+                raise OSError(code, os.strerror(code), str(path))
+            written[0] += len(data)
+        real(path, data)
+
+    checkpoint.write_file = failing_write
+
+
+if __name__ == "__main__":
+    spec, sep, *rest = sys.argv[1:]
+    assert sep == "--"
+    r, code, after = spec.split(":")
+    install(int(r), getattr(errno, code), int(after))
+    sys.exit(main(rest))

@@ -1,0 +1,188 @@
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from higgs_min import checkpoint
+from higgs_min.checkpoint import CheckpointError, verify
+from tests.faultinject import install
+from tests.trainutil import ROOT, adapter, env, run, torchrun
+
+
+@pytest.fixture
+def restore_write_file():
+    real = checkpoint.write_file
+    yield
+    checkpoint.write_file = real
+
+
+def _files(n=3, size=1000):
+    return {f"f{i}.bin": os.urandom(size) for i in range(n)} | {"meta.json": b'{"a": 1}\n'}
+
+
+def test_layout_and_manifest(tmp_path):
+    files = _files()
+    path = checkpoint.save(tmp_path, 7, files)
+    assert path == tmp_path / "checkpoint-7"
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["format"] == 1 and m["step"] == 7 and set(m["files"]) == set(files)
+    import hashlib
+    for name, data in files.items():
+        assert m["files"][name] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    assert (tmp_path / "latest").read_text() == "checkpoint-7\n"
+    assert not list(tmp_path.glob(".tmp-*")) and not list(tmp_path.glob(".latest*"))
+
+
+def _corrupt(kind, folder):
+    target = folder / "f1.bin"
+    if kind == "truncated":
+        target.write_bytes(target.read_bytes()[:-10])
+    elif kind == "bit-flipped":
+        data = bytearray(target.read_bytes())
+        data[123] ^= 0x10
+        target.write_bytes(bytes(data))
+    elif kind == "file deleted":
+        target.unlink()
+    elif kind == "manifest deleted":
+        (folder / "manifest.json").unlink()
+    elif kind == "manifest edited":
+        m = json.loads((folder / "manifest.json").read_text())
+        m["files"]["f0.bin"]["sha256"] = "0" * 64
+        (folder / "manifest.json").write_text(json.dumps(m))
+    elif kind == "manifest garbage":
+        (folder / "manifest.json").write_text("{not json")
+    elif kind == "extra file":
+        (folder / "stray.txt").write_text("x")
+
+
+KINDS = ["truncated", "bit-flipped", "file deleted", "manifest deleted", "manifest edited", "manifest garbage",
+         "extra file"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_verify_catches_damage(tmp_path, kind):
+    path = checkpoint.save(tmp_path, 1, _files())
+    verify(path)
+    _corrupt(kind, path)
+    with pytest.raises(CheckpointError):
+        verify(path)
+    assert checkpoint.latest_valid(tmp_path) is None
+
+
+def test_cli_verify_and_list(tmp_path):
+    good = checkpoint.save(tmp_path, 1, _files())
+    bad = checkpoint.save(tmp_path, 2, _files())
+    _corrupt("bit-flipped", bad)
+    cli = lambda *a: subprocess.run([sys.executable, "-m", "higgs_min.checkpoint", *map(str, a)], cwd=ROOT,  # noqa: E731
+                                    env=env(), capture_output=True, text=True)
+    r = cli("verify", good)
+    assert r.returncode == 0 and r.stdout.startswith("OK") and "step 1" in r.stdout
+    r = cli("verify", bad)
+    assert r.returncode == 1 and "sha256" in r.stdout
+    r = cli("list", tmp_path)
+    assert r.returncode == 1 and "checkpoint-2  INVALID" in r.stdout and "checkpoint-1  valid" in r.stdout
+
+
+def test_failed_save_leaves_previous_checkpoints_and_no_partial_folder(tmp_path, restore_write_file):
+    checkpoint.save(tmp_path, 1, _files())
+    install(rank=0, code=errno.ENOSPC, after_bytes=1500)
+    with pytest.raises(CheckpointError, match=r"checkpoint-2 failed: \[ENOSPC\] No space left on device"):
+        checkpoint.save(tmp_path, 2, _files())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "latest"]
+    verify(tmp_path / "checkpoint-1")
+    assert (tmp_path / "latest").read_text().strip() == "checkpoint-1"
+
+
+def test_trainer_save_failure_uses_backup_dir_then_raises(tmp_path, restore_write_file):
+    out, backup = tmp_path / "out", tmp_path / "backup"
+    real_write = checkpoint.write_file
+    install(rank=0, code=errno.EIO, after_bytes=10_000, only_under=str(out / ".tmp"))
+    assert run(out, "--max-steps", 2, "--backup-dir", backup) == 0
+    verify(backup / "checkpoint-2")
+    assert not [p for p in out.iterdir() if "checkpoint-" in p.name]
+    checkpoint.write_file = real_write
+    install(rank=0, code=errno.EIO, after_bytes=10_000, only_under=str(tmp_path / "out2" / ".tmp"))
+    rc = run(tmp_path / "out2", "--max-steps", 2)  # no backup: the run fails, loudly
+    assert rc == 1
+    assert not [p for p in (tmp_path / "out2").iterdir() if "checkpoint" in p.name]
+    assert "EIO" in (tmp_path / "out2" / "train.log").read_text()
+
+
+def test_on_save_error_continue_keeps_training(tmp_path, restore_write_file):
+    out = tmp_path / "out"
+    install(rank=0, code=errno.ENOSPC, after_bytes=10_000, only_under=str(out / ".tmp-checkpoint-2"))
+    assert run(out, "--max-steps", 3, "--save-steps", 1, "--on-save-error", "continue") == 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-3"]
+
+
+def test_final_save_when_save_steps_exceed_max_steps(tmp_path, caplog):
+    assert run(tmp_path, "--max-steps", 2, "--save-steps", 50) == 0
+    verify(tmp_path / "checkpoint-2")
+    assert any("only the final checkpoint (step 2)" in r.message for r in caplog.records)
+    assert any("saves at steps [2]" in r.message for r in caplog.records)
+
+
+def test_keep_last_rotation(tmp_path):
+    assert run(tmp_path, "--max-steps", 4, "--save-steps", 1, "--keep-last", 2) == 0
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_rotation_never_counts_broken_folders_as_kept(tmp_path):
+    for s in (1, 2, 3):
+        checkpoint.save(tmp_path, s, _files())
+    _corrupt("truncated", tmp_path / "checkpoint-3")
+    checkpoint.rotate(tmp_path, 1)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_stale_temp_folders_are_reported_and_removed(tmp_path, caplog):
+    stale = tmp_path / ".tmp-checkpoint-5-deadbeef"
+    stale.mkdir()
+    (stale / "adapter_model.safetensors").write_bytes(b"partial")
+    assert run(tmp_path, "--max-steps", 1) == 0
+    assert not stale.exists()
+    assert any("stale temporary checkpoint folder" in r.message for r in caplog.records)
+
+
+def readonly_dir(path):
+    """A folder no one can write: chmod for ordinary users, a read-only bind mount for root."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        return lambda: path.chmod(0o755)
+    ok = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True).returncode == 0
+    ok = ok and subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], capture_output=True).returncode == 0
+    if not ok:
+        subprocess.run(["umount", str(path)], capture_output=True)
+        pytest.skip("running as root and cannot make a read-only bind mount here")
+    return lambda: subprocess.run(["umount", str(path)], check=True)
+
+
+def test_read_only_output_fails_in_preflight_before_any_step(tmp_path, caplog):
+    ro = tmp_path / "ro"
+    undo = readonly_dir(ro)
+    try:
+        assert run(ro / "out") == 1
+    finally:
+        undo()
+    errors = [r.message for r in caplog.records if r.levelname == "ERROR"]
+    assert any("not writable" in m and str(ro / "out") in m for m in errors), errors
+    assert not any("step 1" in r.message for r in caplog.records)
+
+
+def test_two_rank_save_failure_same_error_on_both_ranks_no_hang(tmp_path):
+    args = ["--max-steps", "2", "--device", "cpu", "--lora-rank", "4", "--batch-size", "2", "--log-samples", "0",
+            "--output-dir", str(tmp_path / "out")]
+    t0 = time.time()
+    p = torchrun(2, ["0:ENOSPC:5000", "--"] + args, script=str(ROOT / "tests" / "faultinject.py"))
+    log, _ = p.communicate(timeout=120)
+    assert time.time() - t0 < 90
+    assert p.returncode != 0
+    lines = [l for l in log.splitlines() if "ERROR" in l and "step 2" in l and "ENOSPC" in l]
+    assert len(lines) >= 2, log[-3000:]  # rank 0 and rank 1 report the same failure
+    assert not [q for q in (tmp_path / "out").iterdir() if "checkpoint" in q.name]
