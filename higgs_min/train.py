@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--text-loss-chunk", type=int, default=128, help="text rows per head+CE chunk (bounds memory)")
     a("--max-length", type=int, default=2048, help="longer samples are skipped (counted)")
     a("--skip-bad-samples", action="store_true", help="count and skip bad JSONL lines instead of failing")
-    a("--log-every", type=int, default=10, help="log metrics every N steps")
+    a("--log-every", type=int, default=25, help="log metrics every N steps")
     a("--log-samples", type=int, default=3, help="log the label statistics of the first N samples")
     a("--device", default="auto", help="auto, cpu or cuda")
     a("--dist-timeout", type=float, default=600.0, help="seconds a collective may wait before failing")
