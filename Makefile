@@ -17,8 +17,8 @@ train: $(VENV_STAMP)
 	$(PY) -m higgs_min.train
 
 bench: $(VENV_STAMP)
-	$(PY) -m pip install --quiet -r bench/requirements-peer.txt
-	$(PY) -m bench.run
+	$(PY) -m pip install --quiet -r higgs_min/bench_peer_requirements.txt
+	$(PY) -m higgs_min.bench
 
 faults: $(VENV_STAMP)
 	$(PY) -m tests.faults

@@ -27,8 +27,12 @@ import os
 import re
 import secrets
 import shutil
+import struct
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +48,11 @@ class CheckpointError(RuntimeError):
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
+    buf = bytearray(1 << 22)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])  # hashlib releases the GIL on large buffers
     return h.hexdigest()
 
 
@@ -58,12 +64,48 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_file(path: Path, data: bytes) -> None:
-    """Write, flush and fsync one file."""
-    with open(path, "wb") as f:
-        f.write(data)
+def write_file(path: Path, chunks) -> str:
+    """Write byte chunks to `path`, flush and fsync; return the sha256 of what was meant to be written.
+
+    Hashing runs in a helper thread while the main thread writes the same chunk, so
+    the hash costs (almost) no extra time, and the re-read in verify() compares
+    the disk against an independent record of the intended bytes.
+    """
+    if isinstance(chunks, (bytes, bytearray, memoryview)):
+        chunks = [chunks]
+    h = hashlib.sha256()
+    with open(path, "wb") as f, ThreadPoolExecutor(1) as hasher:
+        for chunk in chunks:
+            pending = hasher.submit(h.update, chunk)
+            f.write(chunk)
+            pending.result()
         f.flush()
         os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def safetensors_chunks(tensors: dict):
+    """The safetensors format, streamed without a copy of the data:
+    u64 little-endian header length | JSON header (name -> dtype, shape, data_offsets),
+    space-padded to 8 bytes | each tensor's raw little-endian bytes, in header order."""
+    names, header, offset = sorted(tensors), {}, 0
+    for name in names:
+        t = tensors[name]
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    yield struct.pack("<Q", len(head)) + head
+    for name in names:
+        t = tensors[name].detach().cpu().contiguous()
+        if t.numel():
+            yield memoryview(t.view(-1).view(torch.uint8).numpy())
 
 
 def json_bytes(obj) -> bytes:
@@ -79,12 +121,20 @@ def verify(folder: str | Path) -> dict:
     if not mpath.exists():
         raise CheckpointError(f"{folder}: no {MANIFEST} (incomplete or not a checkpoint)")
     try:
-        manifest = json.loads(mpath.read_text())
+        raw = mpath.read_bytes()
+        manifest = json.loads(raw)
         files = manifest["files"]
         if manifest.get("format") != FORMAT or not isinstance(files, dict) or not files:
             raise ValueError(f"unsupported format {manifest.get('format')!r} or empty file list")
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{mpath}: unreadable manifest: {e}") from e
+    # The manifest is written in one canonical form, so any edit to it shows, even one
+    # that leaves the JSON valid and the same in meaning.
+    if raw != json_bytes(manifest):
+        raise CheckpointError(f"{mpath}: manifest is not byte-identical to its canonical form (edited or corrupted)")
+    m = CHECKPOINT_RE.match(folder.name)
+    if m and manifest.get("step") != int(m.group(1)):
+        raise CheckpointError(f"{mpath}: manifest says step {manifest.get('step')}, folder says {m.group(1)}")
     for name, meta in files.items():
         p = folder / name
         if not p.is_file():
@@ -92,7 +142,10 @@ def verify(folder: str | Path) -> dict:
         size = p.stat().st_size
         if size != meta["bytes"]:
             raise CheckpointError(f"{folder}: {name} has {size} bytes, manifest says {meta['bytes']}")
-        if sha256_file(p) != meta["sha256"]:
+    with ThreadPoolExecutor(min(4, len(files))) as pool:  # one file per thread: sha256 releases the GIL
+        digests = dict(zip(files, pool.map(lambda n: sha256_file(folder / n), files)))
+    for name, meta in files.items():
+        if digests[name] != meta["sha256"]:
             raise CheckpointError(f"{folder}: {name} does not match its sha256 in the manifest")
     extra = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST and p.name not in files)
     if extra:
@@ -100,8 +153,10 @@ def verify(folder: str | Path) -> dict:
     return manifest
 
 
-def save(output_dir: str | Path, step: int, files: dict[str, bytes]) -> Path:
-    """Atomically write `files` (name -> bytes) as output_dir/checkpoint-{step}. Returns its path.
+def save(output_dir: str | Path, step: int, files: dict) -> Path:
+    """Atomically write `files` as output_dir/checkpoint-{step}. Returns its path.
+
+    files: name -> bytes, or name -> {tensor name: tensor} (written as safetensors).
 
     On any failure the temporary folder is removed and the error re-raised with
     the path; an existing checkpoint-{step} is replaced only by a verified one.
@@ -112,9 +167,10 @@ def save(output_dir: str | Path, step: int, files: dict[str, bytes]) -> Path:
     try:
         tmp.mkdir()
         manifest = {"format": FORMAT, "step": step, "files": {}}
-        for name, data in files.items():
-            write_file(tmp / name, data)
-            manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        for name, content in files.items():
+            chunks = safetensors_chunks(content) if isinstance(content, dict) else content
+            digest = write_file(tmp / name, chunks)
+            manifest["files"][name] = {"sha256": digest, "bytes": (tmp / name).stat().st_size}
         write_file(tmp / MANIFEST, json_bytes(manifest))
         fsync_dir(tmp)
         verify(tmp)  # re-read from disk: what we rename is what we meant to write
@@ -265,10 +321,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([as_tensor(h) for h in state["cuda"]])
 
 
-def training_files(model, optimizer, adapter_cfg: dict, trainer_state: dict) -> dict[str, bytes]:
-    """Everything a checkpoint holds, as name -> bytes (safetensors and JSON only)."""
-    from safetensors.torch import save as safetensors_bytes
-
+def training_files(model, optimizer, adapter_cfg: dict, trainer_state: dict) -> dict:
+    """Everything a checkpoint holds: name -> tensors (safetensors) or JSON bytes."""
     from higgs_min.lora import adapter_state_dict
 
     names = {p: n for n, p in model.named_parameters() if p.requires_grad}
@@ -282,9 +336,9 @@ def training_files(model, optimizer, adapter_cfg: dict, trainer_state: dict) -> 
                 else:
                     moments[f"{names[p]}.{key}"] = value.detach().cpu().contiguous()
     return {
-        "adapter_model.safetensors": safetensors_bytes(adapter_state_dict(model)),
+        "adapter_model.safetensors": adapter_state_dict(model),
         "adapter_config.json": json_bytes(adapter_cfg),
-        "optimizer.safetensors": safetensors_bytes(moments),
+        "optimizer.safetensors": moments,
         "optimizer.json": json_bytes({"param_groups": groups, "scalars": scalars}),
         "trainer_state.json": json_bytes(trainer_state),
     }

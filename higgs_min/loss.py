@@ -67,16 +67,16 @@ def text_scores(hidden, text_labels, head, chunk_rows: int = 128) -> TextScores:
     return TextScores(loss_sum, N, pred, t, row, (min(N, chunk_rows), V))
 
 
-def multi_codebook_sums(logits, targets, ignore_index: int = IGNORE_INDEX):
-    """logits (N, K, C), targets (N, K) -> per-codebook (loss sums, counts, correct), each (K,)."""
+def multi_codebook_sums(logits, targets, ignore_index: int = IGNORE_INDEX, accuracy: bool = True):
+    """logits (N, K, C), targets (N, K) -> per-codebook (loss sums, counts, correct or None), each (K,)."""
     N, K, C = logits.shape
     if targets.shape != (N, K):
         raise ValueError(f"audio logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)}")
     ce = F.cross_entropy(logits.reshape(N * K, C).float(), targets.reshape(N * K),
                          ignore_index=ignore_index, reduction="none").view(N, K)  # 0 where ignored
     valid = targets != ignore_index
-    correct = (logits.detach().argmax(-1) == targets) & valid
-    return ce.sum(0), valid.sum(0), correct.sum(0)
+    correct = ((logits.detach().argmax(-1) == targets) & valid).sum(0) if accuracy else None
+    return ce.sum(0), valid.sum(0), correct
 
 
 def reduce_codebooks(sums, counts, reduction: str = "codebook_mean"):
@@ -102,7 +102,7 @@ def multi_codebook_cross_entropy(logits, targets, ignore_index: int = IGNORE_IND
 
     Returns (loss, per-codebook losses (K,)).
     """
-    sums, counts, _ = multi_codebook_sums(logits, targets, ignore_index)
+    sums, counts, _ = multi_codebook_sums(logits, targets, ignore_index, accuracy=False)
     return reduce_codebooks(sums, counts, reduction)
 
 

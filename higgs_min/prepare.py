@@ -23,23 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
+from higgs_min.checkpoint import sha256_file, write_file
+
 log = logging.getLogger("higgs_min.prepare")
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    write_file(tmp, data)
     os.replace(tmp, path)
 
 
@@ -49,7 +40,7 @@ def prepare(data: Path, out: Path, codec_weights=None, random_seed=None) -> dict
 
     from higgs_min import codec
 
-    codec_id = f"weights:{_file_sha256(Path(codec_weights))}" if codec_weights else f"random-seed:{random_seed}"
+    codec_id = f"weights:{sha256_file(Path(codec_weights))}" if codec_weights else f"random-seed:{random_seed}"
     if codec_weights is None and random_seed is None:
         raise SystemExit("refusing to run without --codec-weights PATH (nothing is downloaded); "
                          "--random-codec-seed N builds a seeded random codec for demos and tests only")
@@ -80,7 +71,7 @@ def prepare(data: Path, out: Path, codec_weights=None, random_seed=None) -> dict
     model = None
     counts = {"encoded": 0, "cached": 0}
     for conv_i, m_i, i_i, wav in tqdm(jobs, desc="encoding audio", unit="file", disable=not jobs):
-        key = hashlib.sha256(f"{codec_id}:{_file_sha256(wav)}".encode()).hexdigest()[:20]
+        key = hashlib.sha256(f"{codec_id}:{sha256_file(wav)}".encode()).hexdigest()[:20]
         target = codes_dir / f"{key}.npy"
         if target.exists():
             counts["cached"] += 1

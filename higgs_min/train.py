@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -361,8 +362,13 @@ def train(args) -> dict:
             bar.set_postfix(loss=f"{total:.3f}", text=f"{text_loss:.3f}", audio=f"{audio_loss:.3f}",
                             tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
         if dist_info.is_main and (step % args.log_every == 0 or step == args.max_steps or step == start_step + 1):
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(last) + "\n")
+            try:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+            except OSError as e:
+                raise checkpoint.CheckpointError(
+                    f"cannot write {metrics_path}: [{errno.errorcode.get(e.errno, e.errno)}] {e.strerror} "
+                    f"(was the output folder removed?)") from e
             if tb is not None:
                 for k in ("loss", "text_loss", "audio_loss", "lr", "grad_norm"):
                     tb.add_scalar(k, last[k], step)

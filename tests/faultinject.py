@@ -21,16 +21,18 @@ def install(rank: int, code: int, after_bytes: int, only_under: str | None = Non
     real = checkpoint.write_file
     written = [0]
 
-    def failing_write(path, data):
-        if int(os.environ.get("RANK", "0")) == rank and (only_under is None or str(path).startswith(only_under)):
-            if written[0] + len(data) > after_bytes:
-                keep = max(0, after_bytes - written[0])
-                with open(path, "wb") as f:  # a partial file, as a full disk leaves it
-                    f.write(data[:keep])
-                written[0] = after_bytes
-                raise OSError(code, os.strerror(code), str(path))
-            written[0] += len(data)
-        real(path, data)
+    def failing_write(path, chunks):
+        if int(os.environ.get("RANK", "0")) != rank or (only_under and not str(path).startswith(only_under)):
+            return real(path, chunks)
+        data = b"".join(bytes(c) for c in ([chunks] if isinstance(chunks, (bytes, memoryview)) else chunks))
+        if written[0] + len(data) > after_bytes:
+            keep = max(0, after_bytes - written[0])
+            with open(path, "wb") as f:  # a partial file, as a full disk leaves it
+                f.write(data[:keep])
+            written[0] = after_bytes
+            raise OSError(code, os.strerror(code), str(path))
+        written[0] += len(data)
+        return real(path, data)
 
     checkpoint.write_file = failing_write
 

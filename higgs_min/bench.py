@@ -1,0 +1,474 @@
+"""`make bench`: each figure measured beside the alternative, in one run, on this machine.
+
+    python -m higgs_min.bench [--out bench/results.json] [--only audio_loss,text_memory,...] [--quick]
+
+Rows: name, ours, theirs, ratio, units, shapes. Times are medians of repeats
+after a warm-up. Memory figures come from fresh subprocesses (peak RSS above
+the set-up), so one measurement cannot inherit another's allocations.
+Nothing here is asserted: tests never time anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+PEER_REQUIREMENTS = Path(__file__).resolve().parent / "bench_peer_requirements.txt"
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def rss_bytes() -> int:
+    return _status_kb("VmRSS") * 1024
+
+
+def peak_rss_bytes() -> int:
+    return _status_kb("VmHWM") * 1024
+
+
+def median_time(fn, repeats=5, warmup=1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def row(name, ours, theirs, units, shapes, target=None, better="lower", **extra):
+    ratio = ours / theirs if theirs else float("nan")
+    return {"name": name, "ours": ours, "theirs": theirs, "ratio": ratio, "units": units, "shapes": shapes,
+            "target": target, "better": better, **extra}
+
+
+# --------------------------------------------------------------------------- 1. audio loss
+
+def bench_audio_loss(quick=False):
+    from higgs_min.loss import multi_codebook_cross_entropy
+
+    N, K, C = 600, 8, 1026
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(N, K, C, generator=g, requires_grad=True)
+    targets = torch.randint(0, C, (N, K), generator=g)
+    targets[torch.rand(N, K, generator=g) < 0.1] = -100
+
+    def ours():
+        logits.grad = None
+        loss, _ = multi_codebook_cross_entropy(logits, targets)
+        loss.backward()
+        return loss
+
+    def loop():  # one cross_entropy per codebook, as audiocraft's MusicGen solver computes it
+        logits.grad = None
+        losses = []
+        for k in range(K):
+            losses.append(F.cross_entropy(logits[:, k], targets[:, k], ignore_index=-100))
+        loss = torch.stack(losses).mean()
+        loss.backward()
+        return loss
+
+    diff = (ours().detach() - loop().detach()).abs().item()
+    reps = 5 if quick else 20
+    t_ours, t_loop = median_time(ours, reps, 3), median_time(loop, reps, 3)
+    return [row("audio loss fwd+bwd (vectorized vs per-codebook loop)", t_ours * 1e3, t_loop * 1e3, "ms",
+                f"[{N}, {K}, {C}]", target="ratio <= 1/3 (>= 3x faster)", max_abs_diff=diff)]
+
+
+# --------------------------------------------------------------------------- 2. text loss memory
+
+TEXT_MEM_SNIPPET = r"""
+import sys, torch, torch.nn as nn, torch.nn.functional as F
+from higgs_min.loss import text_scores
+torch.manual_seed(0)
+mode, B, L, H, V, N = sys.argv[1], *map(int, sys.argv[2:])
+head = nn.Linear(H, V, bias=False).requires_grad_(False)
+hidden = torch.randn(B, L, H, requires_grad=True)
+labels = torch.full((B, L), -100)
+flat = torch.randperm(B * L)[:N]
+labels.view(-1)[flat] = torch.randint(0, V, (N,))
+from higgs_min.bench import reset_peak_rss, peak_rss_bytes, rss_bytes
+reset_peak_rss(); base = rss_bytes()
+if mode == "ours":
+    s = text_scores(hidden, labels, head)
+    (s.loss_sum / s.count).backward()
+else:
+    logits = head(hidden)  # (B, L, V): the full-logits way
+    F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100).backward()
+print(peak_rss_bytes() - base)
+"""
+
+
+def _subprocess_bytes(snippet, *args) -> int:
+    out = subprocess.run([sys.executable, "-c", snippet, *map(str, args)], cwd=ROOT, capture_output=True,
+                         text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def bench_text_memory(quick=False):
+    B, L, H, V, N = 8, 504, 3072, 128256, 233
+    ours = _subprocess_bytes(TEXT_MEM_SNIPPET, "ours", B, L, H, V, N)
+    full = _subprocess_bytes(TEXT_MEM_SNIPPET, "full", B, L, H, V, N)
+    return [row("text loss extra peak memory (labelled rows vs full logits), fwd+bwd", ours / 2**20,
+                full / 2**20, "MiB", f"B={B} L={L} H={H} V={V}, {N} targets", target="ratio <= 0.05")]
+
+
+# --------------------------------------------------------------------------- 3-4. training step
+
+MID = dict(vocab_size=128256, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+           num_attention_heads=16, num_key_value_heads=4, head_dim=64, audio_dual_ffn_layers=list(range(8)),
+           audio_ffn_intermediate_size=2816, rope_scaling=None, rope_theta=500000.0)
+LABEL_DENSITY = 233 / (8 * 504)
+
+
+def matmul_flops_per_s(n=2048, repeats=5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = median_time(lambda: a @ b, repeats, 2)
+    return 2 * n ** 3 / t
+
+
+def lora_step_flops(cfg, B, L, n_text, n_audio_rows, r, with_audio) -> float:
+    """Useful FLOPs of one LoRA step: forward (2·m·n·k per matmul) + input-gradient backward (same again)
+    + LoRA weight gradients; frozen weights get no weight gradient. Heads only at scored rows."""
+    H, I, nh, nkv, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                         cfg.num_key_value_heads, cfg.head_dim)
+    T = B * L
+    proj = H * nh * hd * 2 + H * nkv * hd * 2 + 3 * H * I  # q, o, k, v, mlp weights per layer
+    lora = r * ((H + nh * hd) * 2 + (H + nkv * hd) * 2 + 3 * (H + I))  # A and B of each target
+    attn = 2 * 2 * B * nh * L * L * hd / 2  # QK^T and AV, causal half
+    per_layer_fwd = 2 * T * (proj + lora) + attn
+    fwd = cfg.num_hidden_layers * per_layer_fwd + 2 * n_text * H * cfg.vocab_size
+    if with_audio:
+        fwd += 2 * n_audio_rows * H * cfg.audio_num_codebooks * cfg.audio_num_classes
+    lora_wgrad = cfg.num_hidden_layers * 2 * T * lora
+    return 2 * fwd + lora_wgrad
+
+
+def _text_batch(cfg, B, L, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (B, L), generator=g)
+    labels = torch.full((B, L), -100)
+    n = int(round(LABEL_DENSITY * B * L))
+    labels.view(-1)[torch.randperm(B * L, generator=g)[:n]] = ids.view(-1)[torch.randperm(B * L, generator=g)[:n]]
+    return ids, labels, n
+
+
+def bench_train_step(quick=False):
+    from higgs_min.config import ModelConfig
+    from higgs_min.data import ChatEncoder, collate, load_jsonl
+    from higgs_min.lora import apply_lora
+    from higgs_min.loss import audio_scores, text_scores
+    from higgs_min.model import HiggsAudioModel
+
+    peak = matmul_flops_per_s()
+    rows = []
+    # tiny preset on the demo set (text + audio)
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny")
+    model = HiggsAudioModel(cfg)
+    apply_lora(model, r=16, alpha=32)
+    enc = ChatEncoder(ROOT / "data" / "tokenizer.json", 8, 1024, cfg.vocab_size)
+    samples, _ = load_jsonl(ROOT / "data" / "demo.jsonl", enc, 2048)
+    batch = collate(samples[:8], enc.ids["end_of_text"])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    info = {}
+
+    def tiny_step():
+        am = batch["audio_in_mask"] | batch["audio_out_mask"]
+        h = model(batch["input_ids"], batch["attention_mask"], batch["audio_codes"], am)
+        t = text_scores(h, batch["text_labels"], model.audio_decoder_proj.text_lm_head)
+        a = audio_scores(h, batch["audio_labels"], batch["audio_out_mask"], model.audio_logits)
+        (t.loss_sum / max(t.count, 1) + a.loss_sums.sum() / a.counts.sum()).backward()
+        opt.step()
+        opt.zero_grad()
+        info.update(n_text=t.count, n_audio=a.logits_shape[0])
+
+    dt = median_time(tiny_step, 3 if quick else 10, 2)
+    B, L = batch["input_ids"].shape
+    flops = lora_step_flops(cfg, B, L, info["n_text"], info["n_audio"], 16, True)
+    rows.append(row("training step, tiny preset, demo batch (MFU vs fp32 matmul)", flops / dt / 1e9,
+                    peak / 1e9, "GFLOP/s", f"B={B} L={L} H={cfg.hidden_size} layers={cfg.num_hidden_layers}",
+                    target="ratio >= 0.70", better="higher", tokens_per_s=B * L / dt))
+    # mid-size, text only, the seed's label density
+    cfg = ModelConfig(**MID)
+    B, L = 2, 512
+    torch.manual_seed(0)
+    model = HiggsAudioModel(cfg)
+    apply_lora(model, r=16, alpha=32)
+    ids, labels, n = _text_batch(cfg, B, L)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def mid_step():
+        h = model(ids)
+        t = text_scores(h, labels, model.audio_decoder_proj.text_lm_head)
+        (t.loss_sum / t.count).backward()
+        opt.step()
+        opt.zero_grad()
+
+    dt = median_time(mid_step, 2 if quick else 4, 1)
+    flops = lora_step_flops(cfg, B, L, n, 0, 16, False)
+    rows.append(row("training step, mid-size text-only (MFU vs fp32 matmul)", flops / dt / 1e9, peak / 1e9,
+                    "GFLOP/s", f"B={B} L={L} H=1024 layers=8 V=128256, {n} text targets", target="ratio >= 0.70",
+                    better="higher", tokens_per_s=B * L / dt))
+    return rows
+
+
+PEER_SNIPPET = r"""
+import json, statistics, sys, time, torch
+which, B, L, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+from higgs_min.bench import MID, _text_batch
+from higgs_min.config import ModelConfig
+cfg = ModelConfig(**MID)
+ids, labels, n = _text_batch(cfg, B, L)
+targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+torch.manual_seed(0)
+if which == "ours":
+    from higgs_min.model import HiggsAudioModel
+    from higgs_min.lora import apply_lora
+    from higgs_min.loss import text_scores
+    model = HiggsAudioModel(cfg)
+    apply_lora(model, targets, r=16, alpha=32)
+    def loss_fn():
+        h = model(ids)
+        t = text_scores(h, labels, model.audio_decoder_proj.text_lm_head)
+        return t.loss_sum / t.count
+else:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from peft import LoraConfig, get_peft_model
+    hf = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                     num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                     num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, tie_word_embeddings=False,
+                     attn_implementation="sdpa")
+    model = get_peft_model(LlamaForCausalLM(hf), LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+    hf_labels = torch.full_like(labels, -100)
+    hf_labels[:, 1:] = labels[:, 1:]  # HF shifts inside; same targets as ours
+    def loss_fn():
+        return model(input_ids=ids, labels=hf_labels).loss
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+from higgs_min.bench import reset_peak_rss, peak_rss_bytes, rss_bytes
+import gc; gc.collect(); reset_peak_rss(); base = rss_bytes()
+times = []
+for i in range(steps + 1):
+    t = time.perf_counter()
+    loss_fn().backward(); opt.step(); opt.zero_grad()
+    if i: times.append(time.perf_counter() - t)
+print(json.dumps({"tokens_per_s": B * L / statistics.median(times), "extra_peak_bytes": peak_rss_bytes() - base,
+                  "total_peak_bytes": peak_rss_bytes()}))
+"""
+
+
+def bench_peer(quick=False):
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return [{"name": "peer (transformers + PEFT)", "skipped": f"not installed: pip install -r {PEER_REQUIREMENTS}"}]
+    steps = 2 if quick else 4
+    res = {}
+    for which in ("ours", "peer"):
+        out = subprocess.run([sys.executable, "-c", PEER_SNIPPET, which, "2", "512", str(steps)], cwd=ROOT,
+                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr[-3000:])
+        res[which] = json.loads(out.stdout.strip().splitlines()[-1])
+    shapes = "mid-size text-only B=2 L=512, LoRA r=16 on q,k,v,o,gate,up,down, fp32"
+    return [
+        row("tokens/s vs transformers+PEFT", res["ours"]["tokens_per_s"], res["peer"]["tokens_per_s"], "tokens/s",
+            shapes, target="ratio >= 1.5", better="higher"),
+        row("extra peak memory of a step vs transformers+PEFT", res["ours"]["extra_peak_bytes"] / 2**20,
+            res["peer"]["extra_peak_bytes"] / 2**20, "MiB", shapes, target="ratio <= 0.7",
+            total_peak_mib={k: v["total_peak_bytes"] / 2**20 for k, v in res.items()}),
+    ]
+
+
+# --------------------------------------------------------------------------- 5. checkpoint
+
+def _adapter_like_3b():
+    """LoRA r=16 on every default target of higgs-v2-3b, plus AdamW's two moments: ~39M params, ~470 MB."""
+    from higgs_min.config import ModelConfig
+    cfg = ModelConfig.from_preset("higgs-v2-3b")
+    H, I, q, kv, r = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim, \
+        cfg.num_key_value_heads * cfg.head_dim, 16
+    shapes = {"self_attn.q_proj": (q, H), "self_attn.k_proj": (kv, H), "self_attn.v_proj": (kv, H),
+              "self_attn.o_proj": (H, q), "mlp.gate_proj": (I, H), "mlp.up_proj": (I, H), "mlp.down_proj": (H, I),
+              "audio_mlp.gate_proj": (I, H), "audio_mlp.up_proj": (I, H), "audio_mlp.down_proj": (H, I)}
+    t = {}
+    for layer in range(cfg.num_hidden_layers):
+        for name, (o, i) in shapes.items():
+            base = f"base_model.model.layers.{layer}.{name}"
+            for part, shape in (("lora_A", (r, i)), ("lora_B", (o, r))):
+                for suffix in ("weight", "exp_avg", "exp_avg_sq"):
+                    t[f"{base}.{part}.{suffix}"] = torch.randn(shape)
+    return t
+
+
+def bench_checkpoint(quick=False):
+    from safetensors.torch import load_file, save_file
+
+    from higgs_min import checkpoint
+
+    tensors = _adapter_like_3b()
+    files = {"adapter_model.safetensors": {k: v for k, v in tensors.items() if k.endswith(".weight")},
+             "optimizer.safetensors": {k: v for k, v in tensors.items() if not k.endswith(".weight")}}
+    n_params = sum(v.numel() for v in files["adapter_model.safetensors"].values())
+    nbytes = sum(v.numel() * 4 for v in tensors.values())
+    reps = 2 if quick else 3
+    with tempfile.TemporaryDirectory(dir=ROOT) as d:
+        d = Path(d)
+        (d / "ours").mkdir()
+        (d / "plain").mkdir()
+        step = [0]
+
+        def ours_save():
+            step[0] += 1
+            checkpoint.save(d / "ours", step[0], files)
+
+        def plain_save():
+            for name, t in files.items():
+                save_file(t, str(d / "plain" / name))
+
+        def plain_durable():
+            plain_save()
+            for name in files:
+                with open(d / "plain" / name, "rb") as f:
+                    os.fsync(f.fileno())
+
+        t_plain = median_time(plain_save, reps, 1)
+        t_plain_fsync = median_time(plain_durable, reps, 1)
+        t_ours = median_time(ours_save, reps, 1)
+        latest = d / "ours" / f"checkpoint-{step[0]}"
+
+        def load(folder, check):
+            if check:
+                checkpoint.verify(folder)
+            loaded = [load_file(str(folder / name)) for name in files]
+            return sum(float(t.sum()) for part in loaded for t in part.values())  # touch every byte, as a resume does
+
+        t_load_ours = median_time(lambda: load(latest, True), reps, 1)
+        t_load_plain = median_time(lambda: load(d / "plain", False), reps, 1)
+        t_lazy = median_time(lambda: [load_file(str(d / "plain" / n)) for n in files], reps, 1)
+    shapes = f"{n_params / 1e6:.1f}M LoRA params + AdamW moments, {nbytes / 1e6:.0f} MB in 2 files"
+    return [row("checkpoint save (atomic: fsync, sha256, re-read verify) vs plain save_file", t_ours, t_plain,
+                "s", shapes, target="ratio <= 1.3", plain_save_plus_fsync_s=t_plain_fsync),
+            row("checkpoint load + sha256 verify vs plain load_file (both read every tensor)", t_load_ours,
+                t_load_plain, "s", shapes, target="ratio <= 1.5", lazy_mmap_load_s=t_lazy)]
+
+
+# --------------------------------------------------------------------------- 6. data: see bench_data_rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m higgs_min.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json", help="where to write the rows")
+    ap.add_argument("--only", default="", help="comma-separated subset: audio_loss,text_memory,train_step,peer,"
+                                               "checkpoint,data")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (for a smoke run)")
+    args = ap.parse_args(argv)
+    import logging
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+    suites = {"audio_loss": bench_audio_loss, "text_memory": bench_text_memory, "train_step": bench_train_step,
+              "peer": bench_peer, "checkpoint": bench_checkpoint, "data": bench_data_rows}
+    chosen = [s for s in (args.only.split(",") if args.only else suites) if s]
+    rows = []
+    t0 = time.time()
+    for name in chosen:
+        if name not in suites:
+            ap.error(f"unknown benchmark {name!r}; known: {sorted(suites)}")
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        rows.extend(suites[name](args.quick))
+    machine = {"date": time.strftime("%Y-%m-%d"), "cpu_cores": os.cpu_count(), "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "platform": platform.platform(),
+               "processor": _cpu_name(), "seconds": round(time.time() - t0, 1)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    print(format_table(rows, machine))
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+def bench_data_rows(quick=False):
+    from higgs_min.config import ModelConfig
+    from higgs_min.data import ChatEncoder, collate, load_jsonl
+    from higgs_min.lora import apply_lora
+    from higgs_min.loss import audio_scores, text_scores
+    from higgs_min.model import HiggsAudioModel
+
+    cfg = ModelConfig.from_preset("tiny")
+    enc = ChatEncoder(ROOT / "data" / "tokenizer.json", 8, 1024, cfg.vocab_size)
+    path = ROOT / "data" / "demo.jsonl"
+    t_load = median_time(lambda: load_jsonl(path, enc, 2048), 3, 1)
+    samples, _ = load_jsonl(path, enc, 2048)
+    t_coll = median_time(lambda: [collate(samples[i:i + 8], 0) for i in range(0, len(samples), 8)], 5, 1)
+    loader = len(samples) / (t_load + t_coll)
+    torch.manual_seed(0)
+    model = HiggsAudioModel(cfg)
+    apply_lora(model, r=16, alpha=32)
+    batch = collate(samples[:8], 0)
+
+    def step():
+        am = batch["audio_in_mask"] | batch["audio_out_mask"]
+        h = model(batch["input_ids"], batch["attention_mask"], batch["audio_codes"], am)
+        t = text_scores(h, batch["text_labels"], model.audio_decoder_proj.text_lm_head)
+        a = audio_scores(h, batch["audio_labels"], batch["audio_out_mask"], model.audio_logits)
+        (t.loss_sum / max(t.count, 1) + a.loss_sums.sum() / a.counts.sum()).backward()
+
+    consume = 8 / median_time(step, 5, 1)
+    return [row("data: tokenize+collate samples/s vs tiny training step consumption", loader, consume,
+                "samples/s", f"demo set, {len(samples)} conversations, batch 8", target="ratio >> 1",
+                better="higher")]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def format_table(rows, machine) -> str:
+    lines = [f"machine: {machine['processor']}, {machine['cpu_cores']} cores, torch {machine['torch']}, "
+             f"{machine['date']}", ""]
+    lines.append(f"{'benchmark':<72} {'ours':>12} {'theirs':>12} {'ratio':>8}  units      target")
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"{r['name']:<72} skipped: {r['skipped']}")
+            continue
+        lines.append(f"{r['name']:<72} {r['ours']:>12.4g} {r['theirs']:>12.4g} {r['ratio']:>8.3f}  "
+                     f"{r['units']:<10} {r['target'] or ''}")
+        lines.append(f"{'':<6}shapes: {r['shapes']}" + (f"; max abs diff {r['max_abs_diff']:.2e}"
+                                                          if "max_abs_diff" in r else "")
+                     + (f"; {r['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in r else ""))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

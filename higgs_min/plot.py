@@ -1,0 +1,54 @@
+"""Plot a run's losses: python -m higgs_min.plot OUTPUT_DIR  ->  OUTPUT_DIR/loss.png
+
+Reads OUTPUT_DIR/metrics.jsonl (one JSON line per log step). matplotlib arrives
+with descript-audio-codec's dependencies; it is imported only here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def plot(output_dir: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    path = output_dir / "metrics.jsonl"
+    if not path.exists():
+        raise SystemExit(f"{path}: no metrics to plot (is {output_dir} a training output folder?)")
+    rows = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}:{n}: malformed JSON: {e.msg}")
+        rows[r["step"]] = r  # a resumed run may log a step twice: keep the last
+    steps = sorted(rows)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key, label in (("loss", "total"), ("text_loss", "text"), ("audio_loss", "audio")):
+        ax.plot(steps, [rows[s][key] for s in steps], label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats)")
+    ax.set_title(f"{output_dir.name}: training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = output_dir / "loss.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m higgs_min.plot", description="Write OUTPUT_DIR/loss.png.")
+    ap.add_argument("output_dir", type=Path, help="a training output folder holding metrics.jsonl")
+    print(f"wrote {plot(ap.parse_args(argv).output_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
