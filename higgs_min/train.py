@@ -218,8 +218,8 @@ def save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base
             try:
                 Path(target).mkdir(parents=True, exist_ok=True)
                 path = checkpoint.save(target, step, files)
-                log.info("saved %s (%.1f MB, manifest verified)", path.resolve(),
-                         sum(map(len, files.values())) / 1e6)
+                log.info("saved %s (%.2f MB, manifest verified)", path.resolve(),
+                         sum(f.stat().st_size for f in path.iterdir()) / 1e6)
                 if args.keep_last:
                     checkpoint.rotate(target, args.keep_last)
                 break
