@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -351,15 +352,13 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def length_grouped_order(lengths: list[int], batch_size: int, seed: int) -> list[int]:
-    """A shuffled order in which each run of `batch_size` holds samples of similar length.
+def length_grouped(order: list[int], lengths: list[int], batch_size: int, seed: int) -> list[int]:
+    """Reorder `order` so each run of `batch_size` holds samples of similar length.
 
-    Shuffle, sort within mega-batches of 50 batches by length, then shuffle the batches:
-    padding drops while every epoch still sees a new order.
+    Sort within mega-batches of 50 batches (longest first), then shuffle whole batches:
+    padding drops, and every epoch still sees a new order.
     """
     rng = random.Random(seed)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
     mega = batch_size * 50
     groups = [sorted(order[i:i + mega], key=lambda j: -lengths[j]) for i in range(0, len(order), mega)]
     batches = [g[i:i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
@@ -367,12 +366,48 @@ def length_grouped_order(lengths: list[int], batch_size: int, seed: int) -> list
     return [j for b in batches for j in b]
 
 
-def padding_fraction(samples: list[Sample], order: list[int], batch_size: int) -> float:
+def padding_fraction(lengths: list[int], order: list[int], batch_size: int) -> float:
     """Fraction of padded positions when batches are taken in `order`."""
     real = padded = 0
     for i in range(0, len(order), batch_size):
-        lens = [len(samples[j].input_ids) for j in order[i:i + batch_size]]
+        lens = [lengths[j] for j in order[i:i + batch_size]]
         real += sum(lens)
         padded += max(lens) * len(lens)
     return 1 - real / padded if padded else 0.0
 
+
+class BatchStream:
+    """One rank's batches, epoch after epoch, resumable at (epoch, position).
+
+    The order is DistributedSampler's (seeded, `set_epoch` each epoch), so rank r of N
+    sees samples r, r+N, … of one global permutation: N ranks × batch b cover what
+    one process with batch N·b covers.
+    """
+
+    def __init__(self, samples, batch_size, world_size, rank, seed, pad_id, group_by_length=False):
+        from torch.utils.data import DistributedSampler
+
+        self.samples, self.batch_size, self.pad_id, self.seed = samples, batch_size, pad_id, seed
+        self.group_by_length = group_by_length
+        self.sampler = DistributedSampler(range(len(samples)), num_replicas=world_size, rank=rank,
+                                          shuffle=True, seed=seed, drop_last=False)
+        self.epoch, self.position, self._order = 0, 0, None
+
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        self.sampler.set_epoch(epoch)
+        order = list(self.sampler)
+        if self.group_by_length:
+            order = length_grouped(order, [len(s.input_ids) for s in self.samples], self.batch_size, self.seed + epoch)
+        return order
+
+    def next(self) -> dict[str, torch.Tensor]:
+        if self.position >= self.batches_per_epoch():
+            self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        if self._order is None:
+            self._order = self.epoch_order(self.epoch)
+        idx = self._order[self.position * self.batch_size:(self.position + 1) * self.batch_size]
+        self.position += 1
+        return collate([self.samples[i] for i in idx], self.pad_id)

@@ -13,7 +13,6 @@ complete (written to a temporary sibling, then renamed).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil

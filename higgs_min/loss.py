@@ -139,7 +139,6 @@ class Diagnostics:
         self.chance = {"text": math.log(vocab_size), "audio": math.log(audio_classes)}
         self.warmup_steps = warmup_steps
         self.decode = decode
-        self.at_chance_streak = {"text": 0, "audio": 0}
 
     def check_finite(self, loss: torch.Tensor, step: int, sample_index) -> None:
         if not torch.isfinite(loss).all():
@@ -162,11 +161,8 @@ class Diagnostics:
             if value == 0.0:
                 log.warning("step %d: %s loss is exactly 0: check that labels are not leaking into inputs", step, name)
             if step > self.warmup_steps and abs(ratio - 1) < 0.03:
-                self.at_chance_streak[name] += 1
                 log.warning("step %d: %s loss at chance level (%.4f vs %.4f): the model is not learning",
                             step, name, value, chance)
-            else:
-                self.at_chance_streak[name] = 0
         lines.extend(self.predictions(text, audio))
         return lines
 

@@ -31,11 +31,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DistributedSampler
 
 from higgs_min import checkpoint, distributed
 from higgs_min.config import ModelConfig
-from higgs_min.data import ChatEncoder, DataError, IGNORE_INDEX, collate, load_jsonl, next_token_targets
+from higgs_min.data import BatchStream, ChatEncoder, DataError, IGNORE_INDEX, load_jsonl, next_token_targets
 from higgs_min.lora import DEFAULT_TARGETS, adapter_config, apply_lora
 from higgs_min.loss import Diagnostics, audio_scores, text_scores
 from higgs_min.model import HiggsAudioModel, load_pretrained
@@ -78,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="mean of per-codebook means, or mean over all audio tokens")
     a("--text-loss-chunk", type=int, default=128, help="text rows per head+CE chunk (bounds memory)")
     a("--max-length", type=int, default=2048, help="longer samples are skipped (counted)")
+    a("--group-by-length", action="store_true", help="batch samples of similar length (less padding)")
     a("--skip-bad-samples", action="store_true", help="count and skip bad JSONL lines instead of failing")
     a("--log-every", type=int, default=25, help="log metrics every N steps")
     a("--log-samples", type=int, default=3, help="log the label statistics of the first N samples")
@@ -152,29 +152,6 @@ def objective(text, audio, counts, args):
     return args.text_weight * text_term + args.audio_weight * audio_term
 
 
-class BatchStream:
-    """This rank's batches, epoch after epoch, resumable at (epoch, batch position)."""
-
-    def __init__(self, samples, batch_size, dist_info, seed, pad_id):
-        self.samples, self.batch_size, self.pad_id = samples, batch_size, pad_id
-        self.sampler = DistributedSampler(range(len(samples)), num_replicas=dist_info.world_size,
-                                          rank=dist_info.rank, shuffle=True, seed=seed, drop_last=False)
-        self.epoch, self.position, self._order = 0, 0, None
-
-    def batches_per_epoch(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)
-
-    def next(self):
-        if self.position >= self.batches_per_epoch():
-            self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        if self._order is None:
-            self.sampler.set_epoch(self.epoch)
-            self._order = list(self.sampler)
-        idx = self._order[self.position * self.batch_size:(self.position + 1) * self.batch_size]
-        self.position += 1
-        return collate([self.samples[i] for i in idx], self.pad_id)
-
-
 class StopFlag:
     """Set by SIGTERM/SIGINT; acted on at the next step boundary, agreed by all ranks."""
 
@@ -235,6 +212,78 @@ def save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base
         log.warning("step %d: continuing without a checkpoint (--on-save-error continue)", step)
 
 
+def build_model(args, device) -> tuple[HiggsAudioModel, ModelConfig, str]:
+    """Base weights (frozen; released ones, or a seeded random preset) + LoRA (trainable)."""
+    if args.base_weights:
+        cfg = ModelConfig.from_pretrained_config(args.base_weights)
+        with torch.device("meta"):
+            model = HiggsAudioModel(cfg)
+        load_pretrained(model, args.base_weights, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        base_name = str(args.base_weights)
+    else:
+        cfg = ModelConfig.from_preset(args.preset)
+        model = HiggsAudioModel(cfg)
+        base_name = f"higgs_min preset {args.preset} (random init, seed {args.seed})"
+    apply_lora(model, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout, args.rslora)
+    return model.to(device), cfg, base_name
+
+
+def prepare_output(args, dist_info, n_trainable: int) -> None:
+    """Rank 0 proves the output folder writable before any step; every rank learns the outcome."""
+    outcome = "ok"
+    if dist_info.is_main:
+        try:
+            checkpoint.preflight(args.output_dir, n_trainable * 4 * 3 + (1 << 20), args.save_steps,
+                                 args.max_steps, args.strict_space)
+            checkpoint.remove_stale_tmp(args.output_dir)
+        except checkpoint.CheckpointError as e:
+            outcome = str(e)
+    outcome = distributed.broadcast_from_main(outcome)
+    if outcome != "ok":
+        raise checkpoint.CheckpointError(outcome)
+
+
+def resume(args, model, optimizer, stream, dist_info) -> int:
+    """Restore adapter, optimizer, data position and RNG from a checkpoint; return its step (0: none)."""
+    folder = checkpoint.latest_valid(args.output_dir) if args.resume == "auto" else (
+        None if args.resume == "none" else Path(args.resume))
+    if folder is None:
+        return 0
+    state = checkpoint.load_training_state(folder, model, optimizer)
+    stream.epoch, stream.position = state["epoch"], state["batch_in_epoch"]
+    if state["world_size"] != dist_info.world_size or state["batch_size"] != args.batch_size:
+        log.warning("resuming with world_size %d / batch %d; the checkpoint had %d / %d: data order differs",
+                    dist_info.world_size, args.batch_size, state["world_size"], state["batch_size"])
+    rngs = state["rng"]
+    checkpoint.set_rng_state(rngs[dist_info.rank] if dist_info.rank < len(rngs) else rngs[0])
+    log.info("resumed from %s at step %d", folder, state["step"])
+    return state["step"]
+
+
+def step_losses(sums, counts, K, args) -> dict:
+    """Step-level losses from the summed per-token losses (1 + K,) and global counts (1 + K,)."""
+    text = (sums[0] / counts[0].clamp(min=1)).item()
+    per_cb = sums[1:1 + K] / counts[1:].clamp(min=1)
+    has = counts[1:] > 0
+    if not has.any():
+        audio = float("nan")
+    elif args.audio_reduction == "codebook_mean":
+        audio = per_cb[has].mean().item()
+    else:
+        audio = (sums[1:1 + K].sum() / counts[1:].sum()).item()
+    return {"loss": args.text_weight * text + args.audio_weight * audio, "text_loss": text, "audio_loss": audio,
+            "audio_loss_per_codebook": per_cb.tolist()}
+
+
+def append_metrics(path: Path, row: dict) -> None:
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        raise checkpoint.CheckpointError(f"cannot write {path}: [{errno.errorcode.get(e.errno, e.errno)}] "
+                                         f"{e.strerror} (was the output folder removed?)") from e
+
+
 def train(args) -> dict:
     dist_info = distributed.init(args.device, args.dist_timeout)
     setup_logging(dist_info.is_main)
@@ -244,43 +293,16 @@ def train(args) -> dict:
     if dist_info.device.type == "cpu":
         torch.use_deterministic_algorithms(True)
 
-    # Model: base weights (frozen) + LoRA (trainable).
-    if args.base_weights:
-        cfg = ModelConfig.from_pretrained_config(args.base_weights)
-        with torch.device("meta"):
-            model = HiggsAudioModel(cfg)
-        dtype = torch.bfloat16 if dist_info.device.type == "cuda" else torch.float32
-        load_pretrained(model, args.base_weights, dtype=dtype)
-        base_name = str(args.base_weights)
-    else:
-        cfg = ModelConfig.from_preset(args.preset)
-        model = HiggsAudioModel(cfg)
-        base_name = f"higgs_min preset {args.preset} (random init, seed {args.seed})"
-    apply_lora(model, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout, args.rslora)
-    model.to(dist_info.device)
-
-    # Data: everything validated before step 1.
+    model, cfg, base_name = build_model(args, dist_info.device)
     encoder = ChatEncoder(args.tokenizer, cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size)
     samples, report = load_jsonl(args.data, encoder, args.max_length, args.skip_bad_samples,
-                                 args.log_samples if dist_info.is_main else 0)
-    stream = BatchStream(samples, args.batch_size, dist_info, args.seed, encoder.ids["end_of_text"])
-
+                                 args.log_samples if dist_info.is_main else 0)  # all validated before step 1
+    stream = BatchStream(samples, args.batch_size, dist_info.world_size, dist_info.rank, args.seed,
+                         encoder.ids["end_of_text"], args.group_by_length)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-    n_trainable = sum(p.numel() for p in params)
 
-    # Output folder: proven writable before any training step.
-    outcome = "ok"
-    if dist_info.is_main:
-        try:
-            args.output_dir = checkpoint.preflight(args.output_dir, n_trainable * 4 * 3 + (1 << 20),
-                                                   args.save_steps, args.max_steps, args.strict_space)
-            checkpoint.remove_stale_tmp(args.output_dir)
-        except checkpoint.CheckpointError as e:
-            outcome = str(e)
-    outcome = distributed.broadcast_from_main(outcome)
-    if outcome != "ok":
-        raise checkpoint.CheckpointError(outcome)
+    prepare_output(args, dist_info, sum(p.numel() for p in params))
     args.output_dir = Path(args.output_dir).resolve()
     setup_logging(dist_info.is_main, args.output_dir)
     resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -288,123 +310,98 @@ def train(args) -> dict:
         log.info("resolved config: %s", json.dumps(resolved, sort_keys=True))
         checkpoint.write_file(args.output_dir / "run_config.json", checkpoint.json_bytes(
             {"train": resolved, "model": cfg.to_dict(), "world_size": dist_info.world_size}))
-
-    # Resume.
-    start_step = 0
-    resume_from = None
-    if args.resume == "auto":
-        resume_from = checkpoint.latest_valid(args.output_dir)
-    elif args.resume != "none":
-        resume_from = Path(args.resume)
-    if resume_from is not None:
-        state = checkpoint.load_training_state(resume_from, model, optimizer)
-        start_step = state["step"]
-        stream.epoch, stream.position = state["epoch"], state["batch_in_epoch"]
-        if state["world_size"] != dist_info.world_size or state["batch_size"] != args.batch_size:
-            log.warning("resuming with world_size %d / batch %d; the checkpoint had %d / %d: data order differs",
-                        dist_info.world_size, args.batch_size, state["world_size"], state["batch_size"])
-        checkpoint.set_rng_state(state["rng"][dist_info.rank] if dist_info.rank < len(state["rng"]) else state["rng"][0])
-        log.info("resumed from %s at step %d", resume_from, start_step)
+    start_step = step = resume(args, model, optimizer, stream, dist_info)
 
     scorer = Scorer(model, args.text_loss_chunk)
     ddp = DDP(scorer, find_unused_parameters=True) if dist_info.enabled else scorer
     diag = Diagnostics(cfg.vocab_size, cfg.audio_num_classes, args.warmup_steps, encoder.decode)
-    stop = StopFlag()
     K = cfg.audio_num_codebooks
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dist_info.device.type == "cuda"
                 else contextlib.nullcontext())
     metrics_path = args.output_dir / "metrics.jsonl"
-    tb = None
-    if args.tensorboard and dist_info.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-        tb = SummaryWriter(str(args.output_dir / "tensorboard"))
-    bar = None
+    tb = bar = None
     if dist_info.is_main:
         from tqdm import tqdm
+        # disable=None: a bar on a terminal, none in a piped log (the log lines say the same)
         bar = tqdm(total=args.max_steps, initial=start_step, desc="train", unit="step", mininterval=2.0,
-                   dynamic_ncols=True)
+                   disable=None)
+        if args.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            tb = SummaryWriter(str(args.output_dir / "tensorboard"))
+    stop = StopFlag()
     t0, tokens_seen, last = time.time(), 0, {}
-    step = start_step
-    while step < args.max_steps:
-        step += 1
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, args)
-        micro = [{k: v.to(dist_info.device) for k, v in stream.next().items()} for _ in range(args.grad_accum)]
-        counts = distributed.all_reduce_sum(sum(target_counts(b, K) for b in micro).to(dist_info.device))
-        sums = torch.zeros(1 + 2 * K, dtype=torch.float64, device=dist_info.device)  # text sum, audio sums, correct
-        for i, batch in enumerate(micro):
-            sync = i == len(micro) - 1 or not dist_info.enabled
-            with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast:
-                text, audio = ddp(batch)
-                loss = objective(text, audio, counts, args)
-            diag.check_finite(loss, step, batch["sample_index"])
-            (loss * dist_info.world_size).backward()
-            sums += torch.cat([text.loss_sum.detach().view(1), audio.loss_sums.detach(),
-                               audio.correct.to(sums.dtype)]).double()
-            tokens_seen += int(batch["attention_mask"].sum()) * dist_info.world_size
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        distributed.all_reduce_sum(sums)
-        text_loss = (sums[0] / counts[0].clamp(min=1)).item()
-        per_cb = (sums[1:1 + K] / counts[1:].clamp(min=1))
-        has = counts[1:] > 0
-        audio_loss = (per_cb[has].mean() if args.audio_reduction == "codebook_mean"
-                      else sums[1:1 + K].sum() / counts[1:].sum().clamp(min=1)).item() if has.any() else float("nan")
-        total = args.text_weight * text_loss + args.audio_weight * audio_loss
-        elapsed = time.time() - t0
-        last = {"step": step, "loss": total, "text_loss": text_loss, "audio_loss": audio_loss,
-                "audio_loss_per_codebook": per_cb.tolist(), "lr": optimizer.param_groups[0]["lr"],
-                "grad_norm": float(grad_norm), "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "elapsed_s": elapsed}
+    try:
+        while step < args.max_steps:
+            step += 1
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step, args)
+            # 1-2: this step's micro-batches and their target counts over all ranks
+            micro = [{k: v.to(dist_info.device) for k, v in stream.next().items()} for _ in range(args.grad_accum)]
+            counts = distributed.all_reduce_sum(sum(target_counts(b, K) for b in micro).to(dist_info.device))
+            sums = torch.zeros(1 + K, dtype=torch.float64, device=dist_info.device)  # text sum, audio sums
+            # 3: forward/backward; gradients are all-reduced on the last micro-batch only
+            for i, batch in enumerate(micro):
+                sync = i == len(micro) - 1 or not dist_info.enabled
+                with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast:
+                    text, audio = ddp(batch)
+                    loss = objective(text, audio, counts, args)
+                diag.check_finite(loss, step, batch["sample_index"])
+                (loss * dist_info.world_size).backward()
+                sums += torch.cat([text.loss_sum.detach().view(1), audio.loss_sums.detach()]).double()
+                tokens_seen += int(batch["attention_mask"].sum()) * dist_info.world_size
+            # 4: clip, step
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            # 5: log, save
+            elapsed = time.time() - t0
+            last = {"step": step, **step_losses(distributed.all_reduce_sum(sums), counts, K, args),
+                    "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                    "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "elapsed_s": elapsed}
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
+            if dist_info.is_main and (step % args.log_every == 0 or step in (start_step + 1, args.max_steps)):
+                append_metrics(metrics_path, last)
+                if tb is not None:
+                    for k in ("loss", "text_loss", "audio_loss", "lr", "grad_norm"):
+                        tb.add_scalar(k, last[k], step)
+                for line in diag.report(step, {"text": last["text_loss"], "audio": last["audio_loss"]}, text, audio):
+                    log.info("%s", line)
+                next_save = min(args.max_steps, (step // args.save_steps + 1) * args.save_steps
+                                if args.save_steps > 0 else args.max_steps)
+                log.info("step %d/%d: loss %.4f, lr %.2e, grad norm %.3f, %.0f tokens/s; next checkpoint at step %d",
+                         step, args.max_steps, last["loss"], last["lr"], last["grad_norm"], last["tokens_per_s"],
+                         next_save)
+            stopping = distributed.any_rank(stop.raised is not None, dist_info.device)
+            if (args.save_steps > 0 and step % args.save_steps == 0) or step == args.max_steps or stopping:
+                trainer_state = {
+                    "step": step, "epoch": stream.epoch, "batch_in_epoch": stream.position,
+                    "samples_seen": step * args.grad_accum * args.batch_size * dist_info.world_size,
+                    "world_size": dist_info.world_size, "batch_size": args.batch_size,
+                    "scheduler": {"type": "linear_warmup_cosine", "warmup_steps": args.warmup_steps,
+                                  "max_steps": args.max_steps, "lr": args.lr, "min_lr_ratio": args.min_lr_ratio,
+                                  "last_lr": optimizer.param_groups[0]["lr"]},
+                    "config": resolved, "data": report.summary(), "rng": gather_rng(dist_info),
+                }
+                save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base_name)
+            if stopping:
+                log.warning("stopping at step %d on %s (checkpoint saved)", step,
+                            stop.raised or "a signal on another rank")
+                break
+    finally:
+        stop.restore()
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{total:.3f}", text=f"{text_loss:.3f}", audio=f"{audio_loss:.3f}",
-                            tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
-        if dist_info.is_main and (step % args.log_every == 0 or step == args.max_steps or step == start_step + 1):
-            try:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
-            except OSError as e:
-                raise checkpoint.CheckpointError(
-                    f"cannot write {metrics_path}: [{errno.errorcode.get(e.errno, e.errno)}] {e.strerror} "
-                    f"(was the output folder removed?)") from e
-            if tb is not None:
-                for k in ("loss", "text_loss", "audio_loss", "lr", "grad_norm"):
-                    tb.add_scalar(k, last[k], step)
-            next_save = min(args.max_steps, (step // args.save_steps + 1) * args.save_steps) if args.save_steps > 0 else args.max_steps
-            for line in diag.report(step, {"text": text_loss, "audio": audio_loss}, text, audio):
-                log.info("%s", line)
-            log.info("step %d/%d: loss %.4f, lr %.2e, grad norm %.3f, %.0f tokens/s; next checkpoint at step %d",
-                     step, args.max_steps, total, last["lr"], last["grad_norm"], last["tokens_per_s"], next_save)
-
-        stopping = distributed.any_rank(stop.raised is not None, dist_info.device)
-        if (args.save_steps > 0 and step % args.save_steps == 0) or step == args.max_steps or stopping:
-            trainer_state = {
-                "step": step, "epoch": stream.epoch, "batch_in_epoch": stream.position,
-                "samples_seen": step * args.grad_accum * args.batch_size * dist_info.world_size,
-                "world_size": dist_info.world_size, "batch_size": args.batch_size,
-                "scheduler": {"type": "linear_warmup_cosine", "warmup_steps": args.warmup_steps,
-                              "max_steps": args.max_steps, "lr": args.lr, "min_lr_ratio": args.min_lr_ratio,
-                              "last_lr": optimizer.param_groups[0]["lr"]},
-                "config": resolved, "data": report.summary(),
-                "rng": gather_rng(dist_info),
-            }
-            save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base_name)
-        if stopping:
-            log.warning("stopping at step %d on %s (checkpoint saved)", step, stop.raised or "a signal on another rank")
-            break
-    stop.restore()
-    if bar is not None:
-        bar.close()
-    if step == start_step and dist_info.is_main:
-        log.info("nothing to do: the checkpoint is already at step %d of --max-steps %d", step, args.max_steps)
+            bar.close()
+        if tb is not None:
+            tb.close()
     if dist_info.is_main:
-        log.info("done at step %d. checkpoints: %s (latest: %s); metrics: %s; log: %s",
-                 step, args.output_dir, (args.output_dir / "latest").read_text().strip()
-                 if (args.output_dir / "latest").exists() else "none", metrics_path, args.output_dir / "train.log")
-    if tb is not None:
-        tb.close()
+        if step == start_step:
+            log.info("nothing to do: the checkpoint is already at step %d of --max-steps %d", step, args.max_steps)
+        latest = args.output_dir / "latest"
+        log.info("done at step %d. checkpoints: %s (latest: %s); metrics: %s; log: %s", step, args.output_dir,
+                 latest.read_text().strip() if latest.exists() else "none", metrics_path,
+                 args.output_dir / "train.log")
     distributed.barrier()
     return last
 

@@ -225,3 +225,41 @@ def test_prepare_encodes_with_seeded_random_dac_and_caches(tmp_path):
     assert again == {"encoded": 0, "cached": 1, "audio_items": 1}
     with pytest.raises(SystemExit, match="refusing"):
         prepare(tmp_path / "in.jsonl", tmp_path / "o2.jsonl")
+
+
+def _demo_samples():
+    from higgs_min.config import ModelConfig
+    from higgs_min.train import DATA
+    cfg = ModelConfig.from_preset("tiny")
+    enc = ChatEncoder(DATA / "tokenizer.json", cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size)
+    return load_jsonl(DATA / "demo.jsonl", enc, 2048)[0]
+
+
+def test_batch_stream_ranks_partition_the_global_batch_and_resume():
+    from higgs_min.data import BatchStream
+    samples = _demo_samples()
+    one = BatchStream(samples, 8, 1, 0, seed=3, pad_id=0)
+    ranks = [BatchStream(samples, 4, 2, r, seed=3, pad_id=0) for r in range(2)]
+    for _ in range(2 * one.batches_per_epoch()):  # across an epoch boundary
+        want = sorted(one.next()["sample_index"].tolist())
+        got = sorted(sum((r.next()["sample_index"].tolist() for r in ranks), []))
+        assert got == want
+    # Resume at (epoch, position): the same batches follow.
+    a = BatchStream(samples, 8, 1, 0, seed=3, pad_id=0)
+    for _ in range(5):
+        a.next()
+    b = BatchStream(samples, 8, 1, 0, seed=3, pad_id=0)
+    b.epoch, b.position = a.epoch, a.position
+    assert all(torch.equal(a.next()["input_ids"], b.next()["input_ids"]) for _ in range(6))
+
+
+def test_group_by_length_cuts_padding_and_keeps_every_sample():
+    from higgs_min.data import BatchStream, padding_fraction
+    samples = _demo_samples()
+    lengths = [len(s.input_ids) for s in samples]
+    plain = BatchStream(samples, 4, 1, 0, seed=0, pad_id=0)
+    grouped = BatchStream(samples, 4, 1, 0, seed=0, pad_id=0, group_by_length=True)
+    for epoch in range(3):
+        order = grouped.epoch_order(epoch)
+        assert sorted(order) == list(range(len(samples)))
+        assert padding_fraction(lengths, order, 4) < padding_fraction(lengths, plain.epoch_order(epoch), 4)
