@@ -178,16 +178,16 @@ def _text_batch(cfg, B, L, seed=0):
     return ids, labels, n
 
 
-def bench_train_step(quick=False):
+def _tiny_step():
+    """The trainer's own step (Scorer + objective + AdamW) on a demo batch of 8, tiny preset."""
+    from argparse import Namespace
+
     from higgs_min.config import ModelConfig
     from higgs_min.data import ChatEncoder, collate, load_jsonl
     from higgs_min.lora import apply_lora
-    from higgs_min.loss import audio_scores, text_scores
     from higgs_min.model import HiggsAudioModel
+    from higgs_min.train import Scorer, objective, target_counts
 
-    peak = matmul_flops_per_s()
-    rows = []
-    # tiny preset on the demo set (text + audio)
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("tiny")
     model = HiggsAudioModel(cfg)
@@ -195,19 +195,31 @@ def bench_train_step(quick=False):
     enc = ChatEncoder(ROOT / "data" / "tokenizer.json", 8, 1024, cfg.vocab_size)
     samples, _ = load_jsonl(ROOT / "data" / "demo.jsonl", enc, 2048)
     batch = collate(samples[:8], enc.ids["end_of_text"])
+    scorer = Scorer(model, text_chunk=128)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    args = Namespace(text_weight=1.0, audio_weight=1.0, audio_reduction="codebook_mean")
+    counts = target_counts(batch, cfg.audio_num_codebooks)
     info = {}
 
-    def tiny_step():
-        am = batch["audio_in_mask"] | batch["audio_out_mask"]
-        h = model(batch["input_ids"], batch["attention_mask"], batch["audio_codes"], am)
-        t = text_scores(h, batch["text_labels"], model.audio_decoder_proj.text_lm_head)
-        a = audio_scores(h, batch["audio_labels"], batch["audio_out_mask"], model.audio_logits)
-        (t.loss_sum / max(t.count, 1) + a.loss_sums.sum() / a.counts.sum()).backward()
+    def step():
+        text, audio = scorer(batch)
+        objective(text, audio, counts, args).backward()
         opt.step()
         opt.zero_grad()
-        info.update(n_text=t.count, n_audio=a.logits_shape[0])
+        info.update(n_text=text.count, n_audio=audio.logits_shape[0])
 
+    return step, cfg, batch, info, samples
+
+
+def bench_train_step(quick=False):
+    from higgs_min.config import ModelConfig
+    from higgs_min.lora import apply_lora
+    from higgs_min.loss import text_scores
+    from higgs_min.model import HiggsAudioModel
+
+    peak = matmul_flops_per_s()
+    rows = []
+    tiny_step, cfg, batch, info, _ = _tiny_step()  # tiny preset on the demo set (text + audio)
     dt = median_time(tiny_step, 3 if quick else 10, 2)
     B, L = batch["input_ids"].shape
     flops = lora_step_flops(cfg, B, L, info["n_text"], info["n_audio"], 16, True)
@@ -413,31 +425,14 @@ def main(argv=None) -> int:
 
 
 def bench_data_rows(quick=False):
-    from higgs_min.config import ModelConfig
     from higgs_min.data import ChatEncoder, collate, load_jsonl
-    from higgs_min.lora import apply_lora
-    from higgs_min.loss import audio_scores, text_scores
-    from higgs_min.model import HiggsAudioModel
 
-    cfg = ModelConfig.from_preset("tiny")
+    step, cfg, _, _, samples = _tiny_step()
     enc = ChatEncoder(ROOT / "data" / "tokenizer.json", 8, 1024, cfg.vocab_size)
     path = ROOT / "data" / "demo.jsonl"
     t_load = median_time(lambda: load_jsonl(path, enc, 2048), 3, 1)
-    samples, _ = load_jsonl(path, enc, 2048)
     t_coll = median_time(lambda: [collate(samples[i:i + 8], 0) for i in range(0, len(samples), 8)], 5, 1)
     loader = len(samples) / (t_load + t_coll)
-    torch.manual_seed(0)
-    model = HiggsAudioModel(cfg)
-    apply_lora(model, r=16, alpha=32)
-    batch = collate(samples[:8], 0)
-
-    def step():
-        am = batch["audio_in_mask"] | batch["audio_out_mask"]
-        h = model(batch["input_ids"], batch["attention_mask"], batch["audio_codes"], am)
-        t = text_scores(h, batch["text_labels"], model.audio_decoder_proj.text_lm_head)
-        a = audio_scores(h, batch["audio_labels"], batch["audio_out_mask"], model.audio_logits)
-        (t.loss_sum / max(t.count, 1) + a.loss_sums.sum() / a.counts.sum()).backward()
-
     consume = 8 / median_time(step, 5, 1)
     return [row("data: tokenize+collate samples/s vs tiny training step consumption", loader, consume,
                 "samples/s", f"demo set, {len(samples)} conversations, batch 8", target="ratio >> 1",
