@@ -52,6 +52,7 @@ def merge_into_weights(adapter_dir: str | Path, base: str | Path, out: str | Pat
         raise FileExistsError(f"{out}: already exists; choose a new output folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    committed = False
     try:
         by_file: dict[Path, list[str]] = {}
         for name, file in name_to_file.items():
@@ -78,9 +79,10 @@ def merge_into_weights(adapter_dir: str | Path, base: str | Path, out: str | Pat
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
         os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        committed = True
+    finally:
+        if not committed:  # never leave a half-written folder behind
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -33,9 +33,12 @@ from tests.trainutil import ROOT, adapter, env, run_cli, torchrun, train_args
 STEPS = 6  # steps of each faulted run: short, so many trials fit
 
 
+# rank 64: checkpoints large enough (~6 MB) that a save takes long enough to be hit by a kill
+RUN = ["--max-steps", STEPS, "--save-steps", 1, "--log-every", 1, "--lora-rank", 64]
+
+
 def _cmd(out: Path, *extra) -> list[str]:
-    return [sys.executable, "-m", "higgs_min.train"] + train_args(out, "--max-steps", STEPS, "--save-steps", 1,
-                                                                  "--log-every", 1, *extra)
+    return [sys.executable, "-m", "higgs_min.train"] + train_args(out, *RUN, *extra)
 
 
 def _no_invalid_named_checkpoint(out: Path) -> bool:
@@ -114,7 +117,7 @@ class Suite:
         self.work, self.rng, self.rows = work, random.Random(seed), []
         ref = work / "reference"
         t0 = time.time()
-        done = run_cli(ref, "--max-steps", STEPS, "--save-steps", 1, "--log-every", 1)
+        done = run_cli(ref, *RUN)
         self.run_seconds = time.time() - t0
         assert done.returncode == 0, done.stdout[-2000:]
         self.reference = adapter(ref / f"checkpoint-{STEPS}")
@@ -129,16 +132,21 @@ class Suite:
         survived = lost = mid_save = 0
         for t in range(trials):
             out = self.work / f"kill9-{t}"
-            p = subprocess.Popen(_cmd(out), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            # Kill anywhere from late start-up to the end of the run; with --save-steps 1
-            # a good share of the moments fall inside a save.
-            time.sleep(self.rng.uniform(0.5, 1.0) * self.run_seconds)
+            p = subprocess.Popen(_cmd(out), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+            if t % 2:  # odd trials: kill inside a save, once its temporary folder shows, after a random delay
+                deadline = time.time() + 3 * self.run_seconds
+                while not list(out.glob(".tmp-checkpoint-*")) and time.time() < deadline and p.poll() is None:
+                    time.sleep(0.0005)
+                time.sleep(self.rng.uniform(0, 0.02))
+            else:  # even trials: anywhere from late start-up to the end of the run
+                time.sleep(self.rng.uniform(0.5, 1.0) * self.run_seconds)
             p.kill()
             p.wait()
             committed = [c["path"] for c in checkpoint.scan(out) if c["ok"]]
             mid_save += bool(list(out.glob(".tmp-checkpoint-*")))  # killed inside a save
             ok = _no_invalid_named_checkpoint(out)
-            done = run_cli(out, "--max-steps", STEPS, "--save-steps", 1, "--log-every", 1)
+            done = run_cli(out, *RUN)
             ok = ok and done.returncode == 0 and all(c.exists() and _verifies(c) for c in committed)
             ok = ok and _same(adapter(out / f"checkpoint-{STEPS}"), self.reference)
             survived += ok
@@ -318,13 +326,13 @@ class Suite:
         survived = lost = 0
         for t in range(trials):
             out = self.work / f"term-{t}"
-            p = subprocess.Popen(_cmd(out, "--max-steps", STEPS, "--save-steps", 100), cwd=ROOT, env=env(),
+            p = subprocess.Popen(_cmd(out, "--save-steps", 100), cwd=ROOT, env=env(),
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             _wait_for_metrics(out, self.rng.randint(1, STEPS - 1))
             p.send_signal(signal.SIGTERM)
             log, _ = p.communicate(timeout=120)
             saved = checkpoint.latest_valid(out)
-            done = run_cli(out, "--max-steps", STEPS, "--save-steps", 100)
+            done = run_cli(out, *RUN, "--save-steps", 100)
             ok = p.returncode == 0 and saved is not None and done.returncode == 0
             ok = ok and _same(adapter(out / f"checkpoint-{STEPS}"), self.reference)
             survived += ok

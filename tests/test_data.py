@@ -225,6 +225,13 @@ def test_prepare_encodes_with_seeded_random_dac_and_caches(tmp_path):
     assert again == {"encoded": 0, "cached": 1, "audio_items": 1}
     with pytest.raises(SystemExit, match="refusing"):
         prepare(tmp_path / "in.jsonl", tmp_path / "o2.jsonl")
+    # and back to audio to listen to
+    from higgs_min.codec import read_wav
+    from higgs_min.prepare import main as prepare_main
+    assert prepare_main(["--decode", str(tmp_path / "out" / item["codes"]), "--random-codec-seed", "0",
+                         "--out", str(tmp_path / "back.wav")]) == 0
+    x, rate = read_wav(tmp_path / "back.wav")
+    assert rate == 24000 and abs(x.numel() - 25 * 960) < 960  # 25 frames of 40 ms, less edge trim
 
 
 def _demo_samples():

@@ -42,7 +42,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 def test_max_steps_3_writes_a_checkpoint_at_step_3(tmp_path):
     out = tmp_path / "out"
-    assert run(out, "--max-steps", 3, "--save-steps", 500) == 0
+    assert run(out, "--max-steps", 3, "--save-steps", 500, "--tensorboard") == 0
     ck = out / "checkpoint-3"
     checkpoint.verify(ck)
     assert sorted(p.name for p in ck.iterdir()) == sorted([
@@ -58,6 +58,9 @@ def test_max_steps_3_writes_a_checkpoint_at_step_3(tmp_path):
         assert key in rows[-1]
     assert json.loads((out / "run_config.json").read_text())["train"]["max_steps"] == 3
     assert (out / "train.log").read_text().count("saved") == 1
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    from higgs_min.plot import main as plot_main
+    assert plot_main([str(out)]) == 0 and (out / "loss.png").stat().st_size > 1000
 
 
 def test_tiny_model_overfits_one_batch(tmp_path):
