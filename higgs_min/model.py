@@ -125,15 +125,13 @@ class DecoderLayer(nn.Module):
             self.audio_input_layernorm = RMSNorm(H, cfg.rms_norm_eps)
             self.audio_post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn_mask, audio_rows, text_rows):
-        """x (B, L, H); audio_rows / text_rows: flat row indices into (B*L,), or None."""
+    def forward(self, x, cos, sin, attn_mask, audio_mask, audio_rows, text_rows):
+        """x (B, L, H); audio_mask (B, L, 1) bool; audio_rows / text_rows: flat indices into (B*L,); or all None."""
         if not self.dual_ffn or audio_rows is None:
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
             return x + self.mlp(self.post_attention_layernorm(x))
         B, L, H = x.shape
-        is_audio = torch.zeros(B * L, 1, dtype=torch.bool, device=x.device)
-        is_audio[audio_rows] = True
-        h = torch.where(is_audio.view(B, L, 1), self.audio_input_layernorm(x), self.input_layernorm(x))
+        h = torch.where(audio_mask, self.audio_input_layernorm(x), self.input_layernorm(x))
         x = x + self.self_attn(h, cos, sin, attn_mask)
         # Each row goes through exactly one FFN: gather, run, scatter back.
         flat = x.reshape(B * L, H)
@@ -222,8 +220,9 @@ class HiggsAudioModel(nn.Module):
             flat = audio_mask.reshape(-1)
             audio_rows = flat.nonzero().squeeze(1)
             text_rows = (~flat).nonzero().squeeze(1)
+            audio_mask = audio_mask.view(B, L, 1)
         for layer in self.layers:
-            x = layer(x, cos, sin, attn_mask, audio_rows, text_rows)
+            x = layer(x, cos, sin, attn_mask, audio_mask, audio_rows, text_rows)
         return self.norm(x)
 
     def text_logits(self, hidden_rows):
