@@ -36,7 +36,7 @@ from higgs_min import checkpoint, distributed
 from higgs_min.config import ModelConfig
 from higgs_min.data import BatchStream, ChatEncoder, DataError, IGNORE_INDEX, load_jsonl, next_token_targets
 from higgs_min.lora import DEFAULT_TARGETS, adapter_config, apply_lora
-from higgs_min.loss import Diagnostics, audio_scores, text_scores
+from higgs_min.loss import Diagnostics, audio_scores, reduce_codebooks, text_scores
 from higgs_min.model import HiggsAudioModel, load_pretrained
 
 log = logging.getLogger("higgs_min.train")
@@ -143,12 +143,7 @@ def objective(text, audio, counts, args):
     """This micro-batch's share of the step loss, normalized by the step's global counts."""
     counts = counts.float()
     text_term = text.loss_sum / counts[0].clamp(min=1)
-    g = counts[1:]
-    if args.audio_reduction == "codebook_mean":
-        has = (g > 0).float()
-        audio_term = (audio.loss_sums / g.clamp(min=1) * has).sum() / has.sum().clamp(min=1)
-    else:
-        audio_term = audio.loss_sums.sum() / g.sum().clamp(min=1)
+    audio_term, _ = reduce_codebooks(audio.loss_sums, counts[1:], args.audio_reduction)
     return args.text_weight * text_term + args.audio_weight * audio_term
 
 
@@ -263,14 +258,8 @@ def resume(args, model, optimizer, stream, dist_info) -> int:
 def step_losses(sums, counts, K, args) -> dict:
     """Step-level losses from the summed per-token losses (1 + K,) and global counts (1 + K,)."""
     text = (sums[0] / counts[0].clamp(min=1)).item()
-    per_cb = sums[1:1 + K] / counts[1:].clamp(min=1)
-    has = counts[1:] > 0
-    if not has.any():
-        audio = float("nan")
-    elif args.audio_reduction == "codebook_mean":
-        audio = per_cb[has].mean().item()
-    else:
-        audio = (sums[1:1 + K].sum() / counts[1:].sum()).item()
+    audio, per_cb = reduce_codebooks(sums[1:1 + K], counts[1:], args.audio_reduction)
+    audio = audio.item() if counts[1:].any() else float("nan")
     return {"loss": args.text_weight * text + args.audio_weight * audio, "text_loss": text, "audio_loss": audio,
             "audio_loss_per_codebook": per_cb.tolist()}
 
