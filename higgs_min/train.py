@@ -34,7 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from higgs_min import checkpoint, distributed
 from higgs_min.config import ModelConfig
-from higgs_min.data import BatchStream, ChatEncoder, DataError, IGNORE_INDEX, load_jsonl, next_token_targets
+from higgs_min.data import (IGNORE_INDEX, BatchStream, ChatEncoder, DataError, load_jsonl, next_token_targets,
+                            padding_fraction)
 from higgs_min.lora import DEFAULT_TARGETS, adapter_config, apply_lora
 from higgs_min.loss import Diagnostics, audio_scores, reduce_codebooks, text_scores
 from higgs_min.model import HiggsAudioModel, load_pretrained
@@ -288,6 +289,9 @@ def train(args) -> dict:
                                  args.log_samples if dist_info.is_main else 0)  # all validated before step 1
     stream = BatchStream(samples, args.batch_size, dist_info.world_size, dist_info.rank, args.seed,
                          encoder.ids["end_of_text"], args.group_by_length)
+    log.info("padding: %.1f%% of positions in the first epoch's batches%s",
+             100 * padding_fraction([len(s.input_ids) for s in samples], stream.epoch_order(0), args.batch_size),
+             "" if args.group_by_length else " (--group-by-length lowers it)")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
 
@@ -325,7 +329,9 @@ def train(args) -> dict:
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, args)
             # 1-2: this step's micro-batches and their target counts over all ranks
-            micro = [{k: v.to(dist_info.device) for k, v in stream.next().items()} for _ in range(args.grad_accum)]
+            cpu_batches = [stream.next() for _ in range(args.grad_accum)]
+            tokens_seen += sum(int(b["attention_mask"].sum()) for b in cpu_batches) * dist_info.world_size
+            micro = [{k: v.to(dist_info.device, non_blocking=True) for k, v in b.items()} for b in cpu_batches]
             counts = distributed.all_reduce_sum(sum(target_counts(b, K) for b in micro).to(dist_info.device))
             sums = torch.zeros(1 + K, dtype=torch.float64, device=dist_info.device)  # text sum, audio sums
             # 3: forward/backward; gradients are all-reduced on the last micro-batch only
@@ -337,7 +343,6 @@ def train(args) -> dict:
                 diag.check_finite(loss, step, batch["sample_index"])
                 (loss * dist_info.world_size).backward()
                 sums += torch.cat([text.loss_sum.detach().view(1), audio.loss_sums.detach()]).double()
-                tokens_seen += int(batch["attention_mask"].sum()) * dist_info.world_size
             # 4: clip, step
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else math.inf)
             optimizer.step()
