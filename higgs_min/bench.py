@@ -129,18 +129,19 @@ print(peak_rss_bytes() - base)
 """
 
 
-def _subprocess_bytes(snippet, *args) -> int:
+def _run_snippet(snippet, *args) -> str:
+    """Run `snippet` in a fresh interpreter (its own memory high-water mark); return its last output line."""
     out = subprocess.run([sys.executable, "-c", snippet, *map(str, args)], cwd=ROOT, capture_output=True,
                          text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     if out.returncode != 0:
-        raise RuntimeError(out.stderr[-2000:])
-    return int(out.stdout.strip().splitlines()[-1])
+        raise RuntimeError(out.stderr[-3000:])
+    return out.stdout.strip().splitlines()[-1]
 
 
 def bench_text_memory(quick=False):
     B, L, H, V, N = 8, 504, 3072, 128256, 233
-    ours = _subprocess_bytes(TEXT_MEM_SNIPPET, "ours", B, L, H, V, N)
-    full = _subprocess_bytes(TEXT_MEM_SNIPPET, "full", B, L, H, V, N)
+    ours = int(_run_snippet(TEXT_MEM_SNIPPET, "ours", B, L, H, V, N))
+    full = int(_run_snippet(TEXT_MEM_SNIPPET, "full", B, L, H, V, N))
     return [row("text loss extra peak memory (labelled rows vs full logits), fwd+bwd", ours / 2**20,
                 full / 2**20, "MiB", f"B={B} L={L} H={H} V={V}, {N} targets", target="ratio <= 0.05")]
 
@@ -193,7 +194,8 @@ def _tiny_step():
     from higgs_min.data import ChatEncoder, collate, load_jsonl
     from higgs_min.lora import apply_lora
     from higgs_min.model import HiggsAudioModel
-    from higgs_min.train import Scorer, objective, target_counts
+    from higgs_min.loss import target_counts
+    from higgs_min.train import Scorer, objective
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("tiny")
@@ -205,7 +207,7 @@ def _tiny_step():
     scorer = Scorer(model, text_chunk=128)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     args = Namespace(text_weight=1.0, audio_weight=1.0, audio_reduction="codebook_mean")
-    counts = target_counts(batch, cfg.audio_num_codebooks)
+    counts = target_counts(batch["text_labels"], batch["audio_labels"], batch["audio_out_mask"])
     info = {}
 
     def step():
@@ -310,11 +312,7 @@ def bench_peer(quick=False):
     steps = 2 if quick else 4
     res = {}
     for which in ("ours", "peer"):
-        out = subprocess.run([sys.executable, "-c", PEER_SNIPPET, which, "2", "512", str(steps)], cwd=ROOT,
-                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        if out.returncode != 0:
-            raise RuntimeError(out.stderr[-3000:])
-        res[which] = json.loads(out.stdout.strip().splitlines()[-1])
+        res[which] = json.loads(_run_snippet(PEER_SNIPPET, which, 2, 512, steps))
     shapes = "mid-size text-only B=2 L=512, LoRA r=16 on q,k,v,o,gate,up,down, fp32"
     return [
         row("tokens/s vs transformers+PEFT", res["ours"]["tokens_per_s"], res["peer"]["tokens_per_s"], "tokens/s",

@@ -77,6 +77,15 @@ def broadcast_from_main(obj):
     return box[0]
 
 
+def gather_objects(obj) -> list:
+    """Every rank's Python object, in rank order, on every rank ([obj] without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -52,7 +52,7 @@ def text_scores(hidden, text_labels, head, chunk_rows: int = 128) -> TextScores:
     h, t = hidden[sel], targets[sel]  # (N, H), (N,)
     row = sel.nonzero()[:, 0]
     N = t.numel()
-    V = head.weight.shape[0] if hasattr(head, "weight") else -1
+    V = head.weight.shape[0]  # nn.Linear or LoRALinear
     if N == 0:
         return TextScores(hidden.sum() * 0.0, 0, t, t, row, (0, V))
     if N <= chunk_rows:
@@ -117,10 +117,26 @@ class AudioScores:
     logits_shape: tuple  # (N, K, C + 2)
 
 
+def scored_audio(audio_labels, audio_out_mask):
+    """Which rows the audio head scores, and against what: (targets (B, L, K), rows (B, L)).
+
+    Audio-out positions whose next position carries at least one codebook target.
+    """
+    targets = next_token_targets(audio_labels)  # (B, L, K)
+    return targets, audio_out_mask & (targets != IGNORE_INDEX).any(-1)
+
+
+def target_counts(text_labels, audio_labels, audio_out_mask) -> torch.Tensor:
+    """(1 + K,) float64: the text targets, then the audio targets per codebook, that will be scored."""
+    text = (next_token_targets(text_labels) != IGNORE_INDEX).sum()
+    targets, rows = scored_audio(audio_labels, audio_out_mask)
+    audio = ((targets != IGNORE_INDEX) & rows[..., None]).sum((0, 1))  # (K,)
+    return torch.cat([text.view(1), audio]).double()
+
+
 def audio_scores(hidden, audio_labels, audio_out_mask, audio_logits_fn) -> AudioScores:
     """hidden (B, L, H), audio_labels (B, L, K), audio_out_mask (B, L)."""
-    targets = next_token_targets(audio_labels)  # (B, L, K)
-    sel = audio_out_mask & (targets != IGNORE_INDEX).any(-1)  # (B, L)
+    targets, sel = scored_audio(audio_labels, audio_out_mask)  # (B, L, K), (B, L)
     logits = audio_logits_fn(hidden[sel])  # (N, K, C + 2)
     t = targets[sel]  # (N, K)
     sums, counts, correct = multi_codebook_sums(logits, t)

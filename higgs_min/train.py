@@ -34,10 +34,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from higgs_min import checkpoint, distributed
 from higgs_min.config import ModelConfig
-from higgs_min.data import (IGNORE_INDEX, BatchStream, ChatEncoder, DataError, load_jsonl, next_token_targets,
-                            padding_fraction)
+from higgs_min.data import BatchStream, ChatEncoder, DataError, load_jsonl, padding_fraction
 from higgs_min.lora import DEFAULT_TARGETS, adapter_config, apply_lora
-from higgs_min.loss import Diagnostics, audio_scores, reduce_codebooks, text_scores
+from higgs_min.loss import Diagnostics, audio_scores, reduce_codebooks, target_counts, text_scores
 from higgs_min.model import HiggsAudioModel, load_pretrained
 
 log = logging.getLogger("higgs_min.train")
@@ -130,14 +129,6 @@ class Scorer(nn.Module):
         text = text_scores(hidden, batch["text_labels"], self.model.audio_decoder_proj.text_lm_head, self.text_chunk)
         audio = audio_scores(hidden, batch["audio_labels"], batch["audio_out_mask"], self.model.audio_logits)
         return text, audio
-
-
-def target_counts(batch, K: int) -> torch.Tensor:
-    """(1 + K,): text targets, then audio targets per codebook, by the next-token rule."""
-    text = (next_token_targets(batch["text_labels"]) != IGNORE_INDEX).sum()
-    audio = next_token_targets(batch["audio_labels"])  # (B, L, K)
-    audio = ((audio != IGNORE_INDEX) & batch["audio_out_mask"][..., None]).sum((0, 1))  # (K,)
-    return torch.cat([text.view(1), audio]).double()
 
 
 def objective(text, audio, counts, args):
@@ -332,7 +323,8 @@ def train(args) -> dict:
             cpu_batches = [stream.next() for _ in range(args.grad_accum)]
             tokens_seen += sum(int(b["attention_mask"].sum()) for b in cpu_batches) * dist_info.world_size
             micro = [{k: v.to(dist_info.device, non_blocking=True) for k, v in b.items()} for b in cpu_batches]
-            counts = distributed.all_reduce_sum(sum(target_counts(b, K) for b in micro).to(dist_info.device))
+            counts = distributed.all_reduce_sum(sum(
+                target_counts(b["text_labels"], b["audio_labels"], b["audio_out_mask"]) for b in micro))
             sums = torch.zeros(1 + K, dtype=torch.float64, device=dist_info.device)  # text sum, audio sums
             # 3: forward/backward; gradients are all-reduced on the last micro-batch only
             for i, batch in enumerate(micro):
@@ -376,7 +368,8 @@ def train(args) -> dict:
                     "scheduler": {"type": "linear_warmup_cosine", "warmup_steps": args.warmup_steps,
                                   "max_steps": args.max_steps, "lr": args.lr, "min_lr_ratio": args.min_lr_ratio,
                                   "last_lr": optimizer.param_groups[0]["lr"]},
-                    "config": resolved, "data": report.summary(), "rng": gather_rng(dist_info),
+                    "config": resolved, "data": report.summary(),
+                    "rng": distributed.gather_objects(checkpoint.rng_state()),  # every rank's, in rank order
                 }
                 save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base_name)
             if stopping:
@@ -398,17 +391,6 @@ def train(args) -> dict:
                  args.output_dir / "train.log")
     distributed.barrier()
     return last
-
-
-def gather_rng(dist_info) -> list:
-    """Every rank's RNG state, in rank order (rank 0 writes them all)."""
-    import torch.distributed as dist
-    mine = checkpoint.rng_state()
-    if not dist.is_initialized():
-        return [mine]
-    out = [None] * dist_info.world_size
-    dist.all_gather_object(out, mine)
-    return out
 
 
 def main(argv=None) -> int:
