@@ -1,23 +1,28 @@
 # Two commands do everything on a fresh machine: `make test` and `make train`.
-# Each creates .venv (pinned requirements) when it is missing.
+# Each creates .venv (pinned requirements, the project installed in editable mode) when missing.
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
+TEST_STAMP := .venv/.installed-test
 
 .PHONY: test train bench faults clean-venv
 
-$(VENV_STAMP): requirements.txt
+$(VENV_STAMP): requirements.txt pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(VENV_STAMP)
 
-test: $(VENV_STAMP)
+$(TEST_STAMP): $(VENV_STAMP) requirements-test.txt
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	touch $(TEST_STAMP)
+
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q tests
 
 train: $(VENV_STAMP)
 	$(PY) -m higgs_min.train
 
-bench: $(VENV_STAMP)
-	$(PY) -m pip install --quiet -r higgs_min/bench_peer_requirements.txt
+bench: $(TEST_STAMP)
 	$(PY) -m higgs_min.bench
 
 faults: $(VENV_STAMP)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-PEER_REQUIREMENTS = Path(__file__).resolve().parent / "bench_peer_requirements.txt"
+PEER_REQUIREMENTS = ROOT / "requirements-test.txt"
 
 
 def _status_kb(field: str) -> int:

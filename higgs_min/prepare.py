@@ -2,6 +2,7 @@
 
     python -m higgs_min.prepare --data in.jsonl --out out.jsonl --codec-weights dac.pth
     python -m higgs_min.prepare --decode codes.npy --codec-weights dac.pth --out x.wav
+    python -m higgs_min.prepare SUBCOMMAND ...   (see SUBCOMMANDS below; each has --help)
 
 Each `{"type": "audio", "audio": "a.wav"}` item becomes
 `{"type": "audio", "codes": "codes/<hash>.npy", "source_audio": "a.wav"}`, the codes
@@ -95,8 +96,26 @@ def prepare(data: Path, out: Path, codec_weights=None, random_seed=None) -> dict
     return counts
 
 
+# The data-preparation steps that live in their own modules. Each entry is
+# "module:function"; the function takes argv (the words after the subcommand) and
+# returns an exit code. Imported only when asked for, so `prepare --help` stays fast.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+}
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m higgs_min.prepare", description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        module, _, func = SUBCOMMANDS[argv[0]][0].partition(":")
+        import importlib
+        return getattr(importlib.import_module(module), func)(argv[1:])
+    return encode_main(argv)
+
+
+def encode_main(argv) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m higgs_min.prepare", description=__doc__.split("\n\n")[0],
+        epilog="subcommands: " + ", ".join(f"{k} ({v[1]})" for k, v in SUBCOMMANDS.items()) if SUBCOMMANDS else None)
     ap.add_argument("--data", type=Path, help="input JSONL whose audio items hold wav paths")
     ap.add_argument("--out", type=Path, required=True, help="output JSONL (or wav with --decode)")
     ap.add_argument("--codec-weights", help="local DAC weights file (dac.DAC.load); never downloaded")
