@@ -118,8 +118,71 @@ class Sample:
                 f"audio codes {shapes}")
 
 
+# Per-position flags of a Plan (uint8).
+SUPERVISED = 1  # the text label at this position is its own id (else -100)
+AUDIO = 2  # this position is one audio stream's placeholder, expanded by `materialize`
+
+
+@dataclass
+class Plan:
+    """One conversation in compact form: what `ChatEncoder.plan` decides, before any expansion.
+
+    tokens   (N,) int32   token ids; each audio stream is ONE placeholder position (<|AUDIO_OUT|>/<|AUDIO|>)
+    flags    (N,) uint8   SUPERVISED | AUDIO per position
+    codes    (F, K) int16 every stream's raw codes, frame-major, in order, BEFORE the delay pattern
+    segments (S, 2) int32 per audio stream, in placeholder order: (frames T, role index in ROLES)
+    index    line number in the source file (1-based); codecs: the codec ids the items recorded
+
+    The packed corpus stores exactly these arrays; `materialize` turns them into a Sample.
+    """
+    index: int
+    tokens: np.ndarray
+    flags: np.ndarray
+    codes: np.ndarray
+    segments: np.ndarray
+    codecs: tuple = ()
+
+    def length(self, num_codebooks: int) -> int:
+        """Positions after materialize: each placeholder becomes T + K + 1."""
+        return len(self.tokens) - len(self.segments) + int(self.segments[:, 0].sum()) + len(self.segments) * (
+            num_codebooks + 1)
+
+
+def materialize(plan: Plan, num_codebooks: int, codebook_size: int) -> Sample:
+    """Expand a Plan into a Sample: each placeholder becomes S = T + K + 1 positions carrying
+    delay([BOS | codes | EOS]) (labels delay([-100 | codes | EOS]) for assistant streams)."""
+    K, bos, eos = num_codebooks, codebook_size, codebook_size + 1
+    tokens = plan.tokens.astype(np.int64)
+    is_audio = (plan.flags & AUDIO) != 0
+    T, role = plan.segments[:, 0].astype(np.int64), plan.segments[:, 1]
+    reps = np.ones(len(tokens), dtype=np.int64)
+    reps[is_audio] = T + K + 1
+    input_ids = np.repeat(tokens, reps)
+    sup = np.repeat((plan.flags & SUPERVISED) != 0, reps)
+    text_labels = np.where(sup, input_ids, IGNORE_INDEX)
+    L = len(input_ids)
+    audio_codes = torch.zeros(L, K, dtype=torch.long)
+    audio_labels = torch.full((L, K), IGNORE_INDEX, dtype=torch.long)
+    audio_in = np.zeros(L, dtype=bool)
+    audio_out = np.zeros(L, dtype=bool)
+    starts = (np.cumsum(reps) - reps)[is_audio]
+    frame0 = np.concatenate([[0], np.cumsum(T)])
+    shapes = []
+    for s, (start, t, r) in enumerate(zip(starts.tolist(), T.tolist(), role.tolist())):
+        codes = torch.from_numpy(plan.codes[frame0[s]:frame0[s] + t].T.astype(np.int64))  # (K, T)
+        inp, lab = audio_stream(codes, bos=bos, eos=eos)  # (K, S) each
+        out = ROLES[r] == "assistant"
+        audio_codes[start:start + t + K + 1] = inp.T
+        if out:
+            audio_labels[start:start + t + K + 1] = lab.T
+        (audio_out if out else audio_in)[start:start + t + K + 1] = True
+        shapes.append((ROLES[r], (K, t)))
+    return Sample(plan.index, torch.from_numpy(input_ids), torch.from_numpy(text_labels), audio_codes,
+                  audio_labels, torch.from_numpy(audio_in), torch.from_numpy(audio_out), shapes)
+
+
 class ChatEncoder:
-    """Turns one parsed conversation into a Sample. Special-token ids are looked up by name."""
+    """Turns one parsed conversation into a Plan (and a Sample). Special-token ids are looked up by name."""
 
     def __init__(self, tokenizer_path: str | Path, num_codebooks: int, codebook_size: int, vocab_size: int):
         from tokenizers import Tokenizer
@@ -140,7 +203,12 @@ class ChatEncoder:
         if self.tok.get_vocab_size() > vocab_size:
             raise DataError(f"{tokenizer_path}: tokenizer has {self.tok.get_vocab_size()} tokens, "
                             f"model vocab_size is {vocab_size}")
+        if codebook_size + 2 > np.iinfo(np.int16).max:
+            raise DataError(f"codebook size {codebook_size}: plans store codes as int16")
         self.K, self.C = num_codebooks, codebook_size
+        # The longest token, in characters: a text of n characters is at least n / this many tokens,
+        # a bound checked before tokenizing (a 300,000-character line is refused without encoding it).
+        self.max_token_chars = max(1, max(len(t) for t in self.tok.get_vocab(with_added_tokens=False)))
 
     def text(self, s: str) -> list[int]:
         return self.tok.encode(s, add_special_tokens=False).ids
@@ -148,32 +216,15 @@ class ChatEncoder:
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    def encode(self, messages: list[dict], codes_of, where: str, index: int) -> Sample:
-        """`codes_of(item, field_where)` returns a (K, T) int64 tensor for an audio item."""
+    def plan(self, messages: list[dict], codes_of, where: str, index: int) -> Plan:
+        """The layout decision for one conversation. `codes_of(item, field_where)` returns (K, T) integer codes
+        for an audio item (already checked for range)."""
         sp = self.ids
-        ids, labels, codes, alabels, ain, aout, shapes = [], [], [], [], [], [], []
-        zero_codes = [0] * self.K
-        no_alabels = [IGNORE_INDEX] * self.K
+        tokens, flags, streams, segments, codecs = [], [], [], [], []
 
-        def add(tokens, supervised):
-            ids.extend(tokens)
-            labels.extend(tokens if supervised else [IGNORE_INDEX] * len(tokens))
-            codes.extend([zero_codes] * len(tokens))
-            alabels.extend([no_alabels] * len(tokens))
-            ain.extend([False] * len(tokens))
-            aout.extend([False] * len(tokens))
-
-        def add_audio(c, role):
-            inp, lab = audio_stream(c, bos=self.C, eos=self.C + 1)  # (K, S) each
-            S = inp.shape[1]
-            out = role == "assistant"
-            ids.extend([sp["audio_out" if out else "audio_in"]] * S)
-            labels.extend([IGNORE_INDEX] * S)
-            codes.extend(inp.T.tolist())
-            alabels.extend(lab.T.tolist() if out else [no_alabels] * S)
-            ain.extend([not out] * S)
-            aout.extend([out] * S)
-            shapes.append((role, tuple(c.shape)))
+        def add(ids, supervised):
+            tokens.extend(ids)
+            flags.extend([SUPERVISED if supervised else 0] * len(ids))
 
         add([sp["begin_of_text"]], False)
         for m_i, msg in enumerate(messages):
@@ -197,21 +248,27 @@ class ChatEncoder:
                         raise DataError(f"{iw}.text: expected a string")
                     add(self.text(item["text"]), sup)
                 elif kind == "audio":
-                    c = codes_of(item, iw)
-                    if sup:
-                        add([sp["audio_out_bos"]], True)
-                        add_audio(c, role)
-                        add([sp["audio_eos"]], True)
-                    else:
-                        add([sp["audio_bos"]], False)
-                        add_audio(c, role)
-                        add([sp["audio_eos"]], False)
+                    codec = item.get("codec")
+                    if codec is not None and not isinstance(codec, str):
+                        raise DataError(f"{iw}.codec: expected a string naming the audio tokenizer")
+                    c = np.asarray(codes_of(item, iw))
+                    codecs.append(codec)
+                    streams.append(c.T.astype(np.int16))
+                    segments.append((c.shape[1], ROLES.index(role)))
+                    add([sp["audio_out_bos" if sup else "audio_bos"]], sup)
+                    tokens.append(sp["audio_out" if sup else "audio_in"])
+                    flags.append(AUDIO)
+                    add([sp["audio_eos"]], sup)
                 else:
                     raise DataError(f"{iw}.type: expected 'text' or 'audio', got {kind!r}")
             add([sp["eot"]], sup)
-        t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt)  # noqa: E731
-        return Sample(index, t(ids), t(labels), t(codes).view(-1, self.K), t(alabels).view(-1, self.K),
-                      t(ain, torch.bool), t(aout, torch.bool), shapes)
+        return Plan(index, np.asarray(tokens, dtype=np.int32), np.asarray(flags, dtype=np.uint8),
+                    np.concatenate(streams) if streams else np.zeros((0, self.K), dtype=np.int16),
+                    np.asarray(segments, dtype=np.int32).reshape(-1, 2), tuple(codecs))
+
+    def encode(self, messages: list[dict], codes_of, where: str, index: int) -> Sample:
+        """materialize(plan(...)): the one path from a conversation to a Sample."""
+        return materialize(self.plan(messages, codes_of, where, index), self.K, self.C)
 
 
 def load_codes(path: Path, where: str, K: int, C: int) -> torch.Tensor:

@@ -270,3 +270,32 @@ def test_group_by_length_cuts_padding_and_keeps_every_sample():
         order = grouped.epoch_order(epoch)
         assert sorted(order) == list(range(len(samples)))
         assert padding_fraction(lengths, order, 4) < padding_fraction(lengths, plain.epoch_order(epoch), 4)
+
+
+def test_plan_then_materialize_equals_the_position_by_position_layout(tmp_path, encoder):
+    """materialize(plan(line)) (the JSONL path, and the packed one) == a per-position loop, on the fixtures
+    (user audio, assistant audio, several streams) and on the demo set."""
+    from tests.reference_layout import assert_same_sample, reference_sample
+    write_codes(tmp_path / "codes/a.npy", K, 5, C)
+    write_codes(tmp_path / "codes/u.npy", K, 3, C, seed=1)
+    write_codes(tmp_path / "codes/b.npy", K, 1, C, seed=2)
+    two = conversation("codes/b.npy", user_audio="codes/u.npy")
+    two["messages"][0]["content"] = [{"type": "audio", "codes": "codes/a.npy"}, {"type": "text", "text": "a"}]
+    two["messages"][2]["content"].append({"type": "audio", "codes": "codes/a.npy"})
+    rows = [conversation(), conversation("codes/a.npy", user_audio="codes/u.npy"), two,
+            {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]}]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    samples, _ = load_jsonl(tmp_path / "d.jsonl", encoder, 1000)
+    lines = (tmp_path / "d.jsonl").read_bytes().splitlines()
+    assert len(samples) == len(rows)
+    for s in samples:
+        assert_same_sample(s, reference_sample(encoder, lines[s.index - 1], tmp_path, s.index))
+
+    from higgs_min.config import ModelConfig
+    from higgs_min.train import DATA
+    cfg = ModelConfig.from_preset("tiny")
+    enc = ChatEncoder(DATA / "tokenizer.json", cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size)
+    demo, _ = load_jsonl(DATA / "demo.jsonl", enc, 2048)
+    lines = (DATA / "demo.jsonl").read_bytes().splitlines()
+    for s in demo:
+        assert_same_sample(s, reference_sample(enc, lines[s.index - 1], DATA, s.index))
