@@ -37,7 +37,8 @@ from higgs_min.config import ModelConfig
 from higgs_min.data import BatchStream, ChatEncoder, DataError, load_jsonl, padding_fraction
 from higgs_min.lora import DEFAULT_TARGETS, adapter_config, apply_lora
 from higgs_min.loss import Diagnostics, audio_scores, reduce_codebooks, target_counts, text_scores
-from higgs_min.model import HiggsAudioModel, load_pretrained
+from higgs_min.model import HiggsAudioModel
+from higgs_min.runs import build_base
 
 log = logging.getLogger("higgs_min.train")
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -201,16 +202,8 @@ def save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base
 
 def build_model(args, device) -> tuple[HiggsAudioModel, ModelConfig, str]:
     """Base weights (frozen; released ones, or a seeded random preset) + LoRA (trainable)."""
-    if args.base_weights:
-        cfg = ModelConfig.from_pretrained_config(args.base_weights)
-        with torch.device("meta"):
-            model = HiggsAudioModel(cfg)
-        load_pretrained(model, args.base_weights, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-        base_name = str(args.base_weights)
-    else:
-        cfg = ModelConfig.from_preset(args.preset)
-        model = HiggsAudioModel(cfg)
-        base_name = f"higgs_min preset {args.preset} (random init, seed {args.seed})"
+    model, cfg, base_name = build_base(args.preset, args.base_weights, args.seed,
+                                       torch.bfloat16 if device.type == "cuda" else torch.float32)
     apply_lora(model, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout, args.rslora)
     return model.to(device), cfg, base_name
 

@@ -1,0 +1,110 @@
+"""The model a run trained, rebuilt from what the run recorded: one definition for training,
+generation and export.
+
+    build_base(preset, base_weights, seed)   the frozen base, exactly as the trainer builds it
+        base_weights given -> released-format weights loaded from disk (no RNG used)
+        else               -> torch.manual_seed(seed); HiggsAudioModel(preset)   (random init)
+
+    load_trained(CKPT)                       base + the checkpoint's LoRA adapter
+        CKPT/trainer_state.json["config"]    the trainer's resolved options: preset, seed,
+                                             base_weights, tokenizer (what the base was)
+        CKPT/adapter_config.json             LoRA targets, r, alpha, rslora
+        CKPT/adapter_model.safetensors       the LoRA tensors (strict: every key used)
+
+A run trained on a preset has no base weights on disk: its base is the seeded random init,
+so re-seeding with the recorded seed rebuilds the same tensors bit for bit (the trainer seeds
+torch with --seed right before building the model, and nothing draws from the RNG between).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from higgs_min.config import ModelConfig
+from higgs_min.lora import load_adapter
+from higgs_min.model import HiggsAudioModel, load_pretrained
+
+
+class RunError(ValueError):
+    """A run folder that cannot be turned back into its model, with what would work."""
+
+
+@dataclass
+class Trained:
+    model: HiggsAudioModel  # base + LoRA layers (not merged), eval mode
+    cfg: ModelConfig
+    tokenizer: Path | None  # the tokenizer the run trained with, when it still exists
+    settings: dict  # the trainer's resolved options ({} for a bare adapter folder)
+    base_name: str  # what the base was, in words
+
+
+def build_base(preset: str, base_weights: str | Path | None, seed: int, dtype: torch.dtype = torch.float32
+               ) -> tuple[HiggsAudioModel, ModelConfig, str]:
+    """The frozen base model on the CPU. Released weights when given, else the seeded preset."""
+    if base_weights:
+        cfg = ModelConfig.from_pretrained_config(base_weights)
+        with torch.device("meta"):
+            model = HiggsAudioModel(cfg)
+        load_pretrained(model, base_weights, dtype=dtype)
+        return model, cfg, str(base_weights)
+    cfg = ModelConfig.from_preset(preset)
+    torch.manual_seed(seed)  # the trainer seeds the same way right before this: same draws, same tensors
+    model = HiggsAudioModel(cfg)
+    return model.to(dtype), cfg, f"higgs_min preset {preset} (random init, seed {seed})"
+
+
+def read_settings(folder: Path) -> dict:
+    """The trainer's resolved options recorded in a checkpoint ({} when the folder is a bare adapter)."""
+    state = folder / "trainer_state.json"
+    if not state.exists():
+        return {}
+    try:
+        return json.loads(state.read_text())["config"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise RunError(f"{state}: cannot read the run's recorded options: {e}") from e
+
+
+def load_trained(folder: str | Path, base_weights: str | Path | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> Trained:
+    """Base + adapter of a checkpoint (or of an adapter folder plus `base_weights`)."""
+    from higgs_min import checkpoint
+
+    folder = Path(folder)
+    if not (folder / "adapter_config.json").exists():
+        found = sorted(p.name for p in folder.iterdir())[:8] if folder.is_dir() else "nothing (no such folder)"
+        raise RunError(f"{folder}: not a checkpoint or adapter folder (no adapter_config.json; found {found}); "
+                       f"pass a checkpoint such as output/checkpoint-300")
+    if (folder / checkpoint.MANIFEST).exists():
+        checkpoint.verify(folder)  # a damaged checkpoint is named, never half-loaded
+    settings = read_settings(folder)
+    recorded = settings.get("base_weights")
+    base = base_weights or recorded
+    if base and not Path(base).exists():
+        raise RunError(f"{folder}: the run was trained on base weights {base}, which do not exist here; "
+                       f"pass --base-weights DIR with the same weights")
+    if not base and not settings:
+        raise RunError(f"{folder}: a bare adapter records no base model; pass --base-weights DIR "
+                       f"(the adapter says its base was {_adapter_base(folder)!r})")
+    model, cfg, base_name = build_base(settings.get("preset", "tiny"), base, int(settings.get("seed", 0)), dtype)
+    try:
+        load_adapter(model, folder)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise RunError(f"{folder}: the adapter does not fit the base {base_name}: {e}") from e
+    tokenizer = None
+    for candidate in ([settings.get("tokenizer")] if settings.get("tokenizer") else []) + (
+            [Path(base) / "tokenizer.json"] if base and Path(base).is_dir() else []):
+        if Path(candidate).exists():
+            tokenizer = Path(candidate)
+            break
+    return Trained(model.to(device).eval(), cfg, tokenizer, settings, base_name)
+
+
+def _adapter_base(folder: Path) -> str:
+    try:
+        return json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path", "")
+    except (OSError, json.JSONDecodeError) as e:
+        return f"unreadable adapter_config.json: {e}"
