@@ -1,0 +1,535 @@
+"""The Higgs Audio v2 audio tokenizer (bosonai/higgs-audio-v2-tokenizer), encode and decode, in PyTorch.
+
+Follows boson-ai/higgs-audio boson_multimodal/audio_processing/higgs_audio_tokenizer.py
+(`HiggsAudioTokenizer`: `get_regress_target` L164-207, `_xcodec_encode` L263-294, `decode`
+L296-309, `load_higgs_audio_tokenizer` L312-329) and what it imports; line numbers are of
+that file unless another is named. Released shape (config.json): D=256, ratios [8,5,4,2,3]
+(hop 960 = 25 frames/s at 24 kHz), n_q=8 codebooks of bins=1024, codebook_dim=64.
+
+encode, wav (N,) at 24 kHz:
+    x (1,1,N) ──resample 24k->16k (torchaudio sinc_interp_hann, below)──> pad 160|160
+        └─ HuBERT-base (hubert.py): 13 hidden states, averaged ─> every 2nd frame ─> (1,T,768)
+           └─ encoder_semantic (semantic_module.Encoder: conv + 2 blocks of ELU res units) ─> (1,768,T)
+    x ──encoder (DAC Encoder(64, ratios, D): 2048 ch before the last conv)──> (1,D,Ta)
+    Ta != T: encoder(pad(x, 320|320)), then both trimmed to the shorter          (L271-279)
+    cat [acoustic; semantic] (1,D+768,T) ─> fc_prior ─> e (T,1024)
+    RVQ, layer i=0..7: h=project_in(r) (T,64); code=argmax -||h-E_i||^2 (core_vq_lsx_version
+        EuclideanCodebook.quantize); r = r - project_out(E_i[code])             ─> codes (8,T)
+decode, codes (8,T):
+    q = sum_i project_out_i(E_i[codes[i]]) (T,1024) ─> fc_post2 (T,256) ─> decoder_2 ─> (960*T,)
+    decoder_2 = DAC-style Decoder(D, 1024, ratios): ConvTranspose1d with output_padding = stride % 2
+        and no final Tanh (descriptaudiocodec/dac/model/dac.py L94-149, the official copy).
+
+Frames: T = N / 960 when N is a multiple of 960 (acoustic and semantic paths agree); otherwise the
+official count `frames(N)` below (the shorter of the two paths after the padded re-encode).
+
+Loading (`load`): a folder with the released config.json and model.safetensors (written by
+`python -m higgs_min.prepare convert-audio-tokenizer`) or model.pth, read only with
+torch.load(weights_only=True). Weight norm (weight_g/weight_v, or transformers'
+parametrizations original0/original1) is folded with torch._weight_norm, the very function the
+official forward calls on every step, so the folded weights are bitwise those the official
+model uses. Strict: every tensor is consumed or on TRAINING_ONLY; one error names the rest.
+Only encoding/decoding is done here; the official's training path (fc_post1, decoder_semantic,
+EMA codebook updates) is not, and its tensors are dropped by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from higgs_min.hubert import Hubert, HubertConfig
+
+log = logging.getLogger("higgs_min.audio_tokenizer")
+NAME = "higgs-audio-v2-tokenizer"
+SEMANTIC_RATE = 16000
+# Tensors of the released model.pth that inference never reads (official training path):
+TRAINING_ONLY = (
+    r"fc_post1\..*",                                    # semantic reconstruction head (forward L227)
+    r"decoder_semantic\..*",                            # semantic decoder (forward L232)
+    r"semantic_model\.masked_spec_embed",               # HuBERT SpecAugment vector (masking is off)
+    r"quantizer\.vq\.layers\.\d+\._codebook\.(inited|cluster_size|embed_avg)",  # EMA codebook bookkeeping
+)
+
+
+# The official constructor's arguments (L44-64; n_filters, target_bandwidths, last_layer_semantic and
+# semantic_mode do not change inference with bandwidth None) and higgs_min's test-size widths.
+KNOWN_CONFIG_KEYS = {"n_filters", "D", "codebook_dim", "target_bandwidths", "ratios", "sample_rate", "bins", "n_q",
+                     "semantic_techer", "last_layer_semantic", "merge_mode", "downsample_mode", "semantic_mode",
+                     "vq_scale", "semantic_sample_rate", "causal", "normalize", "encoder_dim", "decoder_dim", "hubert"}
+
+
+class AudioTokenizerError(ValueError):
+    """Bad tokenizer files: the message names the file and the tensors."""
+
+
+@dataclass(frozen=True)
+class AudioTokenizerConfig:
+    """The released config.json fields that matter, plus three widths the official hard-codes
+    (encoder_dim 64 and decoder_dim 1024 at L74/L76, HuBERT-base); tests shrink those."""
+    D: int = 256
+    codebook_dim: int = 64
+    ratios: tuple = (8, 5, 4, 2, 3)
+    sample_rate: int = 24000
+    bins: int = 1024
+    n_q: int = 8
+    semantic_techer: str = "hubert_base_general"
+    encoder_dim: int = 64
+    decoder_dim: int = 1024
+    hubert: HubertConfig = field(default_factory=HubertConfig)
+
+    @property
+    def hop(self) -> int:
+        return int(np.prod(self.ratios))
+
+    @property
+    def semantic_factor(self) -> int:  # L107: int(hop / (sr / semantic_sr) / 320) = 2 for the release
+        return int(self.hop / (self.sample_rate / SEMANTIC_RATE) / 320)
+
+    @classmethod
+    def from_json(cls, path: Path) -> "AudioTokenizerConfig":
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise AudioTokenizerError(f"{path}: cannot read the tokenizer config: {e}") from e
+        return cls.from_json_dict(raw, path)
+
+    @classmethod
+    def from_json_dict(cls, raw: dict, path="config.json") -> "AudioTokenizerConfig":
+        unknown = sorted(set(raw) - KNOWN_CONFIG_KEYS)
+        if unknown:
+            raise AudioTokenizerError(f"{path}: unknown tokenizer config keys {unknown}")
+        if not isinstance(raw.get("bins", 1024), int):
+            raise AudioTokenizerError(f"{path}: bins={raw['bins']!r}: only the RVQ quantizer (integer bins) "
+                                      "is implemented, not RFSQ")
+        if raw.get("semantic_sample_rate", SEMANTIC_RATE) != SEMANTIC_RATE:
+            raise AudioTokenizerError(f"{path}: semantic_sample_rate must be {SEMANTIC_RATE} (HuBERT-base)")
+        if raw.get("semantic_techer", "hubert_base_general") not in ("hubert_base_general", "hubert_base"):
+            raise AudioTokenizerError(f"{path}: semantic_techer {raw['semantic_techer']!r}: only the HuBERT-base "
+                                      "teachers (hubert_base_general, hubert_base) are implemented")
+        for key, official in (("merge_mode", "concat"), ("downsample_mode", "step_down"), ("vq_scale", 1),
+                              ("causal", False), ("normalize", False)):
+            if raw.get(key, official) != official:
+                raise AudioTokenizerError(f"{path}: {key}={raw[key]!r} is not implemented (only {official!r})")
+        kw = {k: raw[k] for k in ("D", "codebook_dim", "sample_rate", "bins", "n_q", "semantic_techer",
+                                  "encoder_dim", "decoder_dim") if k in raw}
+        if "ratios" in raw:
+            kw["ratios"] = tuple(raw["ratios"])
+        if "hubert" in raw:  # higgs_min extension, for small test models only
+            kw["hubert"] = HubertConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw["hubert"].items()})
+        return cls(**kw)
+
+    def frames(self, n: int) -> int:
+        """Codes frames for n samples, the official count (L266-279), computed from conv arithmetic."""
+        def acoustic(length):
+            for s in self.ratios:  # DAC EncoderBlock conv: kernel 2s, stride s, padding ceil(s/2)
+                length = (length + 2 * math.ceil(s / 2) - 2 * s) // s + 1
+            return length
+        resampled = math.ceil(n * 2 / 3) if self.sample_rate == 24000 else math.ceil(n * SEMANTIC_RATE / self.sample_rate)
+        semantic = -(-self.hubert.frames(resampled + 320) // self.semantic_factor)
+        a = acoustic(n)
+        if a != semantic:
+            a = acoustic(n + 2 * 160 * self.semantic_factor)
+        return min(a, semantic)
+
+
+def resample(x: torch.Tensor, orig: int, new: int, width_zeros: int = 6, rolloff: float = 0.99) -> torch.Tensor:
+    """(..., N) -> (..., ceil(N * new / orig)): windowed-sinc (Hann) resampling, the computation of
+    torchaudio.functional.resample with its defaults (the official call, L165), in x's dtype."""
+    if orig == new:
+        return x
+    g = math.gcd(orig, new)
+    orig, new = orig // g, new // g
+    base = min(orig, new) * rolloff  # cutoff below the lower Nyquist
+    width = math.ceil(width_zeros * orig / base)
+    idx = torch.arange(-width, width + orig, dtype=x.dtype, device=x.device)[None, None] / orig
+    t = torch.arange(0, -new, -1, dtype=x.dtype, device=x.device)[:, None, None] / new + idx  # (new, 1, taps)
+    t = (t * base).clamp_(-width_zeros, width_zeros)
+    window = torch.cos(t * math.pi / width_zeros / 2) ** 2
+    t = t * math.pi
+    kernel = torch.where(t == 0, torch.tensor(1.0).to(t), t.sin() / t) * (window * (base / orig))
+    shape = x.shape
+    flat = F.pad(x.reshape(-1, shape[-1]), (width, width + orig))
+    y = F.conv1d(flat[:, None], kernel, stride=orig).transpose(1, 2).reshape(flat.shape[0], -1)
+    return y[:, :math.ceil(new * shape[-1] / orig)].reshape(*shape[:-1], -1)
+
+
+# ---- layers the official writes itself (semantic_module.py, dac.py Decoder) --------------------
+
+class _Wrapped(nn.Module):
+    """semantic_module.Conv1d: an nn.Conv1d under `.conv` with padding (k-1)//2*dilation (L16-54)."""
+
+    def __init__(self, cin, cout, k, dilation=1, bias=True):
+        super().__init__()
+        self.conv = nn.Conv1d(cin, cout, k, padding=(k - 1) // 2 * dilation, dilation=dilation, bias=bias)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class _SemResUnit(nn.Module):  # semantic_module.ResidualUnit (L57-83): x + conv2(elu(conv1(elu(x)))), no biases
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = _Wrapped(c, c, 3, bias=False)
+        self.conv2 = nn.Conv1d(c, c, 1, bias=False)
+
+    def forward(self, x):
+        return x + self.conv2(F.elu(self.conv1(F.elu(x))))
+
+
+class _SemBlock(nn.Module):  # semantic_module.EncoderBlock (L125-147), stride 1, dilations (1, 1)
+    def __init__(self, c):
+        super().__init__()
+        self.res_units = nn.ModuleList([_SemResUnit(c), _SemResUnit(c)])
+        self.conv = _Wrapped(c, c, 3)
+
+    def forward(self, x):
+        for unit in self.res_units:
+            x = unit(x)
+        return self.conv(x)
+
+
+class SemanticEncoder(nn.Module):  # semantic_module.Encoder(768, 768) with its defaults (L150-190)
+    def __init__(self, c):
+        super().__init__()
+        self.conv = _Wrapped(c, c, 3, bias=False)
+        self.conv_blocks = nn.ModuleList([_SemBlock(c), _SemBlock(c)])
+
+    def forward(self, x):
+        x = self.conv(x)
+        for block in self.conv_blocks:
+            x = block(x)
+        return x
+
+
+# ---- the DAC layers (descriptaudiocodec/dac/model/dac.py and dac/nn/layers.py of the official copy) ----
+# Written here with plain convs rather than imported from the pinned descript-audio-codec: its convs
+# carry weight norm (folded at load here), importing it costs seconds, and its Decoder differs from
+# the official one anyway. tests/test_audio_tokenizer.py checks names and outputs against the pinned dac.
+
+class Snake1d(nn.Module):  # dac/nn/layers.py snake: x + 1/(alpha + 1e-9) * sin(alpha x)^2
+    def __init__(self, channels):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(1, channels, 1))
+
+    def forward(self, x):
+        return x + (self.alpha + 1e-9).reciprocal() * torch.sin(self.alpha * x).pow(2)
+
+
+class ResidualUnit(nn.Module):  # dac.py ResidualUnit (L24-40); lengths are equal, so no crop is needed
+    def __init__(self, dim, dilation):
+        super().__init__()
+        self.block = nn.Sequential(Snake1d(dim), nn.Conv1d(dim, dim, 7, dilation=dilation, padding=3 * dilation),
+                                   Snake1d(dim), nn.Conv1d(dim, dim, 1))
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+class EncoderBlock(nn.Module):  # dac.py EncoderBlock (L43-61)
+    def __init__(self, dim, stride):
+        super().__init__()
+        self.block = nn.Sequential(
+            ResidualUnit(dim // 2, 1), ResidualUnit(dim // 2, 3), ResidualUnit(dim // 2, 9), Snake1d(dim // 2),
+            nn.Conv1d(dim // 2, dim, 2 * stride, stride=stride, padding=math.ceil(stride / 2)))
+
+    def forward(self, x):
+        return self.block(x)
+
+
+class Encoder(nn.Module):  # dac.py Encoder(d_model, strides, d_latent) (L64-91): channels double per block
+    def __init__(self, d_model, strides, d_latent):
+        super().__init__()
+        layers = [nn.Conv1d(1, d_model, 7, padding=3)]
+        for s in strides:
+            d_model *= 2
+            layers.append(EncoderBlock(d_model, s))
+        layers += [Snake1d(d_model), nn.Conv1d(d_model, d_latent, 3, padding=1)]
+        self.block = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.block(x)
+
+
+class _DecoderBlock(nn.Module):  # dac.py DecoderBlock (L94-113) of the official copy
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.block = nn.Sequential(
+            Snake1d(cin),
+            nn.ConvTranspose1d(cin, cout, 2 * stride, stride=stride, padding=math.ceil(stride / 2),
+                               output_padding=stride % 2),  # the official's change: exactly stride x length
+            ResidualUnit(cout, 1), ResidualUnit(cout, 3), ResidualUnit(cout, 9))
+
+    def forward(self, x):
+        return self.block(x)
+
+
+class Decoder(nn.Module):  # dac.py Decoder(input_channel, channels, rates) (L116-149): no final Tanh
+    def __init__(self, cin, channels, rates):
+        super().__init__()
+        layers = [nn.Conv1d(cin, channels, 7, padding=3)]
+        for i, s in enumerate(rates):
+            layers.append(_DecoderBlock(channels // 2 ** i, channels // 2 ** (i + 1), s))
+        out = channels // 2 ** len(rates)
+        layers += [Snake1d(out), nn.Conv1d(out, 1, 7, padding=3)]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.model(x)
+
+
+class _VQ(nn.Module):  # core_vq_lsx_version.VectorQuantization, inference only (L290-375)
+    def __init__(self, dim, cdim, bins):
+        super().__init__()
+        self.project_in = nn.Linear(dim, cdim) if cdim != dim else nn.Identity()
+        self.project_out = nn.Linear(cdim, dim) if cdim != dim else nn.Identity()
+        self._codebook = nn.Module()
+        self._codebook.register_buffer("embed", torch.zeros(bins, cdim))
+
+
+class _RVQ(nn.Module):
+    def __init__(self, dim, cdim, bins, n_q):
+        super().__init__()
+        self.vq = nn.Module()
+        self.vq.layers = nn.ModuleList(_VQ(dim, cdim, bins) for _ in range(n_q))
+
+
+class HiggsAudioTokenizerModel(nn.Module):
+    """The official module tree and parameter names, without the training-only parts."""
+
+    def __init__(self, c: AudioTokenizerConfig):
+        super().__init__()
+        self.config = c
+        h = c.hubert.hidden_size
+        self.encoder = Encoder(c.encoder_dim, c.ratios, c.D)  # L74: dac2.Encoder(64, ratios, D)
+        self.decoder_2 = Decoder(c.D, c.decoder_dim, c.ratios)  # L76: dac2.Decoder(D, 1024, ratios)
+        self.semantic_model = Hubert(c.hubert)
+        self.encoder_semantic = SemanticEncoder(h)
+        self.fc_prior = nn.Linear(c.D + h, c.D + h)
+        self.fc_post2 = nn.Linear(c.D + h, c.D)
+        self.quantizer = _RVQ(c.D + h, c.codebook_dim, c.bins, c.n_q)
+
+    def semantic_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x (1, N) at sample_rate -> (1, T, 768): get_regress_target (L164-207)."""
+        x = resample(x, self.config.sample_rate, SEMANTIC_RATE)
+        states = self.semantic_model(F.pad(x, (160, 160)))
+        target = torch.stack(states, dim=1).mean(1)  # average of all 13 hidden states (L175-178)
+        return target[:, ::self.config.semantic_factor] if self.config.semantic_factor > 1 else target
+
+    def encode(self, wav: torch.Tensor) -> torch.Tensor:
+        """wav (N,) float at sample_rate -> codes (n_q, T) int64: _xcodec_encode (L263-294), batch 1."""
+        x = wav.reshape(1, 1, -1)
+        e_sem = self.encoder_semantic(self.semantic_features(x[:, 0]).transpose(1, 2))
+        e_ac = self.encoder(x)
+        if e_ac.shape[2] != e_sem.shape[2]:  # L271-273: re-encode padded by 160 * semantic factor
+            pad = 160 * self.config.semantic_factor
+            e_ac = self.encoder(F.pad(x, (pad, pad)))
+        t = min(e_ac.shape[2], e_sem.shape[2])  # L275-279: trim to the shorter
+        e = self.fc_prior(torch.cat([e_ac[:, :, :t], e_sem[:, :, :t]], dim=1).transpose(1, 2))[0]  # (T, 1024)
+        return self.quantize(e)
+
+    def quantize(self, e: torch.Tensor) -> torch.Tensor:
+        """(T, D+768) -> codes (n_q, T): ResidualVectorQuantization.forward (core_vq_lsx_version L387-405)
+        in eval mode: per layer, nearest entry of project_in(residual), minus its project_out."""
+        residual, codes = e, []
+        for layer in self.quantizer.vq.layers:
+            h = layer.project_in(residual)
+            embed = layer._codebook.embed.t()
+            dist = -(h.pow(2).sum(1, keepdim=True) - 2 * h @ embed + embed.pow(2).sum(0, keepdim=True))
+            idx = dist.max(dim=-1).indices  # EuclideanCodebook.quantize (L225-229): the official expression
+            residual = residual - layer.project_out(F.embedding(idx, layer._codebook.embed))
+            codes.append(idx)
+        return torch.stack(codes)
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (n_q, T) -> (T, D+768): ResidualVectorQuantization.decode (L419-425), summed from 0 in order."""
+        q = torch.tensor(0.0, device=codes.device)
+        for layer, idx in zip(self.quantizer.vq.layers, codes):
+            q = q + layer.project_out(F.embedding(idx, layer._codebook.embed))
+        return q
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (n_q, T) -> wav (hop * T,): decode (L296-309): fc_post2, then decoder_2."""
+        return self.decoder_2(self.fc_post2(self.dequantize(codes)).t()[None])[0, 0]
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+def read_tensors(folder: Path) -> tuple[dict, Path]:
+    """{name: tensor} from model.safetensors (preferred) or model.pth (weights_only, tensors only)."""
+    st, pth = folder / "model.safetensors", folder / "model.pth"
+    if st.exists():
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(st)), st
+        except Exception as e:  # safetensors raises its own error types; report which file
+            raise AudioTokenizerError(f"{st}: not a readable safetensors file: {e}") from e
+    if not pth.exists():
+        raise AudioTokenizerError(f"{folder}: no model.safetensors or model.pth (nothing is downloaded)")
+    try:
+        obj = torch.load(pth, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for any non-allowlisted object, or a corrupt file
+        raise AudioTokenizerError(f"{pth}: refused by torch.load(weights_only=True) (only a dict of tensors is "
+                                  f"read; nothing else is unpickled): {str(e).splitlines()[0]}") from e
+    if not isinstance(obj, dict):
+        raise AudioTokenizerError(f"{pth}: holds a {type(obj).__name__}, expected a state dict of tensors")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise AudioTokenizerError(f"{pth}: entries that are not tensors: {', '.join(map(str, bad[:10]))}")
+    return obj, pth
+
+
+def fold_weight_norm(tensors: dict) -> dict:
+    """X.weight_g + X.weight_v (torch.nn.utils.weight_norm) or X.parametrizations.weight.original0/1
+    (parametrizations.weight_norm) -> X.weight = torch._weight_norm(v, g, dim), as the official forward
+    computes it. dim is 0 (DAC convs, the torch default) except HuBERT's positional conv (dim=2)."""
+    out, pairs = {}, {}
+    for k, v in tensors.items():
+        m = re.fullmatch(r"(.*)\.(weight_g|weight_v|parametrizations\.weight\.original[01])", k)
+        if m:
+            pairs.setdefault(m[1], {})["g" if m[2] in ("weight_g", "parametrizations.weight.original0") else "v"] = v
+        else:
+            out[k] = v
+    for base, gv in pairs.items():
+        if set(gv) != {"g", "v"}:
+            raise AudioTokenizerError(f"{base}: weight norm needs both g and v, found only {sorted(gv)}")
+        dim = 2 if base.endswith("pos_conv_embed.conv") else 0
+        if gv["g"].shape[dim] != gv["v"].shape[dim] or gv["g"].numel() != gv["v"].shape[dim]:
+            raise AudioTokenizerError(f"{base}: weight norm g {tuple(gv['g'].shape)} does not fit v "
+                                      f"{tuple(gv['v'].shape)} along dim {dim}")
+        out[base + ".weight"] = torch._weight_norm(gv["v"], gv["g"], dim)
+    return out
+
+
+def check_and_filter(tensors: dict, expected: dict, source, n_q: int) -> dict:
+    """Drop TRAINING_ONLY names; raise one error naming missing, unexpected and misshapen tensors.
+    Quantizer layers past n_q are dropped with a warning: the official forward uses the first n_q
+    (vq.py get_num_quantizers_for_bandwidth with bandwidth None) and loads with strict=False (L326)."""
+    kept = {k: v for k, v in tensors.items() if not any(re.fullmatch(p, k) for p in TRAINING_ONLY)}
+    extra = {k for k in kept if (m := re.match(r"quantizer\.vq\.layers\.(\d+)\.", k)) and int(m[1]) >= n_q}
+    if extra:
+        layers = sorted({int(k.split(".")[3]) for k in extra})
+        log.warning("%s: quantizer layers %s are past n_q=%d and unused (as in the official forward); ignored",
+                    source, layers, n_q)
+        kept = {k: v for k, v in kept.items() if k not in extra}
+    missing = sorted(set(expected) - set(kept))
+    unexpected = sorted(set(kept) - set(expected))
+    shapes = sorted(f"{k} {tuple(kept[k].shape)} (expected {tuple(expected[k])})"
+                    for k in set(kept) & set(expected) if tuple(kept[k].shape) != tuple(expected[k]))
+    if missing or unexpected or shapes:
+        parts = [f"{label} ({len(names)}): {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+                 for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes))
+                 if names]
+        raise AudioTokenizerError(f"{source}: does not match the tokenizer config; " + "; ".join(parts))
+    return kept
+
+
+def load_state(folder: str | Path) -> tuple[AudioTokenizerConfig, dict, Path]:
+    """(config, folded and checked {name: float32 tensor}, weights file)."""
+    folder = Path(folder)
+    cfg = AudioTokenizerConfig.from_json(folder / "config.json")
+    raw, source = read_tensors(folder)
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in HiggsAudioTokenizerModel(cfg).state_dict().items()}
+    state = check_and_filter(fold_weight_norm(raw), expected, source, cfg.n_q)
+    return cfg, {k: v.float().contiguous() for k, v in state.items()}, source
+
+
+def weights_sha16(state: dict) -> str:
+    """sha256 of the folded tensors in safetensors layout (same for .pth and converted files)."""
+    from higgs_min.checkpoint import safetensors_chunks
+    h = hashlib.sha256()
+    for chunk in safetensors_chunks(state):
+        h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+class AudioTokenizer:
+    """An auditor's handle: encode (N,) -> (8, T) int64, decode (8, T) -> (960 T,) float, at 24 kHz."""
+
+    def __init__(self, model: HiggsAudioTokenizerModel, identity: str, dtype=torch.float32):
+        self.model, self.identity, self.dtype = model.eval(), identity, dtype
+        c = model.config
+        self.sample_rate, self.num_codebooks, self.codebook_size = c.sample_rate, c.n_q, c.bins
+        self.frame_rate = math.ceil(c.sample_rate / c.hop)  # L69
+        self.hop = c.hop
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def encode(self, wav) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(wav) if not isinstance(wav, torch.Tensor) else wav)
+        if x.dim() != 1 or not x.is_floating_point() or x.numel() == 0:
+            raise ValueError(f"encode takes a non-empty 1-D float waveform at {self.sample_rate} Hz, "
+                             f"got {tuple(x.shape)} {x.dtype}")
+        with torch.inference_mode():
+            return self.model.encode(x.to(self.device, self.dtype)).cpu().long()
+
+    def decode(self, codes) -> torch.Tensor:
+        c = torch.as_tensor(np.asarray(codes) if not isinstance(codes, torch.Tensor) else codes).long()
+        if c.dim() != 2 or c.shape[0] != self.num_codebooks:
+            raise ValueError(f"decode takes codes ({self.num_codebooks}, T), got {tuple(c.shape)}")
+        if c.numel() and (c.min() < 0 or c.max() >= self.codebook_size):
+            raise ValueError(f"codes outside [0, {self.codebook_size - 1}]: {int(c.min())}..{int(c.max())}")
+        with torch.inference_mode():
+            return self.model.decode(c.to(self.device)).float().cpu()
+
+    def encode_file(self, path, max_seconds: float | None = None) -> torch.Tensor:
+        """Any 16-bit PCM wav: channels averaged to mono, resampled to 24 kHz with `resample` above."""
+        from higgs_min.codec import read_wav
+        x, rate = read_wav(path)
+        if max_seconds is not None and x.numel() / rate > max_seconds:
+            raise ValueError(f"{path}: {x.numel() / rate:.1f} s is longer than the limit of {max_seconds:g} s "
+                             "(--max-seconds); split the clip")
+        return self.encode(resample(x, rate, self.sample_rate))
+
+
+def load(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> AudioTokenizer:
+    """A folder with config.json + model.safetensors or model.pth -> AudioTokenizer (eval, no grad).
+    fp32 on CPU; another dtype only on CUDA."""
+    if torch.device(device).type == "cpu" and dtype != torch.float32:
+        raise ValueError("the audio tokenizer runs in float32 on CPU; --dtype applies on CUDA only")
+    cfg, state, _ = load_state(path)
+    with torch.device("meta"):
+        model = HiggsAudioTokenizerModel(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.requires_grad_(False)
+    return AudioTokenizer(model.to(device, dtype), f"{NAME}:{weights_sha16(state)}", dtype)
+
+
+def convert_main(argv) -> int:
+    """prepare convert-audio-tokenizer SRC OUT: model.pth -> model.safetensors (folded, strict) + config.json."""
+    import argparse
+    from higgs_min.checkpoint import json_bytes, safetensors_chunks, write_file
+    ap = argparse.ArgumentParser(prog="python -m higgs_min.prepare convert-audio-tokenizer",
+                                 description=convert_main.__doc__)
+    ap.add_argument("src", type=Path, help="folder with the released config.json and model.pth")
+    ap.add_argument("out", type=Path, help="output folder (created)")
+    args = ap.parse_args(argv)
+    try:
+        _, state, source = load_state(args.src)
+    except AudioTokenizerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, data in (("model.safetensors", safetensors_chunks(state)),
+                       ("config.json", json_bytes(json.loads((args.src / "config.json").read_text())))):
+        tmp = args.out / f".{name}.tmp-{os.getpid()}"
+        write_file(tmp, data)
+        os.replace(tmp, args.out / name)
+    print(f"wrote {args.out}/model.safetensors ({len(state)} tensors from {source}); "
+          f"identity {NAME}:{weights_sha16(state)}")
+    return 0

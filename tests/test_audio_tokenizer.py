@@ -1,0 +1,261 @@
+"""The Higgs Audio v2 tokenizer port: loading rules, each stage against an independent formulation.
+
+Independent formulations: torchaudio's resample, transformers' HubertModel and
+HiggsAudioV2TokenizerModel (test-only dependency), the pinned descript-audio-codec layers,
+and hand-built inputs whose codes are known. Models are tiny (tests/audiotok_util.py) except
+one shape check at the released size on the meta device.
+"""
+import json
+import math
+
+import pytest
+import torch
+
+from higgs_min import audio_tokenizer as at
+from tests import audiotok_util as u
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """A tiny random tokenizer as released files (model.pth) and converted (model.safetensors)."""
+    root = tmp_path_factory.mktemp("audiotok")
+    model, state = u.write_released(root / "pth", seed=0)
+    assert at.convert_main([str(root / "pth"), str(root / "st")]) == 0
+    return root, model, state
+
+
+def clip(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(n) / 24000
+    return 0.3 * torch.sin(2 * math.pi * 220 * t) + 0.05 * torch.randn(n, generator=g)
+
+
+def test_released_shape_matches_the_config_facts():
+    cfg = at.AudioTokenizerConfig()  # defaults = released config.json + official hard-coded widths
+    with torch.device("meta"):
+        sd = at.HiggsAudioTokenizerModel(cfg).state_dict()
+    assert cfg.hop == 960 and cfg.semantic_factor == 2
+    assert sd["encoder.block.7.weight"].shape == (256, 2048, 3)  # DAC Encoder(64, ratios, 256)
+    assert sd["decoder_2.model.0.weight"].shape == (1024, 256, 7)
+    assert sd["decoder_2.model.5.block.1.weight"].shape == (64, 32, 6)  # last upsampling: stride 3
+    assert sd["fc_prior.weight"].shape == (1024, 1024) and sd["fc_post2.weight"].shape == (256, 1024)
+    assert sd["quantizer.vq.layers.7.project_in.weight"].shape == (64, 1024)
+    assert sd["quantizer.vq.layers.7._codebook.embed"].shape == (1024, 64)
+    assert sd["semantic_model.encoder.pos_conv_embed.conv.weight"].shape == (768, 48, 128)
+    assert len([k for k in sd if k.startswith("semantic_model.encoder.layers.")]) == 12 * 16
+
+
+def test_resample_equals_torchaudio():
+    import torchaudio.functional as AF
+    g = torch.Generator().manual_seed(0)
+    for orig, new, n in ((24000, 16000, 4801), (44100, 24000, 9000), (16000, 24000, 3333), (8000, 24000, 800)):
+        x = torch.randn(2, n, generator=g)
+        ref = AF.resample(x, orig, new)
+        ours = at.resample(x, orig, new)
+        assert ours.shape == ref.shape
+        assert (ours - ref).abs().max() <= 1e-6, (orig, new)
+
+
+def test_hubert_equals_transformers():
+    try:
+        from transformers import HubertConfig as HFConfig, HubertModel
+    except ImportError as e:
+        pytest.fail(f"transformers (test-only dependency, requirements-test.txt) cannot be imported: {e}")
+    from higgs_min.hubert import Hubert, HubertConfig
+    h = u.TINY["hubert"]
+    ours = Hubert(HubertConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in h.items()})).eval()
+    torch.manual_seed(1)
+    ref = HubertModel(HFConfig(**h, mask_time_prob=0.0)).eval()
+    with torch.no_grad():  # non-trivial norms and biases
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    state = at.fold_weight_norm(ref.state_dict())
+    assert set(state) == set(ours.state_dict())  # same names as the released semantic_model.* keys
+    ours.load_state_dict(state)
+    wav = torch.randn(1, 16000 * 2 // 3 + 320, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expect = ref(wav, output_hidden_states=True).hidden_states
+        got = ours(wav)
+    assert len(got) == len(expect) == h["num_hidden_layers"] + 1
+    for a, b in zip(got, expect):
+        assert (a - b).abs().max() <= 1e-5
+
+
+def test_dac_layers_equal_the_pinned_descript_audio_codec():
+    from dac.model import dac
+    from higgs_min.audio_tokenizer import Decoder, Encoder
+    torch.manual_seed(0)
+    ref_enc = dac.Encoder(2, [8, 5, 4, 2, 3], 16).eval()
+    ref_dec = dac.Decoder(16, 64, [8, 5, 4, 2, 3]).eval()
+    for m in ref_dec.modules():  # the official copy's two differences: output_padding = stride % 2, no Tanh
+        if isinstance(m, torch.nn.ConvTranspose1d):
+            m.output_padding = (m.stride[0] % 2,)
+    ref_dec.model = ref_dec.model[:-1]
+    enc, dec = Encoder(2, [8, 5, 4, 2, 3], 16), Decoder(16, 64, [8, 5, 4, 2, 3])
+    for ours, ref in ((enc, ref_enc), (dec, ref_dec)):
+        folded = at.fold_weight_norm(ref.state_dict())
+        assert set(folded) == set(ours.state_dict())  # the released key layout (weight_g/v folded)
+        ours.load_state_dict(folded)
+    x = clip(960 * 3)[None, None]
+    with torch.no_grad():
+        assert (enc(x) - ref_enc(x)).abs().max() <= 1e-5
+        z = torch.randn(1, 16, 3)
+        y = dec(z)
+        assert y.shape == (1, 1, 960 * 3)
+        assert (y - ref_dec(z)).abs().max() <= 1e-4 * y.abs().max()
+
+
+def test_pth_and_safetensors_give_the_same_codes_and_identity(released):
+    root, _, _ = released
+    a, b = at.load(root / "pth"), at.load(root / "st")
+    assert a.identity == b.identity and a.identity.startswith("higgs-audio-v2-tokenizer:")
+    assert (a.sample_rate, a.frame_rate, a.num_codebooks, a.codebook_size) == (24000, 25, 8, 1024)
+    x = clip(960 * 10)
+    ca, cb = a.encode(x), b.encode(x)
+    assert ca.dtype == torch.int64 and ca.shape == (8, 10) and 0 <= ca.min() and ca.max() < 1024
+    assert torch.equal(ca, cb)
+    assert len(set(ca[0].tolist())) > 3  # not a degenerate constant code
+    assert torch.equal(a.encode(x), ca)  # deterministic
+    y = a.decode(ca)
+    assert y.shape == (960 * 10,) and y.dtype == torch.float32
+    assert torch.equal(a.decode(ca), y) and torch.equal(b.decode(ca), y)
+
+
+def test_strict_loading_names_missing_unexpected_and_misshapen(tmp_path, released):
+    root, _, state = released
+    bad = dict(state)
+    del bad["fc_prior.bias"]
+    bad["extra.thing"] = torch.zeros(1)
+    bad["fc_post2.weight"] = torch.zeros(3, 3)
+    (tmp_path / "config.json").write_text(json.dumps(u.TINY))
+    torch.save(bad, tmp_path / "model.pth")
+    with pytest.raises(at.AudioTokenizerError) as e:
+        at.load(tmp_path)
+    msg = str(e.value)
+    assert "model.pth" in msg and "missing (1): fc_prior.bias" in msg and "unexpected (1): extra.thing" in msg
+    assert "fc_post2.weight (3, 3) (expected (16, 48))" in msg
+    # the named training-only tensors are dropped without complaint; an unknown config key is refused
+    assert "decoder_semantic" not in msg and "masked_spec_embed" not in msg and "embed_avg" not in msg
+    (tmp_path / "config.json").write_text(json.dumps({**u.TINY, "mystery": 1}))
+    with pytest.raises(at.AudioTokenizerError, match="unknown tokenizer config keys \\['mystery'\\]"):
+        at.load(tmp_path)
+
+
+class NotATensor:
+    pass
+
+
+def test_pickle_path_refuses_non_tensor_objects(tmp_path, released):
+    root, _, state = released
+    (tmp_path / "config.json").write_text(json.dumps(u.TINY))
+    torch.save({**state, "evil": NotATensor()}, tmp_path / "model.pth")
+    with pytest.raises(at.AudioTokenizerError, match="weights_only=True"):
+        at.load(tmp_path)
+    torch.save({**state, "step": 3}, tmp_path / "model.pth")  # allowed by weights_only, still not a tensor
+    with pytest.raises(at.AudioTokenizerError, match="not tensors: step"):
+        at.load(tmp_path)
+
+
+def test_frame_count_rule(released):
+    root, _, _ = released
+    tok = at.load(root / "st")
+    cfg = tok.model.config
+    for n in (960, 960 * 3, 1000, 1919, 2500, 4321, 5000):
+        assert tok.encode(clip(n)).shape[1] == cfg.frames(n), n
+    assert cfg.frames(960 * 7) == 7  # multiples of the hop: exactly N / 960
+    assert cfg.frames(1000) == 1 and math.ceil(1000 / 960) == 2  # otherwise the official count, not ceil
+
+
+def test_codebook_entries_quantize_back_exactly():
+    """Grid codebooks at scales 16^-i with identity-like projections: a sum of one entry per layer
+    has a unique nearest entry per layer, so the official RVQ must return exactly those codes."""
+    m = u.tiny_model(0)[1].double()
+    d, cd, bins = 48, 8, 1024
+    grid = torch.cartesian_prod(*[torch.arange(4.0)] * 5)  # 1024 points, min distance 1, norm <= 6.8
+    P = torch.zeros(cd, d, dtype=torch.float64)
+    P[:, :cd] = torch.eye(cd)
+    with torch.no_grad():
+        for i, layer in enumerate(m.quantizer.vq.layers):
+            layer.project_in.weight.copy_(P), layer.project_in.bias.zero_()
+            layer.project_out.weight.copy_(P.t()), layer.project_out.bias.zero_()
+            layer._codebook.embed.copy_(torch.cat([grid, torch.zeros(bins, 3)], 1) * 16.0 ** -i)
+    codes = torch.randint(0, bins, (8, 20), generator=torch.Generator().manual_seed(0))
+    e = m.dequantize(codes)
+    assert torch.equal(m.quantize(e), codes)
+
+
+def test_codes_equal_transformers_higgs_audio_v2_tokenizer(released):
+    """Same random weights in transformers' port (its conversion's key mapping, re-derived here).
+    Clip lengths are multiples of 960: there both implementations encode without padding. (For other
+    lengths transformers pads 480 samples where the official pads 160 * 2 = 320, and does not trim.)"""
+    try:
+        from transformers import HiggsAudioV2TokenizerConfig, HiggsAudioV2TokenizerModel
+    except ImportError as e:
+        pytest.fail(f"transformers (test-only dependency) cannot be imported: {e}")
+    import re
+    root, _, state = released
+    t = u.TINY
+    cfg = HiggsAudioV2TokenizerConfig(
+        acoustic_model_config=dict(encoder_hidden_size=t["encoder_dim"], downsampling_ratios=t["ratios"],
+                                   decoder_hidden_size=t["decoder_dim"], upsampling_ratios=t["ratios"],
+                                   hidden_size=t["D"]),
+        semantic_model_config=dict(t["hubert"]), codebook_size=t["bins"], codebook_dim=t["codebook_dim"],
+        target_bandwidths=[2])  # 2 kbps / (25 frames/s * 10 bits) = 8 quantizers
+    ref = HiggsAudioV2TokenizerModel(cfg).eval()
+    names = ["snake1", "conv1", "snake2", "conv2"]
+    rules = [
+        (r"^encoder\.block\.0\.", "acoustic_encoder.conv1."), (r"^encoder\.block\.6\.", "acoustic_encoder.snake1."),
+        (r"^encoder\.block\.7\.", "acoustic_encoder.conv2."),
+        (r"^encoder\.block\.(\d)\.block\.([012])\.block\.(\d)\.",
+         lambda m: f"acoustic_encoder.block.{int(m[1]) - 1}.res_unit{int(m[2]) + 1}.{names[int(m[3])]}."),
+        (r"^encoder\.block\.(\d)\.block\.3\.", lambda m: f"acoustic_encoder.block.{int(m[1]) - 1}.snake1."),
+        (r"^encoder\.block\.(\d)\.block\.4\.", lambda m: f"acoustic_encoder.block.{int(m[1]) - 1}.conv1."),
+        (r"^decoder_2\.model\.0\.", "acoustic_decoder.conv1."), (r"^decoder_2\.model\.6\.", "acoustic_decoder.snake1."),
+        (r"^decoder_2\.model\.7\.", "acoustic_decoder.conv2."),
+        (r"^decoder_2\.model\.(\d)\.block\.0\.", lambda m: f"acoustic_decoder.block.{int(m[1]) - 1}.snake1."),
+        (r"^decoder_2\.model\.(\d)\.block\.1\.", lambda m: f"acoustic_decoder.block.{int(m[1]) - 1}.conv_t1."),
+        (r"^decoder_2\.model\.(\d)\.block\.([234])\.block\.(\d)\.",
+         lambda m: f"acoustic_decoder.block.{int(m[1]) - 1}.res_unit{int(m[2]) - 1}.{names[int(m[3])]}."),
+        (r"^quantizer\.vq\.layers\.", "quantizer.quantizers."), (r"\._codebook\.", ".codebook."),
+        (r"^fc_prior\.", "fc."), (r"^fc_post2\.", "fc2."),
+        (r"\.conv\.conv\.", ".conv."), (r"\.conv1\.conv\.", ".conv1."),
+    ]
+    mapped = {}
+    for k, v in state.items():
+        if k.endswith(".weight_v") or k.startswith(("fc_post1.", "decoder_semantic.")) or "masked_spec" in k:
+            continue
+        if k.endswith(".weight_g"):  # g * v / |v| over all dims but 0, the textbook weight norm
+            vv = state[k[:-1] + "v"]
+            k, v = k[:-2], v * vv / vv.flatten(1).norm(dim=1)[:, None, None]
+        for pat, rep in rules:
+            k = re.sub(pat, rep, k)
+        mapped[k] = v
+    missing, unexpected = ref.load_state_dict(mapped, strict=False)
+    missing = [k for k in missing if not k.startswith(("decoder_semantic.", "fc1."))]  # training-only there too
+    assert not missing and not unexpected, (missing[:5], unexpected[:5])
+    ours = at.load(root / "pth")
+    for n in (960 * 5, 960 * 12):
+        x = clip(n, seed=n)
+        with torch.no_grad():
+            expect = ref.encode(x[None, None], return_dict=False)[0]
+        got = ours.encode(x)
+        assert got.shape == expect.shape == (8, n // 960)
+        assert torch.equal(got, expect)
+        with torch.no_grad():
+            wav = ref.decode(got[None], return_dict=False)[0, 0]
+        assert (ours.decode(got) - wav).abs().max() <= 1e-3 * wav.abs().max()  # fold rounding, amplified
+
+
+def test_encode_refuses_bad_input_and_long_files(released, tmp_path):
+    from higgs_min.codec import write_wav
+    root, _, _ = released
+    tok = at.load(root / "st")
+    with pytest.raises(ValueError, match="1-D float"):
+        tok.encode(torch.zeros(2, 100))
+    with pytest.raises(ValueError, match="outside"):
+        tok.decode(torch.full((8, 2), 1024))
+    write_wav(tmp_path / "long.wav", clip(16000 * 3)[:48000], 16000)
+    with pytest.raises(ValueError, match="long.wav: 3.0 s is longer than the limit of 2 s"):
+        tok.encode_file(tmp_path / "long.wav", max_seconds=2)
+    codes = tok.encode_file(tmp_path / "long.wav")  # 16 kHz file: resampled to 24 kHz first
+    assert codes.shape == (8, 75)
