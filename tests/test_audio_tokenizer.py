@@ -83,7 +83,7 @@ def test_hubert_equals_transformers():
 
 def test_dac_layers_equal_the_pinned_descript_audio_codec():
     from dac.model import dac
-    from higgs_min.audio_tokenizer import Decoder, Encoder
+    from higgs_min.audio_layers import Decoder, Encoder
     torch.manual_seed(0)
     ref_enc = dac.Encoder(2, [8, 5, 4, 2, 3], 16).eval()
     ref_dec = dac.Decoder(16, 64, [8, 5, 4, 2, 3]).eval()
