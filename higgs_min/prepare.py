@@ -1,15 +1,19 @@
-"""Encode the wav items of a JSONL data set into DAC codes, or decode codes to a wav.
+"""Encode the wav items of a JSONL data set into audio codes, or decode codes to a wav.
 
+    python -m higgs_min.prepare --data in.jsonl --out out.jsonl --audio-tokenizer higgs-audio-v2-tokenizer/
     python -m higgs_min.prepare --data in.jsonl --out out.jsonl --codec-weights dac.pth
-    python -m higgs_min.prepare --decode codes.npy --codec-weights dac.pth --out x.wav
+    python -m higgs_min.prepare --decode codes.npy --audio-tokenizer DIR --out x.wav   (or --codec-weights)
     python -m higgs_min.prepare SUBCOMMAND ...   (see SUBCOMMANDS below; each has --help)
 
 Each `{"type": "audio", "audio": "a.wav"}` item becomes
-`{"type": "audio", "codes": "codes/<hash>.npy", "source_audio": "a.wav"}`, the codes
-(8, T) int16 saved beside out.jsonl. Files are named by a hash of the wav bytes
-and the codec, so a second run encodes nothing. Nothing is downloaded: without
---codec-weights the command refuses, unless --random-codec-seed asks for a
-seeded random codec (demos and tests only).
+`{"type": "audio", "codes": "codes/<hash>.npy", "source_audio": "a.wav", "codec": ID}`, the codes
+(8, T) int16 saved beside out.jsonl; ID names the tokenizer ("higgs-audio-v2-tokenizer:<sha16 of its
+weights>", "dac:<sha16 of the weights file>" or "dac-random-seed:N"). The Higgs Audio v2 tokenizer
+(--audio-tokenizer) gives the codes the released model was trained on; DAC stays for the demo and for
+training from scratch. Files are named by a hash of the wav bytes and the codec, so a second run
+encodes nothing. A clip longer than --max-seconds is refused by name. Nothing is downloaded: without
+a tokenizer or codec the command refuses, unless --random-codec-seed asks for a seeded random codec
+(demos and tests only).
 """
 
 from __future__ import annotations
@@ -35,20 +39,72 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def prepare(data: Path, out: Path, codec_weights=None, random_seed=None) -> dict:
-    """Returns counts: {'encoded': n, 'cached': m, 'audio_items': n + m}."""
+class _Codec:
+    """The audio -> codes step behind `prepare`: a DAC (codec.py) or the Higgs Audio v2 tokenizer
+    (audio_tokenizer.py). `identity` names it in each prepared item's "codec" field and in the cache key."""
+
+    def __init__(self, codec_weights=None, random_seed=None, audio_tokenizer=None):
+        self.model = None
+        self.args = (codec_weights, random_seed)
+        if audio_tokenizer is not None:
+            if codec_weights is not None or random_seed is not None:
+                raise SystemExit("--audio-tokenizer and --codec-weights/--random-codec-seed are exclusive: "
+                                 "one codec per data set")
+            from higgs_min import audio_tokenizer as at
+            try:  # loaded up front: its identity is a hash of its (folded) weights
+                self.model = at.load(audio_tokenizer)
+            except at.AudioTokenizerError as e:
+                raise SystemExit(f"--audio-tokenizer: {e}")
+            self.identity, self.sample_rate = self.model.identity, self.model.sample_rate
+        elif codec_weights is not None:
+            self.identity = f"dac:{sha256_file(Path(codec_weights))[:16]}"
+        elif random_seed is not None:
+            log.warning("using a RANDOMLY INITIALIZED DAC (seed %d): codes are for demos and tests only", random_seed)
+            self.identity = f"dac-random-seed:{random_seed}"
+        else:
+            raise SystemExit("refusing to run without --audio-tokenizer DIR or --codec-weights PATH (nothing is "
+                             "downloaded); --random-codec-seed N builds a seeded random codec for demos and tests only")
+
+    def encode(self, x, rate) -> np.ndarray:
+        """Mono float waveform at `rate` -> (8, T) int16 codes."""
+        from higgs_min import audio_tokenizer as at, codec
+        if isinstance(self.model, at.AudioTokenizer):
+            return self.model.encode(at.resample(x, rate, self.model.sample_rate)).numpy().astype(np.int16)
+        if self.model is None:
+            self.model = codec.load_codec(*self.args)
+        return codec.encode(self.model, x, rate)
+
+    def decode(self, codes: np.ndarray):
+        """(K, T) codes -> (waveform, rate)."""
+        from higgs_min import audio_tokenizer as at, codec
+        if isinstance(self.model, at.AudioTokenizer):
+            return self.model.decode(codes), self.model.sample_rate
+        if self.model is None:
+            self.model = codec.load_codec(*self.args)
+        return codec.decode(self.model, codes), self.model.sample_rate
+
+
+def wav_seconds(path: Path) -> float:
+    import wave
+    try:
+        with wave.open(str(path), "rb") as w:
+            return w.getnframes() / w.getframerate()
+    except (wave.Error, EOFError) as e:
+        raise SystemExit(f"{path}: not a readable WAV file: {e}")
+
+
+def prepare(data: Path, out: Path, codec_weights=None, random_seed=None, audio_tokenizer=None,
+            max_seconds: float = 60.0) -> dict:
+    """Returns counts: {'encoded': n, 'cached': m, 'audio_items': n + m, 'codec': identity}."""
+    import time
+
     from tqdm import tqdm
 
     from higgs_min import codec
 
-    codec_id = f"weights:{sha256_file(Path(codec_weights))}" if codec_weights else f"random-seed:{random_seed}"
-    if codec_weights is None and random_seed is None:
-        raise SystemExit("refusing to run without --codec-weights PATH (nothing is downloaded); "
-                         "--random-codec-seed N builds a seeded random codec for demos and tests only")
-    if random_seed is not None and codec_weights is None:
-        log.warning("using a RANDOMLY INITIALIZED DAC (seed %d): codes are for demos and tests only", random_seed)
+    enc = _Codec(codec_weights, random_seed, audio_tokenizer)
     lines = data.read_text(encoding="utf-8").splitlines()
-    jobs = []  # (line index, message index, item index, wav path)
+    jobs = []  # (line index, message index, item index, wav path, seconds)
     convs = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -63,36 +119,47 @@ def prepare(data: Path, out: Path, codec_weights=None, random_seed=None) -> dict
             content = msg.get("content") if isinstance(msg, dict) else None
             for i_i, item in enumerate(content if isinstance(content, list) else []):
                 if isinstance(item, dict) and item.get("type") == "audio" and "audio" in item:
+                    where = f"{data}:{n}: messages[{m_i}].content[{i_i}].audio"
                     wav = data.parent / item["audio"]
                     if not wav.exists():
-                        raise SystemExit(f"{data}:{n}: messages[{m_i}].content[{i_i}].audio: {wav} does not exist")
-                    jobs.append((len(convs) - 1, m_i, i_i, wav))
+                        raise SystemExit(f"{where}: {wav} does not exist")
+                    seconds = wav_seconds(wav)  # header only: refuse before any encoding, not by running out of memory
+                    if seconds > max_seconds:
+                        raise SystemExit(f"{where}: {wav} is {seconds:.1f} s, longer than --max-seconds "
+                                         f"{max_seconds:g}; split it or raise the limit")
+                    jobs.append((len(convs) - 1, m_i, i_i, wav, seconds))
     codes_dir = out.parent / "codes"
     codes_dir.mkdir(parents=True, exist_ok=True)
-    model = None
     counts = {"encoded": 0, "cached": 0}
-    for conv_i, m_i, i_i, wav in tqdm(jobs, desc="encoding audio", unit="file", disable=not jobs):
-        key = hashlib.sha256(f"{codec_id}:{sha256_file(wav)}".encode()).hexdigest()[:20]
+    audio_s, compute_s = 0.0, 0.0
+    bar = tqdm(jobs, desc=f"encoding audio ({enc.identity})", unit="clip", disable=not jobs)
+    for conv_i, m_i, i_i, wav, seconds in bar:
+        key = hashlib.sha256(f"{enc.identity}:{sha256_file(wav)}".encode()).hexdigest()[:20]
         target = codes_dir / f"{key}.npy"
         if target.exists():
             counts["cached"] += 1
         else:
-            if model is None:
-                model = codec.load_codec(codec_weights, random_seed)
+            t0 = time.perf_counter()
             x, rate = codec.read_wav(wav)
-            codes = codec.encode(model, x, rate)  # (8, T) int16
+            codes = enc.encode(x, rate)  # (8, T) int16
             tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}.npy")
             np.save(tmp, codes)
             os.replace(tmp, target)
             counts["encoded"] += 1
+            audio_s, compute_s = audio_s + seconds, compute_s + time.perf_counter() - t0
+            bar.set_postfix_str(f"{audio_s / compute_s:.1f} audio-s/s")
         item = convs[conv_i]["messages"][m_i]["content"][i_i]
         src = os.path.relpath(wav, out.parent)
         item.pop("audio")
         item["codes"] = os.path.relpath(target, out.parent)
         item["source_audio"] = src
+        item["codec"] = enc.identity  # provenance: which tokenizer's codes these are
     body = "".join((json.dumps(c, ensure_ascii=False) if c is not None else "") + "\n" for c in convs)
     _write_atomic(out, body.encode("utf-8"))
     counts["audio_items"] = len(jobs)
+    counts["codec"] = enc.identity
+    if compute_s:
+        log.info("encoded %.1f s of audio in %.1f s (%.1f audio-s/s)", audio_s, compute_s, audio_s / compute_s)
     return counts
 
 
@@ -100,6 +167,8 @@ def prepare(data: Path, out: Path, codec_weights=None, random_seed=None) -> dict
 # "module:function"; the function takes argv (the words after the subcommand) and
 # returns an exit code. Imported only when asked for, so `prepare --help` stays fast.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "convert-audio-tokenizer": ("higgs_min.audio_tokenizer:convert_main",
+                                "released Higgs audio tokenizer model.pth -> model.safetensors, once"),
 }
 
 
@@ -120,20 +189,27 @@ def encode_main(argv) -> int:
     ap.add_argument("--out", type=Path, required=True, help="output JSONL (or wav with --decode)")
     ap.add_argument("--codec-weights", help="local DAC weights file (dac.DAC.load); never downloaded")
     ap.add_argument("--random-codec-seed", type=int, help="build a seeded random DAC instead (demos/tests only)")
+    ap.add_argument("--audio-tokenizer", type=Path, metavar="DIR",
+                    help="the Higgs Audio v2 audio tokenizer (config.json + model.safetensors or model.pth): the "
+                         "codes the released model understands; see convert-audio-tokenizer")
+    ap.add_argument("--max-seconds", type=float, default=60.0,
+                    help="refuse a clip longer than this many seconds, naming the file (default 60)")
     ap.add_argument("--decode", type=Path, help="codes .npy (K, T) to turn back into a wav at --out")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.decode:
         from higgs_min import codec
-        model = codec.load_codec(args.codec_weights, args.random_codec_seed)
-        x = codec.decode(model, np.load(args.decode, allow_pickle=False))
-        codec.write_wav(args.out, x, model.sample_rate)
-        print(f"wrote {args.out} ({x.numel() / model.sample_rate:.2f} s at {model.sample_rate} Hz)")
+        enc = _Codec(args.codec_weights, args.random_codec_seed, args.audio_tokenizer)
+        x, rate = enc.decode(np.load(args.decode, allow_pickle=False))
+        codec.write_wav(args.out, x, rate)
+        print(f"wrote {args.out} ({x.numel() / rate:.2f} s at {rate} Hz, {enc.identity})")
         return 0
     if args.data is None:
         ap.error("--data is required unless --decode is given")
-    counts = prepare(args.data, args.out, args.codec_weights, args.random_codec_seed)
-    print(f"{args.out}: {counts['audio_items']} audio items, {counts['encoded']} encoded, {counts['cached']} cached")
+    counts = prepare(args.data, args.out, args.codec_weights, args.random_codec_seed, args.audio_tokenizer,
+                     args.max_seconds)
+    print(f"{args.out}: {counts['audio_items']} audio items, {counts['encoded']} encoded, {counts['cached']} cached"
+          f" (codec {counts['codec']})")
     return 0
 
 

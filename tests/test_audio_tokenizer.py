@@ -8,6 +8,7 @@ one shape check at the released size on the meta device.
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -259,3 +260,38 @@ def test_encode_refuses_bad_input_and_long_files(released, tmp_path):
         tok.encode_file(tmp_path / "long.wav", max_seconds=2)
     codes = tok.encode_file(tmp_path / "long.wav")  # 16 kHz file: resampled to 24 kHz first
     assert codes.shape == (8, 75)
+
+
+def test_prepare_with_the_tokenizer_then_train_the_demo_a_few_steps(released, tmp_path):
+    """prepare --audio-tokenizer on wavs at two rates, provenance recorded, long clips refused by name,
+    codes decoded back, and the tiny preset trains on the codes."""
+    from higgs_min.codec import read_wav, write_wav
+    from higgs_min.prepare import main as prepare_main, prepare
+    from tests.helpers import write_jsonl
+    from tests.trainutil import metrics, run
+    root, _, _ = released
+    rows = []
+    for i, (rate, seconds) in enumerate([(24000, 1.0), (16000, 0.8), (24000, 1.2), (44100, 0.6)]):
+        n = int(rate * seconds)
+        write_wav(tmp_path / f"a{i}.wav", 0.3 * torch.sin(2 * math.pi * (200 + 50 * i) * torch.arange(n) / rate), rate)
+        rows.append({"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": [
+            {"type": "text", "text": "the cat"}, {"type": "audio", "audio": f"a{i}.wav"}]}]})
+    write_jsonl(tmp_path / "in.jsonl", rows * 2)
+    out = tmp_path / "prep" / "o.jsonl"
+    with pytest.raises(SystemExit, match=r"in.jsonl:1: messages\[1\].content\[1\].audio: .*a0.wav is 1.0 s, "
+                                         r"longer than --max-seconds 0.9"):
+        prepare(tmp_path / "in.jsonl", out, audio_tokenizer=root / "st", max_seconds=0.9)
+    counts = prepare(tmp_path / "in.jsonl", out, audio_tokenizer=root / "pth")
+    ident = at.load(root / "st").identity
+    assert counts == {"encoded": 4, "cached": 4, "audio_items": 8, "codec": ident}
+    items = [json.loads(line)["messages"][1]["content"][1] for line in out.read_text().splitlines()]
+    assert {it["codec"] for it in items} == {ident}
+    codes = np.load(out.parent / items[1]["codes"])
+    assert codes.shape == (8, at.AudioTokenizerConfig.from_json_dict(u.TINY).frames(19200)) and codes.dtype == np.int16
+    assert prepare_main(["--decode", str(out.parent / items[0]["codes"]), "--audio-tokenizer", str(root / "st"),
+                         "--out", str(tmp_path / "back.wav")]) == 0
+    x, rate = read_wav(tmp_path / "back.wav")
+    assert rate == 24000 and x.numel() == 960 * 25
+    assert run(tmp_path / "out", "--data", out, "--max-steps", 3, "--batch-size", 2) == 0
+    rows = metrics(tmp_path / "out")
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["audio_loss"]) for r in rows)

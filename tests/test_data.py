@@ -217,12 +217,12 @@ def test_prepare_encodes_with_seeded_random_dac_and_caches(tmp_path):
     row = {"messages": [{"role": "assistant", "content": [{"type": "audio", "audio": "a.wav"}]}]}
     write_jsonl(tmp_path / "in.jsonl", [row])
     counts = prepare(tmp_path / "in.jsonl", tmp_path / "out" / "o.jsonl", random_seed=0)
-    assert counts == {"encoded": 1, "cached": 0, "audio_items": 1}
+    assert counts == {"encoded": 1, "cached": 0, "audio_items": 1, "codec": "dac-random-seed:0"}
     item = json.loads((tmp_path / "out" / "o.jsonl").read_text())["messages"][0]["content"][0]
     codes = np.load(tmp_path / "out" / item["codes"])
     assert codes.shape == (8, 25) and codes.dtype == np.int16 and 0 <= codes.min() and codes.max() < 1024
     again = prepare(tmp_path / "in.jsonl", tmp_path / "out" / "o.jsonl", random_seed=0)
-    assert again == {"encoded": 0, "cached": 1, "audio_items": 1}
+    assert again == {"encoded": 0, "cached": 1, "audio_items": 1, "codec": "dac-random-seed:0"}
     with pytest.raises(SystemExit, match="refusing"):
         prepare(tmp_path / "in.jsonl", tmp_path / "o2.jsonl")
     # and back to audio to listen to
