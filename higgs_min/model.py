@@ -15,6 +15,11 @@
 The forward returns hidden states only; heads are applied by the caller to the
 rows it scores (see loss.py), so nobody builds (B, L, V) logits by accident.
 State-dict names are the released checkpoint's names exactly.
+
+Generation passes a `KVCache`: the L new positions sit at P..P+L-1 after the P
+cached ones (RoPE at those positions), their keys/values are written into the
+preallocated per-layer buffers, and each new query sees every cached key plus the
+new keys up to itself (a causal mask aligned to the bottom right).
 """
 
 from __future__ import annotations
@@ -71,6 +76,37 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+class KVCache:
+    """Preallocated keys and values of every layer for one generation (batch B, usually 1).
+
+    keys[i] / values[i]: (B, nkv, max_len, hd); positions [0, length) are filled.
+    `HiggsAudioModel.forward(..., cache=c)` appends its L positions and advances `length`.
+    """
+
+    def __init__(self, cfg: ModelConfig, max_len: int, batch: int = 1, device=None, dtype=torch.float32):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.max_len, self.length = max_len, 0
+
+    def layer(self, i: int) -> "_LayerKV":
+        return _LayerKV(self, i)
+
+
+class _LayerKV:
+    """One layer's slot of a KVCache for the current forward (positions length .. length + L - 1)."""
+
+    def __init__(self, cache: KVCache, i: int):
+        self.cache, self.i = cache, i
+
+    def append(self, k, v):
+        """k, v (B, nkv, L, hd) -> every key/value so far, (B, nkv, P + L, hd)."""
+        c, P, L = self.cache, self.cache.length, k.shape[2]
+        c.keys[self.i][:, :, P:P + L] = k
+        c.values[self.i][:, :, P:P + L] = v
+        return c.keys[self.i][:, :, :P + L], c.values[self.i][:, :, :P + L]
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention through scaled_dot_product_attention."""
 
@@ -83,15 +119,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(H, self.nkv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.nh * self.hd, H, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask):
+    def forward(self, x, cos, sin, attn_mask, kv=None):
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.nh, self.hd).transpose(1, 2)  # (B, nh, L, hd)
         k = self.k_proj(x).view(B, L, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, L, hd)
         v = self.v_proj(x).view(B, L, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, L, hd)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if kv is not None:
+            k, v = kv.append(k, v)  # (B, nkv, P + L, hd)
         if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            # Square: causal (SDPA's is_causal is top-left aligned, right only when keys == queries).
+            # Otherwise one cached step: its single query sees every key.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=k.shape[2] == L, enable_gqa=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, L, self.nh * self.hd)  # (B, L, nh*hd)
@@ -125,14 +165,15 @@ class DecoderLayer(nn.Module):
             self.audio_input_layernorm = RMSNorm(H, cfg.rms_norm_eps)
             self.audio_post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn_mask, audio_mask, audio_rows, text_rows):
-        """x (B, L, H); audio_mask (B, L, 1) bool; audio_rows / text_rows: flat indices into (B*L,); or all None."""
+    def forward(self, x, cos, sin, attn_mask, audio_mask, audio_rows, text_rows, kv=None):
+        """x (B, L, H); audio_mask (B, L, 1) bool; audio_rows / text_rows: flat indices into (B*L,); or all None.
+        kv: this layer's KVCache slot, or None."""
         if not self.dual_ffn or audio_rows is None:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv)
             return x + self.mlp(self.post_attention_layernorm(x))
         B, L, H = x.shape
         h = torch.where(audio_mask, self.audio_input_layernorm(x), self.input_layernorm(x))
-        x = x + self.self_attn(h, cos, sin, attn_mask)
+        x = x + self.self_attn(h, cos, sin, attn_mask, kv)
         # Each row goes through exactly one FFN: gather, run, scatter back.
         flat = x.reshape(B * L, H)
         t = flat[text_rows]
@@ -196,16 +237,25 @@ class HiggsAudioModel(nn.Module):
         a = self.audio_codebook_embeddings(ids).sum(dim=1)  # (N, H)
         return x.index_put((b, l), a.to(x.dtype))
 
-    def forward(self, input_ids, attention_mask=None, audio_codes=None, audio_mask=None):
+    def forward(self, input_ids, attention_mask=None, audio_codes=None, audio_mask=None, cache=None):
         """Return the final hidden states (B, L, H).
 
         attention_mask (B, L): 1 for real tokens, 0 for padding (None: no padding).
         audio_mask (B, L): True where the position holds an audio frame (in or out);
         those rows take the codebook embeddings and the audio FFN path.
+        cache: a KVCache holding P positions; these L positions become P..P+L-1 and are
+        appended to it (no padding then). Without a cache this is exactly the training forward.
         """
         B, L = input_ids.shape
         x = self.embed(input_ids, audio_codes, audio_mask)
-        pos = torch.arange(L, device=x.device, dtype=torch.float32)
+        P = 0
+        if cache is not None:
+            if attention_mask is not None and not bool(attention_mask.all()):
+                raise ValueError("forward with a KV cache: padding (attention_mask zeros) is not supported")
+            P = cache.length
+            if P + L > cache.max_len:
+                raise ValueError(f"KV cache holds {cache.max_len} positions; {P} used + {L} new do not fit")
+        pos = torch.arange(P, P + L, device=x.device, dtype=torch.float32)
         # Recomputed each call (hd/2 numbers) so that model.to(bf16) cannot round it.
         inv_freq = rope_inv_freq(self.config).to(x.device)
         freqs = torch.outer(pos, inv_freq)  # (L, hd/2)
@@ -215,14 +265,20 @@ class HiggsAudioModel(nn.Module):
         if attention_mask is not None and not bool(attention_mask.all()):
             causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
             attn_mask = causal[None, None] & attention_mask.bool()[:, None, None, :]  # (B, 1, L, L)
+        if cache is not None and P > 0 and L > 1:
+            # Chunked prefill: query i (position P+i) sees keys 0..P+i, a causal mask aligned bottom right.
+            attn_mask = torch.ones(L, P + L, dtype=torch.bool, device=x.device).tril(diagonal=P)[None, None]
         audio_rows = text_rows = None
         if audio_mask is not None and audio_mask.any():
             flat = audio_mask.reshape(-1)
             audio_rows = flat.nonzero().squeeze(1)
             text_rows = (~flat).nonzero().squeeze(1)
             audio_mask = audio_mask.view(B, L, 1)
-        for layer in self.layers:
-            x = layer(x, cos, sin, attn_mask, audio_mask, audio_rows, text_rows)
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else cache.layer(i)
+            x = layer(x, cos, sin, attn_mask, audio_mask, audio_rows, text_rows, kv)
+        if cache is not None:
+            cache.length = P + L
         return self.norm(x)
 
     def text_logits(self, hidden_rows):
