@@ -382,9 +382,9 @@ def load_training_state(folder: str | Path, model, optimizer) -> dict:
 
 
 def main(argv=None) -> int:
-    import argparse
+    from higgs_min.errors import Parser
 
-    ap = argparse.ArgumentParser(prog="python -m higgs_min.checkpoint", description="Verify or list checkpoints.")
+    ap = Parser(prog="python -m higgs_min.checkpoint", description="Verify or list checkpoints.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("verify", help="check one checkpoint folder against its manifest").add_argument("dir", type=Path)
     sub.add_parser("list", help="list the checkpoints of an output folder").add_argument("output_dir", type=Path)
@@ -398,6 +398,10 @@ def main(argv=None) -> int:
         total = sum(f["bytes"] for f in m["files"].values())
         print(f"OK {args.dir}: step {m['step']}, {len(m['files'])} files, {total / 1e6:.2f} MB, sha256 verified")
         return 0
+    if not args.output_dir.is_dir():
+        print(f"{args.output_dir}: " + ("is a file, not an output folder" if args.output_dir.exists()
+                                       else "no such folder"), file=sys.stderr)
+        return 1
     rows = scan(args.output_dir)
     if not rows:
         print(f"{args.output_dir}: no checkpoint-N folders")

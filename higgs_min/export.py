@@ -12,7 +12,6 @@ complete (written to a temporary sibling, then renamed).
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from higgs_min.errors import Parser, guard
 from higgs_min.lora import PEFT_PREFIX, read_adapter
 from higgs_min.model import weight_files
 
@@ -87,10 +87,17 @@ def merge_into_weights(adapter_dir: str | Path, base: str | Path, out: str | Pat
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m higgs_min.export", description=__doc__.split("\n\n")[0])
+    # Every exception merge raises on its own names the file and the problem (bad adapter, missing
+    # shard, existing output): reported in one line; --debug shows the traceback.
+    return guard(_main, argv, "python -m higgs_min.export", runtime=(ValueError, KeyError, OSError))
+
+
+def _main(argv) -> int:
+    ap = Parser(prog="python -m higgs_min.export", description=__doc__.split("\n\n")[0])
     ap.add_argument("--adapter", required=True, help="folder with adapter_config.json + adapter_model.safetensors")
     ap.add_argument("--base-weights", required=True, help="base .safetensors file or folder of shards")
     ap.add_argument("--out", required=True, help="new folder for the merged weights")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of a reported error")
     args = ap.parse_args(argv)
     out = merge_into_weights(args.adapter, args.base_weights, args.out)
     print(f"merged weights written to {out.resolve()}")

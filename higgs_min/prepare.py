@@ -18,7 +18,6 @@ a tokenizer or codec the command refuses, unless --random-codec-seed asks for a 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from higgs_min.checkpoint import sha256_file, write_file
+from higgs_min.errors import Parser, UsageError, guard
 
 log = logging.getLogger("higgs_min.prepare")
 
@@ -57,6 +57,9 @@ class _Codec:
                 raise SystemExit(f"--audio-tokenizer: {e}")
             self.identity, self.sample_rate = self.model.identity, self.model.sample_rate
         elif codec_weights is not None:
+            if not Path(codec_weights).is_file():
+                raise UsageError(f"--codec-weights {codec_weights}: no such file (a local DAC weights file, "
+                                 f"e.g. weights_44khz_8kbps_0.0.1.pth; nothing is downloaded)")
             self.identity = f"dac:{sha256_file(Path(codec_weights))[:16]}"
         elif random_seed is not None:
             log.warning("using a RANDOMLY INITIALIZED DAC (seed %d): codes are for demos and tests only", random_seed)
@@ -120,6 +123,10 @@ def prepare(data: Path, out: Path, codec_weights=None, random_seed=None, audio_t
             for i_i, item in enumerate(content if isinstance(content, list) else []):
                 if isinstance(item, dict) and item.get("type") == "audio" and "audio" in item:
                     where = f"{data}:{n}: messages[{m_i}].content[{i_i}].audio"
+                    if not isinstance(item["audio"], str):
+                        raise UsageError(f"{where}: expected a wav path "
+                                         f"string, got {json.dumps(item['audio'])[:60]}; write "
+                                         '{"type": "audio", "audio": "a.wav"}')
                     wav = data.parent / item["audio"]
                     if not wav.exists():
                         raise SystemExit(f"{where}: {wav} does not exist")
@@ -173,7 +180,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    return guard(_dispatch, argv, "python -m higgs_min.prepare")
+
+
+def _dispatch(argv) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         module, _, func = SUBCOMMANDS[argv[0]][0].partition(":")
         import importlib
@@ -182,7 +192,7 @@ def main(argv=None) -> int:
 
 
 def encode_main(argv) -> int:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="python -m higgs_min.prepare", description=__doc__.split("\n\n")[0],
         epilog="subcommands: " + ", ".join(f"{k} ({v[1]})" for k, v in SUBCOMMANDS.items()) if SUBCOMMANDS else None)
     ap.add_argument("--data", type=Path, help="input JSONL whose audio items hold wav paths")
@@ -195,6 +205,7 @@ def encode_main(argv) -> int:
     ap.add_argument("--max-seconds", type=float, default=60.0,
                     help="refuse a clip longer than this many seconds, naming the file (default 60)")
     ap.add_argument("--decode", type=Path, help="codes .npy (K, T) to turn back into a wav at --out")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of a reported error")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.decode:

@@ -32,9 +32,10 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from higgs_min import checkpoint, distributed
-from higgs_min.config import ModelConfig
+from higgs_min import checkpoint, distributed, runconfig
+from higgs_min.config import PRESETS, ModelConfig
 from higgs_min.data import BatchStream, ChatEncoder, DataError, load_jsonl, padding_fraction
+from higgs_min.errors import Parser, RunError, UsageError, guard
 from higgs_min.lora import DEFAULT_TARGETS, adapter_config, apply_lora
 from higgs_min.loss import Diagnostics, audio_scores, reduce_codebooks, target_counts, text_scores
 from higgs_min.model import HiggsAudioModel
@@ -45,14 +46,15 @@ DATA = Path(__file__).resolve().parent.parent / "data"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m higgs_min.train", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = Parser(prog="python -m higgs_min.train", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = ap.add_argument
     a("--config", type=Path, help="JSON file of option values (keys as option names with _); "
                                   "command-line options override it")
     a("--data", type=Path, default=DATA / "demo.jsonl", help="training conversations (JSONL)")
-    a("--tokenizer", type=Path, default=DATA / "tokenizer.json", help="tokenizers tokenizer.json")
-    a("--preset", default="tiny", help="model preset when no --base-weights: tiny or higgs-v2-3b")
+    a("--tokenizer", type=Path, help="tokenizers tokenizer.json (default: the one in --base-weights, "
+                                     "else the demo's data/tokenizer.json)")
+    a("--preset", default="tiny", choices=sorted(PRESETS), help="model preset when no --base-weights")
     a("--base-weights", type=Path, help="released-format weights (folder with config.json and shards)")
     a("--output-dir", type=Path, default=Path("output"), help="where checkpoints and logs go")
     a("--max-steps", type=int, default=300, help="optimizer steps to train")
@@ -82,13 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--skip-bad-samples", action="store_true", help="count and skip bad JSONL lines instead of failing")
     a("--log-every", type=int, default=25, help="log metrics every N steps")
     a("--log-samples", type=int, default=3, help="log the label statistics of the first N samples")
-    a("--device", default="auto", help="auto, cpu or cuda")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     a("--dist-timeout", type=float, default=600.0, help="seconds a collective may wait before failing")
     a("--keep-last", type=int, default=0, help="keep only the newest N valid checkpoints (0: all)")
     a("--backup-dir", type=Path, help="second output folder to try when a save fails")
     a("--on-save-error", default="raise", choices=["raise", "continue"], help="what a failed save does")
     a("--strict-space", action="store_true", help="fail in preflight when free space looks too small")
     a("--tensorboard", action="store_true", help="also write TensorBoard event files")
+    a("--allow-changed-settings", action="store_true",
+      help="resume even though settings that change what is trained differ from the run's record (recorded)")
+    a("--debug", action="store_true", help="show the traceback of a reported error")
     return ap
 
 
@@ -97,9 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.config:
         try:
-            values = json.loads(args.config.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            ap.error(f"--config {args.config}: {e}")
+            values = runconfig.as_config(json.loads(args.config.read_text()))
+        except (OSError, json.JSONDecodeError, AttributeError) as e:
+            ap.error(f"--config {args.config}: not a JSON object of option values ({e})")
         known = {a.dest for a in ap._actions}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -107,6 +112,33 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.set_defaults(**values)
         args = ap.parse_args(argv)  # the command line still wins over the file
     return args
+
+
+def check_inputs(args) -> None:
+    """Refuse, before anything is built, paths that cannot work; default the tokenizer."""
+    if args.base_weights is not None:
+        base = args.base_weights
+        if not base.is_dir() or not (base / "config.json").is_file():
+            found = (sorted(p.name for p in base.iterdir())[:6] if base.is_dir() else
+                     "a file" if base.exists() else "nothing")
+            raise UsageError(f"--base-weights {base}: expected a folder with config.json and *.safetensors "
+                             f"(as `export` writes); found {found or 'an empty folder'}")
+        if args.tokenizer is None:
+            args.tokenizer = base / "tokenizer.json"
+            if not args.tokenizer.is_file():
+                raise UsageError(f"--base-weights {base} holds no tokenizer.json; pass --tokenizer PATH")
+    elif args.tokenizer is None:
+        args.tokenizer = DATA / "tokenizer.json"
+    for name in ("data", "tokenizer"):
+        path = getattr(args, name)
+        if not path.is_file():
+            raise UsageError(f"--{name} {path}: " + ("is a folder, expected a file" if path.is_dir()
+                                                     else "no such file"))
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise UsageError(f"--output-dir {args.output_dir} is a file; give a folder (it is created if missing)")
+    for name in ("max_steps", "batch_size", "grad_accum", "lora_rank", "max_length", "log_every"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
 
 def lr_at(step: int, args) -> float:
@@ -202,8 +234,13 @@ def save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base
 
 def build_model(args, device) -> tuple[HiggsAudioModel, ModelConfig, str]:
     """Base weights (frozen; released ones, or a seeded random preset) + LoRA (trainable)."""
-    model, cfg, base_name = build_base(args.preset, args.base_weights, args.seed,
-                                       torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        model, cfg, base_name = build_base(args.preset, args.base_weights, args.seed,
+                                           torch.bfloat16 if device.type == "cuda" else torch.float32)
+    except (KeyError, ValueError, FileNotFoundError) as e:  # config fields, tensor names, shapes, shards
+        if not args.base_weights:
+            raise
+        raise UsageError(f"--base-weights {args.base_weights}: {e.args[0] if e.args else e}") from e
     apply_lora(model, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout, args.rslora)
     return model.to(device), cfg, base_name
 
@@ -223,13 +260,14 @@ def prepare_output(args, dist_info, n_trainable: int) -> None:
         raise checkpoint.CheckpointError(outcome)
 
 
-def resume(args, model, optimizer, stream, dist_info) -> int:
+def resume(folder, args, model, optimizer, stream, dist_info) -> int:
     """Restore adapter, optimizer, data position and RNG from a checkpoint; return its step (0: none)."""
-    folder = checkpoint.latest_valid(args.output_dir) if args.resume == "auto" else (
-        None if args.resume == "none" else Path(args.resume))
     if folder is None:
         return 0
-    state = checkpoint.load_training_state(folder, model, optimizer)
+    try:
+        state = checkpoint.load_training_state(folder, model, optimizer)
+    except (KeyError, ValueError) as e:  # tensor names or shapes that do not fit this model
+        raise RunError(f"cannot resume from {folder}: {e}") from e
     stream.epoch, stream.position = state["epoch"], state["batch_in_epoch"]
     if state["world_size"] != dist_info.world_size or state["batch_size"] != args.batch_size:
         log.warning("resuming with world_size %d / batch %d; the checkpoint had %d / %d: data order differs",
@@ -259,8 +297,14 @@ def append_metrics(path: Path, row: dict) -> None:
 
 
 def train(args) -> dict:
-    dist_info = distributed.init(args.device, args.dist_timeout)
+    check_inputs(args)
+    try:
+        dist_info = distributed.init(args.device, args.dist_timeout)
+    except RuntimeError as e:  # no CUDA device, or the process group could not form
+        raise RunError(str(e)) from e
     setup_logging(dist_info.is_main)
+    args.output_dir = Path(args.output_dir).resolve()
+    run = runconfig.decide(args, dist_info.is_main)  # refuses a resume whose settings changed
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -280,14 +324,12 @@ def train(args) -> dict:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
 
     prepare_output(args, dist_info, sum(p.numel() for p in params))
-    args.output_dir = Path(args.output_dir).resolve()
     setup_logging(dist_info.is_main, args.output_dir)
-    resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    resolved = runconfig.settings_of(args)
     if dist_info.is_main:
         log.info("resolved config: %s", json.dumps(resolved, sort_keys=True))
-        checkpoint.write_file(args.output_dir / "run_config.json", checkpoint.json_bytes(
-            {"train": resolved, "model": cfg.to_dict(), "world_size": dist_info.world_size}))
-    start_step = step = resume(args, model, optimizer, stream, dist_info)
+        run.record(args, cfg.to_dict(), dist_info.world_size)
+    start_step = step = resume(run.resume_from, args, model, optimizer, stream, dist_info)
 
     scorer = Scorer(model, args.text_loss_chunk)
     ddp = DDP(scorer, find_unused_parameters=True) if dist_info.enabled else scorer
@@ -361,7 +403,7 @@ def train(args) -> dict:
                     "scheduler": {"type": "linear_warmup_cosine", "warmup_steps": args.warmup_steps,
                                   "max_steps": args.max_steps, "lr": args.lr, "min_lr_ratio": args.min_lr_ratio,
                                   "last_lr": optimizer.param_groups[0]["lr"]},
-                    "config": resolved, "data": report.summary(),
+                    "config": resolved, "identity": run.identity, "data": report.summary(),
                     "rng": distributed.gather_objects(checkpoint.rng_state()),  # every rank's, in rank order
                 }
                 save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base_name)
@@ -386,16 +428,18 @@ def train(args) -> dict:
     return last
 
 
-def main(argv=None) -> int:
+def _main(argv) -> int:
     args = parse_args(argv)
     try:
         train(args)
-    except (DataError, checkpoint.CheckpointError, FloatingPointError) as e:
-        logging.getLogger("higgs_min.train").error("%s", e)
-        return 1
     finally:
         distributed.shutdown()
     return 0
+
+
+def main(argv=None) -> int:
+    return guard(_main, argv, "python -m higgs_min.train",
+                 runtime=(DataError, checkpoint.CheckpointError, FloatingPointError))
 
 
 if __name__ == "__main__":

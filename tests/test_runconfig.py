@@ -1,0 +1,72 @@
+"""The resume guard: the first run's settings are kept, a changed trained setting refuses, schedule changes pass."""
+import json
+import shutil
+
+from higgs_min import runconfig
+from higgs_min.train import DATA, parse_args
+from tests.trainutil import run
+
+
+def _error_lines(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+
+
+def test_resume_refuses_changed_settings_and_allows_schedule_changes(tmp_path, caplog):
+    out = tmp_path / "out"
+    assert run(out, "--max-steps", 2) == 0
+    record = (out / "run_config.json").read_bytes()
+
+    caplog.clear()
+    assert run(out, "--max-steps", 2, "--seed", 1) == 2
+    assert "seed: 0 -> 1" in _error_lines(caplog) and "--allow-changed-settings" in _error_lines(caplog)
+
+    data = tmp_path / "data.jsonl"  # same name, other content: refused by content hash
+    data.write_text("\n".join((DATA / "demo.jsonl").read_text().splitlines()[:20]) + "\n")
+    (tmp_path / "codes").symlink_to(DATA / "codes")
+    caplog.clear()
+    assert run(out, "--max-steps", 2, "--data", data) == 2
+    assert "data: " in _error_lines(caplog) and "sha256" in _error_lines(caplog)
+
+    caplog.clear()  # a shape change cannot be overridden at all
+    assert run(out, "--max-steps", 2, "--lora-rank", 8, "--allow-changed-settings") == 2
+    assert "lora_rank: 4 -> 8" in _error_lines(caplog)
+
+    caplog.clear()  # extending the run continues and logs the change
+    assert run(out, "--max-steps", 3) == 0
+    assert "max_steps: 2 -> 3" in caplog.text
+    assert (out / "checkpoint-3").is_dir()
+    assert (out / "run_config.json").read_bytes() == record  # the first run's settings survive
+
+    caplog.clear()  # the override lets a trained setting through and records it
+    assert run(out, "--max-steps", 4, "--lr", "1e-3", "--allow-changed-settings") == 0
+    changes = [json.loads(line) for line in (out / "settings_changes.jsonl").read_text().splitlines()]
+    assert changes[0]["allowed"] == {"max_steps": "2 -> 3"}
+    assert "lr" in changes[-1]["overridden"] and "0.003 -> 0.001" in changes[-1]["overridden"]["lr"]
+    assert (out / "run_config.json").read_bytes() == record
+
+
+def test_run_config_round_trips_through_config(tmp_path, caplog):
+    out = tmp_path / "out"
+    assert run(out, "--max-steps", 2, "--lora-alpha", 4, "--seed", 3, "--text-weight", 0.5) == 0
+    rc = out / "run_config.json"
+    recorded = json.loads(rc.read_text())["train"]
+    again = runconfig.settings_of(parse_args(["--config", str(rc)]))
+    for key in set(recorded) - set(runconfig.NOT_CONFIG):
+        assert again[key] == recorded[key], key
+    # and the run resumes from it without a refusal (a moved data file with the same content passes too)
+    moved = tmp_path / "moved.jsonl"
+    shutil.copy(DATA / "demo.jsonl", moved)
+    (tmp_path / "codes").symlink_to(DATA / "codes")
+    from higgs_min.train import main
+    caplog.clear()
+    assert main(["--config", str(rc), "--max-steps", "3", "--data", str(moved)]) == 0, _error_lines(caplog)
+    assert "(same content)" in caplog.text
+
+
+def test_compare_classifies_each_setting():
+    ident = {"data": {"path": "/a", "sha256": "x"}}
+    refused, allowed = runconfig.compare(
+        {"seed": 0, "save_steps": 10, "data": "/a", "brand_new_option": 1},
+        ident, {"seed": 0, "save_steps": 20, "data": "/b", "brand_new_option": 2},
+        {"data": {"path": "/b", "sha256": "x"}})
+    assert set(allowed) == {"save_steps", "data"} and set(refused) == {"brand_new_option"}
