@@ -294,6 +294,9 @@ def check_and_filter(tensors: dict, expected: dict, source, n_q: int) -> dict:
 def load_state(folder: str | Path) -> tuple[AudioTokenizerConfig, dict, Path]:
     """(config, folded and checked {name: float32 tensor}, weights file)."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise AudioTokenizerError(f"{folder}: no such folder (expected config.json with model.safetensors or "
+                                  "model.pth: the released bosonai/higgs-audio-v2-tokenizer files; nothing is downloaded)")
     cfg = AudioTokenizerConfig.from_json(folder / "config.json")
     raw, source = read_tensors(folder)
     with torch.device("meta"):

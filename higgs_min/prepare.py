@@ -43,7 +43,7 @@ class _Codec:
     """The audio -> codes step behind `prepare`: a DAC (codec.py) or the Higgs Audio v2 tokenizer
     (audio_tokenizer.py). `identity` names it in each prepared item's "codec" field and in the cache key."""
 
-    def __init__(self, codec_weights=None, random_seed=None, audio_tokenizer=None):
+    def __init__(self, codec_weights=None, random_seed=None, audio_tokenizer=None, device="cpu", dtype="float32"):
         self.model = None
         self.args = (codec_weights, random_seed)
         if audio_tokenizer is not None:
@@ -51,10 +51,13 @@ class _Codec:
                 raise SystemExit("--audio-tokenizer and --codec-weights/--random-codec-seed are exclusive: "
                                  "one codec per data set")
             from higgs_min import audio_tokenizer as at
+            import torch
             try:  # loaded up front: its identity is a hash of its (folded) weights
-                self.model = at.load(audio_tokenizer)
+                self.model = at.load(audio_tokenizer, device, getattr(torch, dtype))
             except at.AudioTokenizerError as e:
                 raise SystemExit(f"--audio-tokenizer: {e}")
+            except ValueError as e:  # a dtype other than float32 on CPU
+                raise SystemExit(f"--dtype {dtype} --device {device}: {e}")
             self.identity, self.sample_rate = self.model.identity, self.model.sample_rate
         elif codec_weights is not None:
             if not Path(codec_weights).is_file():
@@ -97,7 +100,7 @@ def wav_seconds(path: Path) -> float:
 
 
 def prepare(data: Path, out: Path, codec_weights=None, random_seed=None, audio_tokenizer=None,
-            max_seconds: float = 60.0) -> dict:
+            max_seconds: float = 60.0, device: str = "cpu", dtype: str = "float32") -> dict:
     """Returns counts: {'encoded': n, 'cached': m, 'audio_items': n + m, 'codec': identity}."""
     import time
 
@@ -105,7 +108,7 @@ def prepare(data: Path, out: Path, codec_weights=None, random_seed=None, audio_t
 
     from higgs_min import codec
 
-    enc = _Codec(codec_weights, random_seed, audio_tokenizer)
+    enc = _Codec(codec_weights, random_seed, audio_tokenizer, device, dtype)
     lines = data.read_text(encoding="utf-8").splitlines()
     jobs = []  # (line index, message index, item index, wav path, seconds)
     convs = []
@@ -204,13 +207,16 @@ def encode_main(argv) -> int:
                          "codes the released model understands; see convert-audio-tokenizer")
     ap.add_argument("--max-seconds", type=float, default=60.0,
                     help="refuse a clip longer than this many seconds, naming the file (default 60)")
+    ap.add_argument("--device", default="cpu", help="device for --audio-tokenizer (default cpu)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="dtype for --audio-tokenizer; other than float32 only on CUDA (codes then not bit-exact)")
     ap.add_argument("--decode", type=Path, help="codes .npy (K, T) to turn back into a wav at --out")
     ap.add_argument("--debug", action="store_true", help="show the traceback of a reported error")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.decode:
         from higgs_min import codec
-        enc = _Codec(args.codec_weights, args.random_codec_seed, args.audio_tokenizer)
+        enc = _Codec(args.codec_weights, args.random_codec_seed, args.audio_tokenizer, args.device, args.dtype)
         x, rate = enc.decode(np.load(args.decode, allow_pickle=False))
         codec.write_wav(args.out, x, rate)
         print(f"wrote {args.out} ({x.numel() / rate:.2f} s at {rate} Hz, {enc.identity})")
@@ -218,7 +224,7 @@ def encode_main(argv) -> int:
     if args.data is None:
         ap.error("--data is required unless --decode is given")
     counts = prepare(args.data, args.out, args.codec_weights, args.random_codec_seed, args.audio_tokenizer,
-                     args.max_seconds)
+                     args.max_seconds, args.device, args.dtype)
     print(f"{args.out}: {counts['audio_items']} audio items, {counts['encoded']} encoded, {counts['cached']} cached"
           f" (codec {counts['codec']})")
     return 0

@@ -281,6 +281,8 @@ def test_prepare_with_the_tokenizer_then_train_the_demo_a_few_steps(released, tm
     with pytest.raises(SystemExit, match=r"in.jsonl:1: messages\[1\].content\[1\].audio: .*a0.wav is 1.0 s, "
                                          r"longer than --max-seconds 0.9"):
         prepare(tmp_path / "in.jsonl", out, audio_tokenizer=root / "st", max_seconds=0.9)
+    with pytest.raises(SystemExit, match="--dtype bfloat16 --device cpu: the audio tokenizer runs in float32 on CPU"):
+        prepare(tmp_path / "in.jsonl", out, audio_tokenizer=root / "st", dtype="bfloat16")
     counts = prepare(tmp_path / "in.jsonl", out, audio_tokenizer=root / "pth")
     ident = at.load(root / "st").identity
     assert counts == {"encoded": 4, "cached": 4, "audio_items": 8, "codec": ident}
