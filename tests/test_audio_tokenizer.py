@@ -260,6 +260,12 @@ def test_encode_refuses_bad_input_and_long_files(released, tmp_path):
         tok.encode_file(tmp_path / "long.wav", max_seconds=2)
     codes = tok.encode_file(tmp_path / "long.wav")  # 16 kHz file: resampled to 24 kHz first
     assert codes.shape == (8, 75)
+    import wave
+    pcm = (clip(9600) * 32767).round().to(torch.int16)
+    with wave.open(str(tmp_path / "stereo.wav"), "wb") as w:  # the same signal on both channels
+        w.setnchannels(2), w.setsampwidth(2), w.setframerate(24000)
+        w.writeframes(torch.stack([pcm, pcm], 1).numpy().tobytes())
+    assert torch.equal(tok.encode_file(tmp_path / "stereo.wav"), tok.encode(pcm.float() / 32768))
 
 
 def test_prepare_with_the_tokenizer_then_train_the_demo_a_few_steps(released, tmp_path):
