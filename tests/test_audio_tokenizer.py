@@ -193,7 +193,6 @@ def test_codes_equal_transformers_higgs_audio_v2_tokenizer(released):
         from transformers import HiggsAudioV2TokenizerConfig, HiggsAudioV2TokenizerModel
     except ImportError as e:
         pytest.fail(f"transformers (test-only dependency) cannot be imported: {e}")
-    import re
     root, _, state = released
     t = u.TINY
     cfg = HiggsAudioV2TokenizerConfig(
@@ -203,34 +202,7 @@ def test_codes_equal_transformers_higgs_audio_v2_tokenizer(released):
         semantic_model_config=dict(t["hubert"]), codebook_size=t["bins"], codebook_dim=t["codebook_dim"],
         target_bandwidths=[2])  # 2 kbps / (25 frames/s * 10 bits) = 8 quantizers
     ref = HiggsAudioV2TokenizerModel(cfg).eval()
-    names = ["snake1", "conv1", "snake2", "conv2"]
-    rules = [
-        (r"^encoder\.block\.0\.", "acoustic_encoder.conv1."), (r"^encoder\.block\.6\.", "acoustic_encoder.snake1."),
-        (r"^encoder\.block\.7\.", "acoustic_encoder.conv2."),
-        (r"^encoder\.block\.(\d)\.block\.([012])\.block\.(\d)\.",
-         lambda m: f"acoustic_encoder.block.{int(m[1]) - 1}.res_unit{int(m[2]) + 1}.{names[int(m[3])]}."),
-        (r"^encoder\.block\.(\d)\.block\.3\.", lambda m: f"acoustic_encoder.block.{int(m[1]) - 1}.snake1."),
-        (r"^encoder\.block\.(\d)\.block\.4\.", lambda m: f"acoustic_encoder.block.{int(m[1]) - 1}.conv1."),
-        (r"^decoder_2\.model\.0\.", "acoustic_decoder.conv1."), (r"^decoder_2\.model\.6\.", "acoustic_decoder.snake1."),
-        (r"^decoder_2\.model\.7\.", "acoustic_decoder.conv2."),
-        (r"^decoder_2\.model\.(\d)\.block\.0\.", lambda m: f"acoustic_decoder.block.{int(m[1]) - 1}.snake1."),
-        (r"^decoder_2\.model\.(\d)\.block\.1\.", lambda m: f"acoustic_decoder.block.{int(m[1]) - 1}.conv_t1."),
-        (r"^decoder_2\.model\.(\d)\.block\.([234])\.block\.(\d)\.",
-         lambda m: f"acoustic_decoder.block.{int(m[1]) - 1}.res_unit{int(m[2]) - 1}.{names[int(m[3])]}."),
-        (r"^quantizer\.vq\.layers\.", "quantizer.quantizers."), (r"\._codebook\.", ".codebook."),
-        (r"^fc_prior\.", "fc."), (r"^fc_post2\.", "fc2."),
-        (r"\.conv\.conv\.", ".conv."), (r"\.conv1\.conv\.", ".conv1."),
-    ]
-    mapped = {}
-    for k, v in state.items():
-        if k.endswith(".weight_v") or k.startswith(("fc_post1.", "decoder_semantic.")) or "masked_spec" in k:
-            continue
-        if k.endswith(".weight_g"):  # g * v / |v| over all dims but 0, the textbook weight norm
-            vv = state[k[:-1] + "v"]
-            k, v = k[:-2], v * vv / vv.flatten(1).norm(dim=1)[:, None, None]
-        for pat, rep in rules:
-            k = re.sub(pat, rep, k)
-        mapped[k] = v
+    mapped = u.to_transformers(state)
     missing, unexpected = ref.load_state_dict(mapped, strict=False)
     missing = [k for k in missing if not k.startswith(("decoder_semantic.", "fc1."))]  # training-only there too
     assert not missing and not unexpected, (missing[:5], unexpected[:5])
