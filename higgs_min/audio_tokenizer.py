@@ -38,8 +38,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import logging
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -346,7 +346,7 @@ class AudioTokenizer:
             return self.model.decode(c.to(self.device)).float().cpu()
 
     def encode_file(self, path, max_seconds: float | None = None) -> torch.Tensor:
-        """Any 16-bit PCM wav: channels averaged to mono, resampled to 24 kHz with `resample` above."""
+        """Any integer-PCM wav (codec.read_wav): channels averaged to mono, resampled to 24 kHz with `resample`."""
         from higgs_min.codec import read_wav
         x, rate = read_wav(path)
         if max_seconds is not None and x.numel() / rate > max_seconds:

@@ -45,16 +45,22 @@ def load_codec(weights: str | Path | None = None, random_seed: int | None = None
 
 
 def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
-    """16-bit PCM WAV -> (mono float waveform (T,), sample rate)."""
+    """8/16/24/32-bit integer PCM WAV, any channel count -> (mono float waveform (T,), sample rate):
+    samples scaled to [-1, 1) and the channels averaged."""
     try:
         with wave.open(str(path), "rb") as w:
-            if w.getsampwidth() != 2:
-                raise ValueError(f"{path}: {8 * w.getsampwidth()}-bit WAV; only 16-bit PCM is read")
-            rate, ch = w.getframerate(), w.getnchannels()
-            pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
-    except (wave.Error, EOFError) as e:
-        raise ValueError(f"{path}: not a readable WAV file: {e}") from e
-    x = torch.from_numpy(pcm.astype(np.float32) / 32768.0).view(-1, ch).mean(1)
+            rate, ch, width = w.getframerate(), w.getnchannels(), w.getsampwidth()
+            raw = w.readframes(w.getnframes())
+    except (wave.Error, EOFError) as e:  # e.g. "unknown format: 3" for a float WAV
+        raise ValueError(f"{path}: not a readable integer-PCM WAV file: {e} (convert float WAVs to PCM first)") from e
+    if width == 1:  # 8-bit WAV is unsigned
+        pcm = np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0
+    elif width == 3:  # 24-bit: little-endian 3-byte words, sign-extended via the top byte
+        b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+        pcm = ((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8).astype(np.float32)
+    else:
+        pcm = np.frombuffer(raw, dtype={2: "<i2", 4: "<i4"}[width]).astype(np.float32)
+    x = torch.from_numpy(pcm / float(2 ** (8 * width - 1))).view(-1, ch).mean(1)
     return x, rate
 
 

@@ -275,3 +275,24 @@ def test_prepare_with_the_tokenizer_then_train_the_demo_a_few_steps(released, tm
     assert run(tmp_path / "out", "--data", out, "--max-steps", 3, "--batch-size", 2) == 0
     rows = metrics(tmp_path / "out")
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["audio_loss"]) for r in rows)
+
+
+def test_read_wav_reads_every_integer_pcm_width_and_mixes_channels(tmp_path):
+    import wave
+
+    from higgs_min.codec import read_wav
+    rng = np.random.default_rng(0)
+    for width in (1, 2, 3, 4):
+        bits = 8 * width
+        v = rng.integers(-2 ** (bits - 1), 2 ** (bits - 1), size=(50, 2), dtype=np.int64)  # 50 frames, stereo
+        if width == 1:
+            raw = (v + 128).astype(np.uint8).tobytes()
+        else:  # little-endian two's complement, the low `width` bytes of each int64
+            raw = v.astype("<i8").view(np.uint8).reshape(-1, 8)[:, :width].tobytes()
+        with wave.open(str(tmp_path / f"w{width}.wav"), "wb") as w:
+            w.setnchannels(2), w.setsampwidth(width), w.setframerate(8000)
+            w.writeframes(raw)
+        x, rate = read_wav(tmp_path / f"w{width}.wav")
+        assert rate == 8000 and x.shape == (50,)
+        expect = torch.from_numpy(v / 2.0 ** (bits - 1)).mean(1).float()
+        assert (x - expect).abs().max() <= 1e-6, width
