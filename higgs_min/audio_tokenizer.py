@@ -137,7 +137,8 @@ class AudioTokenizerConfig:
             for s in self.ratios:  # DAC EncoderBlock conv: kernel 2s, stride s, padding ceil(s/2)
                 length = (length + 2 * math.ceil(s / 2) - 2 * s) // s + 1
             return length
-        resampled = math.ceil(n * 2 / 3) if self.sample_rate == 24000 else math.ceil(n * SEMANTIC_RATE / self.sample_rate)
+        g = math.gcd(self.sample_rate, SEMANTIC_RATE)  # resample's output length, as torchaudio computes it
+        resampled = math.ceil(SEMANTIC_RATE // g * n / (self.sample_rate // g))
         semantic = -(-self.hubert.frames(resampled + 320) // self.semantic_factor)
         a = acoustic(n)
         if a != semantic:
