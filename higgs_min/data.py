@@ -236,7 +236,7 @@ class ChatEncoder:
                 raise DataError(f"{mw}.role: unknown role {role!r} (expected one of {ROLES})")
             content = msg.get("content")
             sup = role == "assistant"
-            add([sp["start_header"]] + self.text(role) + [sp["end_header"]] + self.text("\n\n"), False)
+            add(self.header(role), False)
             items = [{"type": "text", "text": content}] if isinstance(content, str) else content
             if not isinstance(items, list):
                 raise DataError(f"{mw}.content: expected a string or a list, got {type(content).__name__}")
@@ -265,6 +265,20 @@ class ChatEncoder:
         return Plan(index, np.asarray(tokens, dtype=np.int32), np.asarray(flags, dtype=np.uint8),
                     np.concatenate(streams) if streams else np.zeros((0, self.K), dtype=np.int16),
                     np.asarray(segments, dtype=np.int32).reshape(-1, 2), tuple(codecs))
+
+    def header(self, role: str) -> list[int]:
+        """`<|start_header_id|>role<|end_header_id|>\n\n`: opens every turn, and the generation prompt."""
+        return [self.ids["start_header"]] + self.text(role) + [self.ids["end_header"]] + self.text("\n\n")
+
+    def prompt(self, messages: list[dict], codes_of, force_audio: bool = False, where: str = "prompt") -> Sample:
+        """A generation prompt: the conversation so far, then the assistant header (and `<|audio_out_bos|>`
+        when `force_audio`), as the official serve_engine `_prepare_inputs` appends it. Laid out exactly as
+        training lays out the same turns; assistant audio (voice cloning) is audio-out, user/system audio audio-in."""
+        plan = self.plan(messages, codes_of, where, 0)
+        tail = self.header("assistant") + ([self.ids["audio_out_bos"]] if force_audio else [])
+        plan.tokens = np.concatenate([plan.tokens, np.asarray(tail, dtype=np.int32)])
+        plan.flags = np.concatenate([plan.flags, np.zeros(len(tail), dtype=np.uint8)])
+        return materialize(plan, self.K, self.C)
 
     def encode(self, messages: list[dict], codes_of, where: str, index: int) -> Sample:
         """materialize(plan(...)): the one path from a conversation to a Sample."""

@@ -1,0 +1,318 @@
+"""Generation: text and audio from a chat prompt, with a KV cache and the official delay-pattern sampling.
+
+Computes what boson-ai/higgs-audio does in boson_multimodal/model/higgs_audio/modeling_higgs_audio.py
+(`HiggsAudioModel._sample`, `_sample_text_tokens`, `_sample_audio_tokens`) as called by
+boson_multimodal/serve/serve_engine.py (`HiggsAudioServeEngine.generate`), batch size 1 as there.
+
+One step adds one text token or one audio column (K codes); the mode comes from the last token fed:
+
+    <|audio_out_bos|>  start a segment: its first column is all BOS (nothing is sampled)
+    <|AUDIO_OUT|>      feed the last column as one audio-out position, sample K codes from the
+                       audio head (codebooks independent), apply the delay rules (`delay_rules`);
+                       when the segment ends the text token <|audio_eos|> is fed instead
+    anything else      sample the text head; a stop id ends generation
+
+Every step counts against `max_new_tokens`. Per segment, `audio` keeps the delayed columns
+(K, cols) including the BOS column (the official `audio_sequences`); `codes` reverts the delay,
+clips to [0, C-1] and drops the first (BOS) and last (EOS) frame as serve_engine does, segments
+concatenated along time.
+
+The CLI (`python -m higgs_min.generate`, see `main`) lives in generate_cli.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from higgs_min.data import DataError, load_codes, revert_delay_pattern
+from higgs_min.model import KVCache
+
+# examples/generation.py `prepare_generation_context` (single speaker).
+DEFAULT_SYSTEM = "Generate audio following instruction."
+
+
+class GenerationError(RuntimeError):
+    """The model produced something generation cannot continue from (named, with the step)."""
+
+
+def system_message(scene: str | None = None) -> str:
+    """The official default system message, with the scene block when a scene is given."""
+    parts = [DEFAULT_SYSTEM]
+    if scene:
+        parts.append(f"<|scene_desc_start|>\n{scene}\n<|scene_desc_end|>")
+    return "\n\n".join(parts)
+
+
+def build_messages(text: str, system: str | None = None, scene: str | None = None,
+                   reference_text: str | None = None, reference_audio: dict | None = None) -> list[dict]:
+    """Messages for one generation, as examples/generation.py `prepare_generation_context` builds them.
+
+    Voice cloning (reference_text + reference_audio, an audio item {"type": "audio", "codes": ...}):
+    a user turn with the reference transcript and an assistant turn whose content is the reference
+    audio, before the target text. As the official, a reference without a scene gets no system message.
+    """
+    if (reference_text is None) != (reference_audio is None):
+        raise ValueError("voice cloning needs both the reference audio and its transcript (--reference-text)")
+    messages = []
+    if system is not None:
+        messages.append({"role": "system", "content": system})
+    elif reference_audio is None or scene:
+        messages.append({"role": "system", "content": system_message(scene)})
+    if reference_audio is not None:
+        messages.append({"role": "user", "content": reference_text})
+        messages.append({"role": "assistant", "content": [reference_audio]})
+    messages.append({"role": "user", "content": text})
+    return messages
+
+
+def codes_loader(K: int, C: int, root: str | Path = ".") -> Callable:
+    """`codes_of(item, where)` for ChatEncoder: an item's "codes" is a (K, T) array or a .npy/.safetensors path."""
+    def codes_of(item, where):
+        c = item.get("codes")
+        if isinstance(c, (str, Path)):
+            return load_codes(Path(root) / c, where, K, C)
+        if isinstance(c, (np.ndarray, torch.Tensor)):
+            c = torch.as_tensor(np.asarray(c)).long()
+            if c.ndim != 2 or c.shape[0] != K or c.shape[1] == 0:
+                raise DataError(f"{where}.codes: shape {list(c.shape)}, expected [{K}, T] with T > 0")
+            if int(c.min()) < 0 or int(c.max()) >= C:
+                raise DataError(f"{where}.codes: values in [{int(c.min())}, {int(c.max())}], expected [0, {C})")
+            return c
+        raise DataError(f"{where}: an audio item needs 'codes' (an array or a path)")
+    return codes_of
+
+
+@dataclass
+class Prompt:
+    """What generation starts from. L positions, K codebooks; the layout of data.materialize."""
+    input_ids: torch.Tensor  # (L,)
+    audio_codes: torch.Tensor  # (L, K) stream ids at audio positions
+    audio_mask: torch.Tensor  # (L,) bool: audio in or out (codebook embeddings, audio FFN)
+    audio_out_mask: torch.Tensor  # (L,) bool: audio-out positions (their columns start the RAS history)
+    special: dict  # special-token ids by name (ChatEncoder.ids)
+    vocab_size: int | None = None  # tokenizer size; a sampled id >= it is an error, as the official's check
+
+
+def make_prompt(encoder, messages: list[dict], force_audio: bool = False, codes_root: str | Path = ".") -> Prompt:
+    """The chat encoder's generation prompt (ChatEncoder.prompt) for `messages`."""
+    s = encoder.prompt(messages, codes_loader(encoder.K, encoder.C, codes_root), force_audio=force_audio)
+    return Prompt(s.input_ids, s.audio_codes, s.audio_in_mask | s.audio_out_mask, s.audio_out_mask,
+                  dict(encoder.ids), encoder.tok.get_vocab_size())
+
+
+# --------------------------------------------------------------------------- sampling pieces
+
+def warp(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """logits (N, V) -> scores (N, V): temperature, then top-k, then top-p, each row independently.
+
+    The order and the rules of transformers' TemperatureLogitsWarper, TopKLogitsWarper (keeps ties
+    with the k-th) and TopPLogitsWarper (drops the low tail whose mass <= 1 - top_p, keeps >= 1 token).
+    """
+    scores = logits / temperature if temperature != 1.0 else logits
+    if top_k:
+        k = min(top_k, scores.shape[-1])
+        scores = scores.masked_fill(scores < torch.topk(scores, k)[0][..., -1, None], -float("inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        drop = sorted_scores.softmax(-1).cumsum(-1) <= (1 - top_p)
+        drop[..., -1:] = False
+        scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+    return scores
+
+
+def choose(scores: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """scores (N, V) -> ids (N,): argmax, or one multinomial draw per row."""
+    if greedy:
+        return scores.argmax(-1)
+    return torch.multinomial(scores.softmax(-1), num_samples=1, generator=generator).squeeze(1)
+
+
+def repetition_aware(tokens: torch.Tensor, history: torch.Tensor, raw_logits: torch.Tensor, win_len: int | None,
+                     max_repeat: int, resample: Callable) -> torch.Tensor:
+    """Repetition-aware sampling (official `_sample_audio_tokens`): tokens (K,), history (K, n) of every
+    audio-out column so far, raw_logits (K, C+2) before any warping.
+
+    A codebook whose candidate occurs >= max_repeat times in its last `win_len` history columns is
+    redrawn by `resample(raw_logits[rows]) -> (len(rows),)` (the official: softmax of the raw logits,
+    multinomial). Off when win_len is None or <= 0. Applies in greedy mode too, as in the official.
+    """
+    if win_len is None or win_len <= 0:
+        return tokens
+    repeats = (history[:, -win_len:] == tokens[:, None]).sum(1)  # (K,)
+    rows = torch.nonzero(repeats >= max_repeat).squeeze(1)
+    tokens = tokens.clone()
+    tokens[rows] = resample(raw_logits[rows])
+    return tokens
+
+
+@dataclass
+class DelayState:
+    """Where the current segment is in the delay pattern."""
+    num_delay: int = 0  # columns sampled so far in this segment, capped at K - 1
+    remaining: int | None = None  # columns left after the first EOS; None before any
+
+
+def delay_rules(col: torch.Tensor, state: DelayState, bos: int, eos: int) -> tuple[torch.Tensor, bool]:
+    """The official delay-pattern rules on one sampled column (K,). Returns (column, segment ended).
+
+    Column j of a segment (j = 1 .. K-1) has codebooks >= j forced to BOS. The first EOS at codebook e
+    forces codebooks < e to EOS and leaves K - e - 1 more columns, each forcing one more codebook to EOS;
+    the segment ends with the column after which none is left (EOS at the last codebook: at once).
+    """
+    K = col.shape[0]
+    col = col.clone()
+    if state.num_delay + 1 < K:
+        col[state.num_delay + 1:] = bos
+        state.num_delay += 1
+    if state.remaining is not None:
+        col[:K - state.remaining] = eos
+        state.remaining -= 1
+    else:
+        at = torch.nonzero(col == eos)
+        if at.numel() > 0:
+            # The official names this `last_eos_idx` but computes nonzero()[0][-1]: the FIRST EOS codebook.
+            first = int(at[0, 0])
+            col[:first] = eos
+            state.remaining = K - first - 1
+    if state.remaining is not None and state.remaining <= 0:
+        state.num_delay, state.remaining = 0, None
+        return col, True
+    return col, False
+
+
+def segment_codes(delayed: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """One segment's delayed columns (K, cols), BOS column first -> codes (K, T).
+
+    serve_engine: revert_delay_pattern(...).clip(0, C - 1)[:, 1:-1]. With fewer than K columns (a segment
+    cut short by max_new_tokens) the official revert fails; this returns (K, 0) instead.
+    """
+    K, cols = delayed.shape
+    if cols < K:
+        return delayed.new_zeros((K, 0))
+    return revert_delay_pattern(delayed).clamp(0, codebook_size - 1)[:, 1:-1]
+
+
+# --------------------------------------------------------------------------- the loop
+
+@dataclass
+class Generation:
+    text_ids: list  # generated text ids: one <|AUDIO_OUT|> per audio segment, stop id included
+    audio: list  # per segment: delayed columns (K, cols), BOS column first
+    codes: torch.Tensor  # (K, T): every segment's codes, concatenated
+    steps: int  # steps taken (<= max_new_tokens)
+    stopped: str  # "stop id" or "max_new_tokens"
+    frames: int = field(init=False)
+
+    def __post_init__(self):
+        self.frames = int(self.codes.shape[1])
+
+
+@torch.no_grad()
+def generate(model, prompt: Prompt, *, max_new_tokens: int = 2048, temperature: float = 0.3,
+             top_k: int | None = 50, top_p: float | None = 0.95, ras_win_len: int | None = 7,
+             ras_max_repeat: int = 2, seed: int | None = None, stop_ids=None, use_cache: bool = True,
+             on_step: Callable | None = None, sampler: Callable | None = None) -> Generation:
+    """Generate from `prompt` (batch 1). temperature 0 is greedy. seed: a torch.Generator on the model's
+    device (None: torch's global generator, as the official). stop_ids: default <|eot_id|>, <|end_of_text|>
+    (serve_engine's stop strings). use_cache=False re-runs the whole sequence each step (same tokens;
+    for tests and the benchmark). on_step(step, frames) is called after each step. `sampler(scores,
+    greedy) -> ids` replaces `choose` (tests)."""
+    cfg = model.config
+    K, C = cfg.audio_num_codebooks, cfg.audio_codebook_size
+    bos, eos = cfg.audio_stream_bos_id, cfg.audio_stream_eos_id
+    sp = prompt.special
+    param = next(model.parameters())
+    dev = param.device
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    greedy = temperature == 0
+    if not greedy and temperature < 0:
+        raise ValueError(f"temperature={temperature}: must be >= 0 (0 is greedy)")
+    stop = {int(i) for i in (stop_ids if stop_ids is not None else (sp["eot"], sp["end_of_text"]))}
+    gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+    pick = sampler or (lambda scores, g: choose(scores, g, gen))
+
+    def resample(raw):  # the official RAS redraw: raw softmax, multinomial
+        return raw.softmax(-1).multinomial(1, replacement=True, generator=gen).squeeze(1)
+
+    ids = prompt.input_ids.to(dev).long()
+    codes = prompt.audio_codes.to(dev).long()
+    amask = prompt.audio_mask.to(dev).bool()
+    if len(ids) == 0:
+        raise ValueError("empty prompt")
+    if int(ids[-1]) == sp["audio_out"]:
+        raise ValueError("the prompt ends inside an audio segment (<|AUDIO_OUT|>): not supported; "
+                         "end it with the assistant header, or <|audio_out_bos|> to force audio")
+    history = codes[prompt.audio_out_mask.to(dev)].T  # (K, n): the RAS window's source
+    cache = KVCache(cfg, len(ids) + max_new_tokens, device=dev, dtype=param.dtype) if use_cache else None
+    seq_ids, seq_codes, seq_amask = [ids], [codes], [amask]
+    feed = (ids, codes, amask)  # what the next forward adds
+    last = int(ids[-1])
+    text_ids, segments, state = [], [], DelayState()
+    stopped, step = "max_new_tokens", 0
+    zero_col = codes.new_zeros(K)
+    was_training = model.training
+    model.eval()
+    try:
+        for step in range(1, max_new_tokens + 1):
+            if cache is not None:
+                h = model(feed[0][None], None, feed[1][None], feed[2][None], cache=cache)[0, -1]
+            else:
+                h = model(torch.cat(seq_ids)[None], None, torch.cat(seq_codes)[None], torch.cat(seq_amask)[None])[0, -1]
+            if last == sp["audio_out"]:  # AUDIO_IN_PROGRESS
+                raw = model.audio_logits(h[None])[0].float()  # (K, C+2)
+                col = pick(warp(raw, temperature, top_k, top_p) if not greedy else raw, greedy)
+                col = repetition_aware(col, history, raw, ras_win_len, ras_max_repeat, resample)
+                col, ended = delay_rules(col, state, bos, eos)
+                segments[-1].append(col)
+                history = torch.cat([history, col[:, None]], 1)
+                if ended:  # the final column is kept, not fed
+                    tok, fcol, audio = sp["audio_eos"], zero_col, False
+                    text_ids.append(tok)
+                else:
+                    tok, fcol, audio = sp["audio_out"], col, True
+            elif last == sp["audio_out_bos"]:  # AUDIO_INIT: nothing sampled
+                col = torch.full((K,), bos, dtype=torch.long, device=dev)
+                segments.append([col])
+                history = torch.cat([history, col[:, None]], 1)
+                tok, fcol, audio = sp["audio_out"], col, True
+                text_ids.append(tok)
+            else:  # TEXT
+                raw = model.text_logits(h[None]).float()  # (1, V)
+                tok = int(pick(warp(raw, temperature, top_k, top_p) if not greedy else raw, greedy)[0])
+                if prompt.vocab_size is not None and tok >= prompt.vocab_size:
+                    raise GenerationError(f"step {step}: sampled text id {tok} >= the tokenizer's "
+                                          f"{prompt.vocab_size} tokens (the model's vocab is larger)")
+                if tok == sp["audio_out"]:
+                    raise GenerationError(f"step {step}: the model sampled <|AUDIO_OUT|> in text mode; an audio "
+                                          "segment can only start with <|audio_out_bos|> (use --force-audio, "
+                                          "or check that the adapter matches the base)")
+                text_ids.append(tok)
+                if tok in stop:
+                    stopped = "stop id"
+                    break
+                fcol, audio = zero_col, False
+            last = tok
+            feed = (ids.new_tensor([tok]), fcol[None], amask.new_tensor([audio]))
+            seq_ids.append(feed[0])
+            seq_codes.append(feed[1])
+            seq_amask.append(feed[2])
+            if on_step is not None:
+                on_step(step, sum(len(s) for s in segments))
+    finally:
+        model.train(was_training)
+    audio = [torch.stack(s, 1) for s in segments]  # (K, cols) each
+    per = [segment_codes(a, C) for a in audio]
+    codes_out = torch.cat(per, 1) if per else torch.zeros(K, 0, dtype=torch.long, device=dev)
+    return Generation(text_ids, audio, codes_out.cpu(), step, stopped)
+
+
+if __name__ == "__main__":
+    from higgs_min.generate_cli import main
+
+    raise SystemExit(main())
