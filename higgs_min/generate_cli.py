@@ -1,0 +1,294 @@
+"""`python -m higgs_min.generate`: a trained adapter (or a base) -> generated codes -> a wav.
+
+    python -m higgs_min.generate --adapter output/checkpoint-000300 --random-codec-seed 0 \\
+        --system "You are a helpful voice assistant. Answer in the language of the question." \\
+        --text "What is the capital of France?" --out out.wav --codes-out out.npy
+
+The model: `--adapter` alone rebuilds the base as the run's trainer built it (recorded preset and seed,
+run_config.json next to the checkpoint); with `--base-weights DIR` the base is loaded from released-format
+weights (and the adapter, if given, applied with the project's LoRA code, merged unless --no-merge).
+Decoding: `--audio-tokenizer DIR` (the released Higgs audio tokenizer, higgs_min.audio_tokenizer), or DAC
+(`--codec-weights dac.pth`, or the demo's seeded random DAC `--random-codec-seed N`); with none of them
+only `--codes-out` is written. Sampling defaults are those of the official examples/generation.py
+(README: "Generate").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from higgs_min.data import ChatEncoder, DataError, load_codes
+from higgs_min.generate import GenerationError, build_messages, generate, make_prompt
+
+log = logging.getLogger("higgs_min.generate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m higgs_min.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--adapter", type=Path, help="a checkpoint folder (adapter_config.json + adapter_model.safetensors) or a "
+                                   "training output folder (its newest valid checkpoint)")
+    a("--base-weights", type=Path, help="released-format base folder (config.json + safetensors); "
+                                        "without it the base is rebuilt from the run's preset and seed")
+    a("--no-merge", action="store_true", help="keep LoRA layers instead of merging them into the weights")
+    a("--tokenizer", type=Path, help="tokenizer.json (default: the run's, else BASE/tokenizer.json)")
+    a("--text", required=True, help="the user's text (what to say)")
+    a("--system", help="system message (default: 'Generate audio following instruction.' + scene)")
+    a("--scene", help="scene description for the default system message")
+    a("--reference-codes", type=Path, help="voice cloning: reference codes (K, T) .npy/.safetensors")
+    a("--reference-audio", type=Path, help="voice cloning: reference 16-bit wav, encoded with the chosen codec")
+    a("--reference-text", help="voice cloning: the reference's transcript")
+    a("--force-audio", action="store_true", help="end the prompt with <|audio_out_bos|>: audio comes first")
+    a("--audio-tokenizer", type=Path, help="decode with the released Higgs audio tokenizer in DIR")
+    a("--codec-weights", type=Path, help="decode with DAC weights (.pth)")
+    a("--random-codec-seed", type=int, help="decode with the seeded random DAC of the demo set (not for listening)")
+    a("--out", type=Path, help="output wav (needs a decoder)")
+    a("--codes-out", type=Path, help="also write the generated codes (K, T) as int16 .npy")
+    a("--max-new-tokens", type=int, default=2048, help="steps (text tokens + audio columns) at most")
+    a("--temperature", type=float, default=0.3, help="0 = greedy")
+    a("--top-k", type=int, default=50, help="0 = off")
+    a("--top-p", type=float, default=0.95, help="1 = off")
+    a("--ras-win-len", type=int, default=7, help="repetition-aware sampling window; 0 = off")
+    a("--ras-max-repeat", type=int, default=2, help="resample a codebook repeating this often in the window")
+    a("--seed", type=int, help="sampling seed (a run repeats exactly on CPU)")
+    a("--device", default="cpu")
+    a("--dtype", choices=("float32", "bfloat16", "float16"), help="default: float32 on CPU, bfloat16 on CUDA")
+    return p
+
+
+def fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def find_adapter(path: Path) -> Path:
+    """A checkpoint folder, or an output folder's newest valid checkpoint."""
+    from higgs_min import checkpoint
+
+    if (path / "adapter_config.json").exists():
+        return path
+    if path.is_dir():
+        latest = checkpoint.latest_valid(path)
+        if latest is not None:
+            return latest
+    raise FileNotFoundError(f"--adapter {path}: neither a checkpoint (adapter_config.json) "
+                            f"nor an output folder with a valid checkpoint")
+
+
+def run_config_of(adapter: Path) -> dict | None:
+    for folder in (adapter, adapter.parent):
+        f = folder / "run_config.json"
+        if f.exists():
+            try:
+                return json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}: not JSON ({e})") from e
+    return None
+
+
+def load_model(adapter: Path | None, base_weights: Path | None, device: torch.device, dtype: torch.dtype,
+               merge: bool):
+    """-> (model in eval mode, recorded run config or None)."""
+    from higgs_min import lora
+    from higgs_min.config import ModelConfig
+    from higgs_min.model import HiggsAudioModel, load_pretrained
+
+    rc = run_config_of(adapter) if adapter is not None else None
+    if base_weights is not None:
+        cfg = ModelConfig.from_pretrained_config(base_weights)
+        with torch.device("meta"):
+            model = HiggsAudioModel(cfg)
+        load_pretrained(model, base_weights, dtype=dtype)
+    else:
+        if rc is None:
+            raise FileNotFoundError(f"--adapter {adapter}: no run_config.json next to it, so the base cannot be "
+                                    f"rebuilt; pass --base-weights DIR")
+        train = rc.get("train", {})
+        if train.get("base_weights"):
+            raise ValueError(f"--adapter {adapter}: the run trained on base weights {train['base_weights']}; "
+                             f"pass --base-weights")
+        # As train.train then train.build_model: seed, then the preset's random init.
+        cfg = ModelConfig(**rc["model"]) if "model" in rc else ModelConfig.from_preset(train["preset"])
+        torch.manual_seed(int(train.get("seed", 0)))
+        model = HiggsAudioModel(cfg)
+    if adapter is not None:
+        lora.load_adapter(model, adapter)
+        if merge:
+            lora.merge_lora(model)
+            for m in lora.lora_layers(model).values():
+                m._unmerged_weight = None  # generation never unmerges: do not hold a second copy of the weights
+    return model.to(device=device, dtype=dtype).eval(), rc
+
+
+class Decoder:
+    """Codes (K, T) -> waveform; also encodes a reference wav. DAC or the Higgs audio tokenizer, loaded on
+    first use (importing dac takes seconds: not before the model has generated)."""
+
+    def __init__(self, args):
+        self.args, self._model = args, None
+        self.kind = ("higgs" if args.audio_tokenizer is not None else
+                     "dac" if args.codec_weights is not None or args.random_codec_seed is not None else None)
+        for flag, path in (("--audio-tokenizer", args.audio_tokenizer), ("--codec-weights", args.codec_weights)):
+            if path is not None and not Path(path).exists():
+                raise FileNotFoundError(f"{flag} {path}: not found (nothing is downloaded)")
+
+    @property
+    def model(self):
+        if self._model is None:
+            if self.kind == "higgs":
+                try:
+                    from higgs_min import audio_tokenizer
+                except ImportError as e:
+                    raise ValueError("--audio-tokenizer: higgs_min.audio_tokenizer is not in this checkout; "
+                                     "use --codec-weights or --random-codec-seed") from e
+                self._model = audio_tokenizer.load(self.args.audio_tokenizer)
+            else:
+                from higgs_min import codec
+                self._model = codec.load_codec(self.args.codec_weights, self.args.random_codec_seed)
+        return self._model
+
+    @property
+    def rate(self) -> int:
+        return int(self.model.sample_rate)
+
+    @property
+    def fps(self) -> float:
+        """Frames per second of the codes."""
+        if self.kind == "dac":
+            return self.model.sample_rate / self.model.hop_length
+        return float(getattr(self.model, "frame_rate", 25.0))
+
+    def decode(self, codes: np.ndarray) -> torch.Tensor:
+        if self.kind == "dac":
+            from higgs_min import codec
+            return codec.decode(self.model, codes)
+        return torch.as_tensor(np.asarray(self.model.decode(codes), dtype=np.float32)).reshape(-1)
+
+    def encode(self, path: Path) -> np.ndarray:
+        from higgs_min import codec
+        wave, rate = codec.read_wav(path)
+        if self.kind == "dac":
+            return codec.encode(self.model, wave, rate)
+        return np.asarray(self.model.encode(wave, rate))
+
+
+def write_atomic(path: Path, write) -> None:
+    """write(tmp_path) then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def run(args) -> dict:
+    from tqdm import tqdm
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.adapter is None and args.base_weights is None:
+        raise ValueError("pass --adapter CKPT (a run trained on a preset) and/or --base-weights DIR")
+    if args.reference_codes is not None and args.reference_audio is not None:
+        raise ValueError("pass --reference-codes or --reference-audio, not both")
+    decoder = Decoder(args)
+    if decoder.kind is None and args.out is not None:
+        raise ValueError(f"--out {args.out}: no decoder; pass --audio-tokenizer, --codec-weights or "
+                         f"--random-codec-seed, or drop --out and keep --codes-out")
+    if args.out is None and args.codes_out is None:
+        raise ValueError("nothing to write: pass --out out.wav and/or --codes-out out.npy")
+    adapter = find_adapter(args.adapter) if args.adapter is not None else None
+    model, rc = load_model(adapter, args.base_weights, device, dtype, merge=not args.no_merge)
+    cfg = model.config
+    tok = args.tokenizer
+    if tok is None:
+        recorded = (rc or {}).get("train", {}).get("tokenizer")
+        candidates = ([Path(recorded)] if recorded else []) + (
+            [args.base_weights / "tokenizer.json"] if args.base_weights else [])
+        tok = next((c for c in candidates if c.exists()), None)
+        if tok is None:
+            raise FileNotFoundError(f"no tokenizer found (tried {[str(c) for c in candidates]}); pass --tokenizer")
+    enc = ChatEncoder(tok, cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size)
+    ref = None
+    if args.reference_codes is not None:
+        ref = load_codes(args.reference_codes, "--reference-codes", enc.K, enc.C)
+    elif args.reference_audio is not None:
+        if decoder.kind is None:
+            raise ValueError("--reference-audio needs a codec to encode it (--codec-weights, --random-codec-seed "
+                             "or --audio-tokenizer); or pass --reference-codes")
+        ref = torch.from_numpy(decoder.encode(args.reference_audio).astype(np.int64))
+    ref_item = {"type": "audio", "codes": ref} if ref is not None else None
+    if (ref_item is None) != (args.reference_text is None):
+        raise ValueError("voice cloning needs --reference-text together with --reference-codes/--reference-audio")
+    messages = build_messages(args.text, args.system, args.scene, args.reference_text, ref_item)
+    prompt = make_prompt(enc, messages, force_audio=args.force_audio)
+
+    bar = tqdm(total=args.max_new_tokens, unit="tok", desc="generate", file=sys.stderr,
+               disable=not sys.stderr.isatty() and os.environ.get("HIGGS_MIN_PROGRESS") != "1")
+    done = [0]
+
+    def on_step(step, frames):
+        bar.update(step - done[0])
+        done[0] = step
+        bar.set_postfix(frames=frames, refresh=False)
+
+    t0 = time.perf_counter()
+    g = generate(model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k or None, top_p=args.top_p, ras_win_len=args.ras_win_len,
+                 ras_max_repeat=args.ras_max_repeat, seed=args.seed, on_step=on_step)
+    wall = time.perf_counter() - t0
+    bar.close()
+    codes = g.codes.numpy().astype(np.int16)
+    # 25 frames/s: the released audio tokenizer's and the demo DAC's rate, when no decoder says otherwise.
+    fps = decoder.fps if decoder.kind else 25.0
+    seconds = codes.shape[1] / fps
+    summary = {"codebooks": int(codes.shape[0]), "steps": g.steps, "stopped": g.stopped, "segments": len(g.audio), "frames": int(codes.shape[1]),
+               "audio_seconds": round(seconds, 3), "wall_seconds": round(wall, 3),
+               "frames_per_second": round(codes.shape[1] / wall, 2) if wall > 0 else None,
+               "rtf": round(wall / seconds, 3) if seconds > 0 else None,
+               "text": enc.decode(g.text_ids)}
+    if args.codes_out is not None:
+        write_atomic(args.codes_out, lambda p: np.save(open(p, "wb"), codes))
+    if args.out is not None:
+        if codes.shape[1] == 0:
+            raise GenerationError(f"no audio frames generated ({g.steps} steps, stopped by {g.stopped}; "
+                                  f"text: {summary['text']!r}); try --force-audio or more --max-new-tokens")
+        from higgs_min import codec
+        wave = decoder.decode(codes).float().cpu()
+        write_atomic(args.out, lambda p: codec.write_wav(p, wave, decoder.rate))
+    return summary
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        s = run(args)
+    except (ValueError, FileNotFoundError, KeyError, DataError, GenerationError) as e:
+        return fail(str(e).strip('"'))
+    print(f"text: {s['text']!r}")
+    print(f"{s['steps']} steps ({s['stopped']}), {s['segments']} audio segment(s), {s['frames']} frames = "
+          f"{s['audio_seconds']} s of audio in {s['wall_seconds']} s: {s['frames_per_second']} frames/s, "
+          f"real-time factor {s['rtf']}")
+    if args.codes_out is not None:
+        print(f"codes: {args.codes_out} (int16, shape [{s['codebooks']}, {s['frames']}])")
+    if args.out is not None:
+        print(f"audio: {args.out}")
+    else:
+        print("no decoder given: codes only (decode later with --codec-weights / --audio-tokenizer)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

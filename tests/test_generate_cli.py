@@ -1,0 +1,95 @@
+"""The generate CLI: base rebuilt from a run's preset + seed, adapter applied, a wav (demo DAC) and codes written."""
+import json
+import os
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from higgs_min import lora
+from higgs_min.config import ModelConfig
+from higgs_min.generate_cli import load_model, main
+from higgs_min.model import HiggsAudioModel
+from tests.conftest import micro_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT / "data" / "tokenizer.json"
+
+
+def fake_run(tmp_path: Path, seed=3) -> tuple[Path, HiggsAudioModel]:
+    """An output folder as a trainer leaves it: run_config.json + checkpoint-000001 with a non-trivial adapter."""
+    cfg = micro_config(vocab_size=705, audio_num_codebooks=8, audio_codebook_size=1024, audio_stream_bos_id=1024,
+                       audio_stream_eos_id=1025)
+    torch.manual_seed(seed)
+    model = HiggsAudioModel(cfg)
+    targets = ["q_proj", "v_proj", "mlp.up_proj"]
+    lora.apply_lora(model, targets, r=2, alpha=4.0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in lora.lora_layers(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
+    out = tmp_path / "out"
+    ckpt = out / "checkpoint-000001"
+    ckpt.mkdir(parents=True)
+    save_file(lora.adapter_state_dict(model), str(ckpt / "adapter_model.safetensors"))
+    (ckpt / "adapter_config.json").write_text(json.dumps(lora.adapter_config(model, targets, 0.0, "test")))
+    (out / "run_config.json").write_text(json.dumps(
+        {"train": {"seed": seed, "preset": "tiny", "tokenizer": str(TOKENIZER), "base_weights": None},
+         "model": cfg.to_dict(), "world_size": 1}))
+    return ckpt, model.eval()
+
+
+def test_base_rebuilt_from_the_run_and_adapter_applied(tmp_path):
+    ckpt, trained = fake_run(tmp_path)
+    rebuilt, rc = load_model(ckpt, None, torch.device("cpu"), torch.float32, merge=True)
+    assert rc["train"]["seed"] == 3 and all(m.merged for m in lora.lora_layers(rebuilt).values())
+    kept, _ = load_model(ckpt, None, torch.device("cpu"), torch.float32, merge=False)
+    ids = torch.randint(0, 705, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = trained(ids)
+        torch.testing.assert_close(kept(ids), want, rtol=0, atol=0)  # same base bits, same adapter
+        torch.testing.assert_close(rebuilt(ids), want, rtol=1e-5, atol=1e-5)
+    bad = json.loads((ckpt.parent / "run_config.json").read_text())
+    bad["train"]["seed"] = 4
+    (ckpt.parent / "run_config.json").write_text(json.dumps(bad))
+    other, _ = load_model(ckpt, None, torch.device("cpu"), torch.float32, merge=False)
+    with torch.no_grad():
+        assert not torch.allclose(other(ids), want)  # the seed matters: the test can fail
+
+
+def test_cli_writes_wav_and_codes_demo_dac(tmp_path):
+    pytest.importorskip("dac")
+    ckpt, _ = fake_run(tmp_path)
+    wav, npy = tmp_path / "o" / "out.wav", tmp_path / "o" / "out.npy"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "higgs_min.generate", "--adapter", str(ckpt),
+                        "--random-codec-seed", "0", "--text", "hello world", "--force-audio",
+                        "--max-new-tokens", "20", "--seed", "0", "--out", str(wav), "--codes-out", str(npy)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    codes = np.load(npy)
+    assert codes.dtype == np.int16 and codes.shape[0] == 8 and codes.shape[1] >= 1
+    assert 0 <= codes.min() and codes.max() < 1024
+    with wave.open(str(wav)) as w:
+        # DAC output is the frames times the hop, give or take its convolutions' edges.
+        assert w.getframerate() == 24000 and abs(w.getnframes() - codes.shape[1] * 960) < 960
+    assert "real-time factor" in r.stdout and f"[8, {codes.shape[1]}]" in r.stdout
+    assert sorted(p.name for p in wav.parent.iterdir()) == ["out.npy", "out.wav"]  # no temporary left
+
+
+def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
+    ckpt, _ = fake_run(tmp_path)
+    assert main(["--adapter", str(ckpt), "--text", "x", "--out", str(tmp_path / "a.wav")]) == 2
+    err = capsys.readouterr().err
+    assert "no decoder" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["--adapter", str(tmp_path / "nope"), "--text", "x", "--codes-out", str(tmp_path / "a.npy")]) == 2
+    assert "neither a checkpoint" in capsys.readouterr().err
+    (ckpt.parent / "run_config.json").unlink()
+    assert main(["--adapter", str(ckpt), "--text", "x", "--codes-out", str(tmp_path / "a.npy")]) == 2
+    assert "no run_config.json" in capsys.readouterr().err
+    assert not (tmp_path / "a.npy").exists()
