@@ -4,8 +4,8 @@
         --system "You are a helpful voice assistant. Answer in the language of the question." \\
         --text "What is the capital of France?" --out out.wav --codes-out out.npy
 
-The model: `--adapter` alone rebuilds the base as the run's trainer built it (recorded preset and seed,
-run_config.json next to the checkpoint); with `--base-weights DIR` the base is loaded from released-format
+The model: `--adapter` alone rebuilds the base as the run's trainer built it (the preset and seed recorded in
+the checkpoint, runs.load_trained); with `--base-weights DIR` the base is loaded from released-format
 weights (and the adapter, if given, applied with the project's LoRA code, merged unless --no-merge).
 Decoding: `--audio-tokenizer DIR` (the released Higgs audio tokenizer, higgs_min.audio_tokenizer), or DAC
 (`--codec-weights dac.pth`, or the demo's seeded random DAC `--random-codec-seed N`); with none of them
@@ -16,7 +16,6 @@ only `--codes-out` is written. Sampling defaults are those of the official examp
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -85,49 +84,23 @@ def find_adapter(path: Path) -> Path:
                             f"nor an output folder with a valid checkpoint")
 
 
-def run_config_of(adapter: Path) -> dict | None:
-    for folder in (adapter, adapter.parent):
-        f = folder / "run_config.json"
-        if f.exists():
-            try:
-                return json.loads(f.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{f}: not JSON ({e})") from e
-    return None
-
-
 def load_model(adapter: Path | None, base_weights: Path | None, device: torch.device, dtype: torch.dtype,
                merge: bool):
-    """-> (model in eval mode, recorded run config or None)."""
-    from higgs_min import lora
-    from higgs_min.config import ModelConfig
-    from higgs_min.model import HiggsAudioModel, load_pretrained
+    """-> (model in eval mode, the run's tokenizer or None). runs.load_trained: the base rebuilt from the
+    recorded preset and seed exactly as the trainer built it (or loaded), the adapter loaded strictly."""
+    from higgs_min import lora, runs
 
-    rc = run_config_of(adapter) if adapter is not None else None
-    if base_weights is not None:
-        cfg = ModelConfig.from_pretrained_config(base_weights)
-        with torch.device("meta"):
-            model = HiggsAudioModel(cfg)
-        load_pretrained(model, base_weights, dtype=dtype)
-    else:
-        if rc is None:
-            raise FileNotFoundError(f"--adapter {adapter}: no run_config.json next to it, so the base cannot be "
-                                    f"rebuilt; pass --base-weights DIR")
-        train = rc.get("train", {})
-        if train.get("base_weights"):
-            raise ValueError(f"--adapter {adapter}: the run trained on base weights {train['base_weights']}; "
-                             f"pass --base-weights")
-        # As train.train then train.build_model: seed, then the preset's random init.
-        cfg = ModelConfig(**rc["model"]) if "model" in rc else ModelConfig.from_preset(train["preset"])
-        torch.manual_seed(int(train.get("seed", 0)))
-        model = HiggsAudioModel(cfg)
-    if adapter is not None:
-        lora.load_adapter(model, adapter)
-        if merge:
-            lora.merge_lora(model)
-            for m in lora.lora_layers(model).values():
-                m._unmerged_weight = None  # generation never unmerges: do not hold a second copy of the weights
-    return model.to(device=device, dtype=dtype).eval(), rc
+    if adapter is None:
+        model, _, _ = runs.build_base("", base_weights, 0, dtype)
+        tokenizer = base_weights / "tokenizer.json"
+        return model.to(device).eval(), tokenizer if tokenizer.exists() else None
+    t = runs.load_trained(adapter, base_weights, device, dtype)
+    model = t.model
+    if merge:
+        lora.merge_lora(model)
+        for m in lora.lora_layers(model).values():
+            m._unmerged_weight = None  # generation never unmerges: do not hold a second copy of the weights
+    return model.to(device=device, dtype=dtype).eval(), t.tokenizer
 
 
 class Decoder:
@@ -151,7 +124,7 @@ class Decoder:
                 except ImportError as e:
                     raise ValueError("--audio-tokenizer: higgs_min.audio_tokenizer is not in this checkout; "
                                      "use --codec-weights or --random-codec-seed") from e
-                self._model = audio_tokenizer.load(self.args.audio_tokenizer)
+                self._model = audio_tokenizer.load(self.args.audio_tokenizer, device=self.args.device)
             else:
                 from higgs_min import codec
                 self._model = codec.load_codec(self.args.codec_weights, self.args.random_codec_seed)
@@ -166,20 +139,20 @@ class Decoder:
         """Frames per second of the codes."""
         if self.kind == "dac":
             return self.model.sample_rate / self.model.hop_length
-        return float(getattr(self.model, "frame_rate", 25.0))
+        return float(self.model.frame_rate)
 
     def decode(self, codes: np.ndarray) -> torch.Tensor:
         if self.kind == "dac":
             from higgs_min import codec
             return codec.decode(self.model, codes)
-        return torch.as_tensor(np.asarray(self.model.decode(codes), dtype=np.float32)).reshape(-1)
+        return self.model.decode(codes.astype(np.int64))  # (hop * T,) float
 
     def encode(self, path: Path) -> np.ndarray:
         from higgs_min import codec
-        wave, rate = codec.read_wav(path)
         if self.kind == "dac":
+            wave, rate = codec.read_wav(path)
             return codec.encode(self.model, wave, rate)
-        return np.asarray(self.model.encode(wave, rate))
+        return self.model.encode_file(path).numpy()
 
 
 def write_atomic(path: Path, write) -> None:
@@ -209,16 +182,12 @@ def run(args) -> dict:
     if args.out is None and args.codes_out is None:
         raise ValueError("nothing to write: pass --out out.wav and/or --codes-out out.npy")
     adapter = find_adapter(args.adapter) if args.adapter is not None else None
-    model, rc = load_model(adapter, args.base_weights, device, dtype, merge=not args.no_merge)
+    model, run_tokenizer = load_model(adapter, args.base_weights, device, dtype, merge=not args.no_merge)
     cfg = model.config
-    tok = args.tokenizer
+    tok = args.tokenizer or run_tokenizer
     if tok is None:
-        recorded = (rc or {}).get("train", {}).get("tokenizer")
-        candidates = ([Path(recorded)] if recorded else []) + (
-            [args.base_weights / "tokenizer.json"] if args.base_weights else [])
-        tok = next((c for c in candidates if c.exists()), None)
-        if tok is None:
-            raise FileNotFoundError(f"no tokenizer found (tried {[str(c) for c in candidates]}); pass --tokenizer")
+        raise FileNotFoundError("no tokenizer: the run's recorded one is gone and the base folder has none; "
+                                "pass --tokenizer tokenizer.json")
     enc = ChatEncoder(tok, cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size)
     ref = None
     if args.reference_codes is not None:
@@ -271,11 +240,13 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
+    from higgs_min.checkpoint import CheckpointError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         s = run(args)
-    except (ValueError, FileNotFoundError, KeyError, DataError, GenerationError) as e:
+    except (ValueError, FileNotFoundError, KeyError, DataError, GenerationError, CheckpointError) as e:
         return fail(str(e).strip('"'))
     print(f"text: {s['text']!r}")
     print(f"{s['steps']} steps ({s['stopped']}), {s['segments']} audio segment(s), {s['frames']} frames = "
