@@ -399,11 +399,79 @@ def bench_checkpoint(quick=False):
 # --------------------------------------------------------------------------- 6. data: see bench_data_rows
 
 
+def bench_generate(quick=False):
+    """Generation on the mid-size model: a cached step vs re-running the whole sequence, at 50 and 500
+    audio frames; then frames/s and the real-time factor of `generate` (25 frames = 1 s of audio)."""
+    from higgs_min.config import ModelConfig
+    from higgs_min.generate import Prompt, generate
+    from higgs_min.model import HiggsAudioModel, KVCache
+
+    cfg = ModelConfig(**MID)
+    torch.manual_seed(0)
+    model = HiggsAudioModel(cfg).eval()
+    K, P = cfg.audio_num_codebooks, 40  # a 40-token text prompt before the audio
+    sp = {"audio_out_bos": 1, "audio_out": 2, "audio_eos": 3, "eot": 4, "end_of_text": 5}
+    g = torch.Generator().manual_seed(0)
+
+    def sequence(frames):
+        L = P + frames
+        ids = torch.randint(10, 1000, (1, L), generator=g)
+        ids[0, P:] = sp["audio_out"]
+        codes = torch.randint(0, cfg.audio_codebook_size, (1, L, K), generator=g)
+        amask = torch.zeros(1, L, dtype=torch.bool)
+        amask[0, P:] = True
+        return ids, codes, amask
+
+    def step_times(frames):
+        ids, codes, amask = sequence(frames + 1)
+        n = ids.shape[1] - 1
+        cache = KVCache(cfg, n + 1)
+        with torch.no_grad():
+            model(ids[:, :n], None, codes[:, :n], amask[:, :n], cache=cache)  # the prefix, once
+
+            def cached():
+                cache.length = n  # the same step again: overwrite position n
+                h = model(ids[:, n:], None, codes[:, n:], amask[:, n:], cache=cache)[0, -1:]
+                model.audio_logits(h)
+
+            def full():
+                h = model(ids, None, codes, amask)[0, -1:]
+                model.audio_logits(h)
+
+            return (median_time(cached, 5 if quick else 20, 2),
+                    median_time(full, 2 if quick else (3 if frames > 100 else 5), 1))
+
+    c50, f50 = step_times(50)
+    c500, f500 = step_times(500)
+    shapes = f"mid preset (H=1024, 8 layers, DualFFN), batch 1, {P}-token prompt"
+    rows = [row("generation step at frame 50: KV-cached vs full re-forward", c50 * 1e3, f50 * 1e3, "ms",
+                shapes + ", 91 positions"),
+            row("generation step at frame 500: KV-cached vs full re-forward", c500 * 1e3, f500 * 1e3, "ms",
+                shapes + ", 541 positions", target="ratio <= 0.1"),
+            row("KV-cached step cost: frame 500 vs frame 50", c500 * 1e3, c50 * 1e3, "ms", shapes,
+                target="ratio <= 1.5")]
+    steps = 40 if quick else 150
+    ids = torch.randint(10, 1000, (P,), generator=g)
+    ids[-1] = sp["audio_out_bos"]
+    prompt = Prompt(ids, torch.zeros(P, K, dtype=torch.long), torch.zeros(P, dtype=torch.bool),
+                    torch.zeros(P, dtype=torch.bool), sp)
+    t = time.perf_counter()
+    out = generate(model, prompt, max_new_tokens=steps, seed=0)  # the official example's sampling defaults
+    wall = time.perf_counter() - t
+    cols = sum(a.shape[1] for a in out.audio)
+    fps = cols / wall
+    rows.append(row("generate: audio frames/s, mid preset, forced audio (vs real time 25 frames/s)", fps, 25.0,
+                    "frames/s", f"{shapes}, {steps} steps incl. prefill, {cols} columns, temperature 0.3 "
+                    f"top-k 50 top-p 0.95 RAS 7/2", target="ratio >= 1 (RTF <= 1)", better="higher",
+                    rtf=25.0 / fps))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m higgs_min.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json", help="where to write the rows")
     ap.add_argument("--only", default="", help="comma-separated subset: audio_loss,text_memory,train_step,peer,"
-                                               "checkpoint,data,audio_tokenizer")
+                                               "checkpoint,data,audio_tokenizer,generate")
     ap.add_argument("--quick", action="store_true", help="fewer repeats (for a smoke run)")
     args = ap.parse_args(argv)
     import logging
@@ -411,7 +479,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     suites = {"audio_loss": bench_audio_loss, "text_memory": bench_text_memory, "train_step": bench_train_step,
               "peer": bench_peer, "checkpoint": bench_checkpoint, "data": bench_data_rows,
-              "audio_tokenizer": bench_audio_tokenizer}
+              "audio_tokenizer": bench_audio_tokenizer, "generate": bench_generate}
     chosen = [s for s in (args.only.split(",") if args.only else suites) if s]
     rows = []
     t0 = time.time()
@@ -523,7 +591,8 @@ def format_table(rows, machine) -> str:
                      f"{r['units']:<10} {r['target'] or ''}")
         lines.append(f"{'':<6}shapes: {r['shapes']}" + (f"; max abs diff {r['max_abs_diff']:.2e}"
                                                           if "max_abs_diff" in r else "")
-                     + (f"; {r['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in r else ""))
+                     + (f"; {r['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in r else "")
+                     + (f"; real-time factor {r['rtf']:.2f}" if "rtf" in r else ""))
     return "\n".join(lines)
 
 
