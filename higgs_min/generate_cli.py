@@ -26,14 +26,16 @@ import numpy as np
 import torch
 
 from higgs_min.data import ChatEncoder, DataError, load_codes
+from higgs_min.errors import Parser, UsageError, guard
 from higgs_min.generate import GenerationError, build_messages, generate, make_prompt
+
+PROG = "python -m higgs_min.generate"
 
 log = logging.getLogger("higgs_min.generate")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m higgs_min.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--adapter", type=Path, help="a checkpoint folder (adapter_config.json + adapter_model.safetensors) or a "
                                    "training output folder (its newest valid checkpoint)")
@@ -65,11 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
-
-
 def find_adapter(path: Path) -> Path:
     """A checkpoint folder, or an output folder's newest valid checkpoint."""
     from higgs_min import checkpoint
@@ -80,7 +77,7 @@ def find_adapter(path: Path) -> Path:
         latest = checkpoint.latest_valid(path)
         if latest is not None:
             return latest
-    raise FileNotFoundError(f"--adapter {path}: neither a checkpoint (adapter_config.json) "
+    raise UsageError(f"--adapter {path}: neither a checkpoint (adapter_config.json) "
                             f"nor an output folder with a valid checkpoint")
 
 
@@ -113,7 +110,7 @@ class Decoder:
                      "dac" if args.codec_weights is not None or args.random_codec_seed is not None else None)
         for flag, path in (("--audio-tokenizer", args.audio_tokenizer), ("--codec-weights", args.codec_weights)):
             if path is not None and not Path(path).exists():
-                raise FileNotFoundError(f"{flag} {path}: not found (nothing is downloaded)")
+                raise UsageError(f"{flag} {path}: not found (nothing is downloaded)")
 
     @property
     def model(self):
@@ -122,7 +119,7 @@ class Decoder:
                 try:
                     from higgs_min import audio_tokenizer
                 except ImportError as e:
-                    raise ValueError("--audio-tokenizer: higgs_min.audio_tokenizer is not in this checkout; "
+                    raise UsageError("--audio-tokenizer: higgs_min.audio_tokenizer is not in this checkout; "
                                      "use --codec-weights or --random-codec-seed") from e
                 self._model = audio_tokenizer.load(self.args.audio_tokenizer, device=self.args.device)
             else:
@@ -172,21 +169,21 @@ def run(args) -> dict:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.adapter is None and args.base_weights is None:
-        raise ValueError("pass --adapter CKPT (a run trained on a preset) and/or --base-weights DIR")
+        raise UsageError("pass --adapter CKPT (a run trained on a preset) and/or --base-weights DIR")
     if args.reference_codes is not None and args.reference_audio is not None:
-        raise ValueError("pass --reference-codes or --reference-audio, not both")
+        raise UsageError("pass --reference-codes or --reference-audio, not both")
     decoder = Decoder(args)
     if decoder.kind is None and args.out is not None:
-        raise ValueError(f"--out {args.out}: no decoder; pass --audio-tokenizer, --codec-weights or "
+        raise UsageError(f"--out {args.out}: no decoder; pass --audio-tokenizer, --codec-weights or "
                          f"--random-codec-seed, or drop --out and keep --codes-out")
     if args.out is None and args.codes_out is None:
-        raise ValueError("nothing to write: pass --out out.wav and/or --codes-out out.npy")
+        raise UsageError("nothing to write: pass --out out.wav and/or --codes-out out.npy")
     adapter = find_adapter(args.adapter) if args.adapter is not None else None
     model, run_tokenizer = load_model(adapter, args.base_weights, device, dtype, merge=not args.no_merge)
     cfg = model.config
     tok = args.tokenizer or run_tokenizer
     if tok is None:
-        raise FileNotFoundError("no tokenizer: the run's recorded one is gone and the base folder has none; "
+        raise UsageError("no tokenizer: the run's recorded one is gone and the base folder has none; "
                                 "pass --tokenizer tokenizer.json")
     enc = ChatEncoder(tok, cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size)
     ref = None
@@ -194,12 +191,12 @@ def run(args) -> dict:
         ref = load_codes(args.reference_codes, "--reference-codes", enc.K, enc.C)
     elif args.reference_audio is not None:
         if decoder.kind is None:
-            raise ValueError("--reference-audio needs a codec to encode it (--codec-weights, --random-codec-seed "
+            raise UsageError("--reference-audio needs a codec to encode it (--codec-weights, --random-codec-seed "
                              "or --audio-tokenizer); or pass --reference-codes")
         ref = torch.from_numpy(decoder.encode(args.reference_audio).astype(np.int64))
     ref_item = {"type": "audio", "codes": ref} if ref is not None else None
     if (ref_item is None) != (args.reference_text is None):
-        raise ValueError("voice cloning needs --reference-text together with --reference-codes/--reference-audio")
+        raise UsageError("voice cloning needs --reference-text together with --reference-codes/--reference-audio")
     messages = build_messages(args.text, args.system, args.scene, args.reference_text, ref_item)
     prompt = make_prompt(enc, messages, force_audio=args.force_audio)
 
@@ -228,7 +225,10 @@ def run(args) -> dict:
                "rtf": round(wall / seconds, 3) if seconds > 0 else None,
                "text": enc.decode(g.text_ids)}
     if args.codes_out is not None:
-        write_atomic(args.codes_out, lambda p: np.save(open(p, "wb"), codes))
+        def save_codes(p):
+            with open(p, "wb") as f:
+                np.save(f, codes)
+        write_atomic(args.codes_out, save_codes)
     if args.out is not None:
         if codes.shape[1] == 0:
             raise GenerationError(f"no audio frames generated ({g.steps} steps, stopped by {g.stopped}; "
@@ -239,15 +239,10 @@ def run(args) -> dict:
     return summary
 
 
-def main(argv=None) -> int:
-    from higgs_min.checkpoint import CheckpointError
-
-    args = build_parser().parse_args(argv)
+def _main(argv) -> int:
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        s = run(args)
-    except (ValueError, FileNotFoundError, KeyError, DataError, GenerationError, CheckpointError) as e:
-        return fail(str(e).strip('"'))
+    s = run(args)
     print(f"text: {s['text']!r}")
     print(f"{s['steps']} steps ({s['stopped']}), {s['segments']} audio segment(s), {s['frames']} frames = "
           f"{s['audio_seconds']} s of audio in {s['wall_seconds']} s: {s['frames_per_second']} frames/s, "
@@ -259,6 +254,15 @@ def main(argv=None) -> int:
     else:
         print("no decoder given: codes only (decode later with --codec-weights / --audio-tokenizer)")
     return 0
+
+
+def main(argv=None) -> int:
+    """Usage mistakes exit 2, a run that cannot go on exits 1, each as one line (errors.guard); --debug
+    keeps the traceback."""
+    from higgs_min.checkpoint import CheckpointError
+
+    return guard(_main, argv, PROG, runtime=(ValueError, FileNotFoundError, KeyError, DataError, GenerationError,
+                                            CheckpointError))
 
 
 if __name__ == "__main__":

@@ -80,6 +80,6 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
     assert main(["--adapter", str(tmp_path / "nope"), "--text", "x", "--codes-out", str(tmp_path / "a.npy")]) == 2
     assert "neither a checkpoint" in capsys.readouterr().err
     (ckpt / "trainer_state.json").unlink()  # a bare adapter: its base is unknown
-    assert main(["--adapter", str(ckpt), "--text", "x", "--codes-out", str(tmp_path / "a.npy")]) == 2
+    assert main(["--adapter", str(ckpt), "--text", "x", "--codes-out", str(tmp_path / "a.npy")]) == 1
     assert "pass --base-weights" in capsys.readouterr().err
     assert not (tmp_path / "a.npy").exists()
