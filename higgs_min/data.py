@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -316,6 +314,43 @@ def load_codes(path: Path, where: str, K: int, C: int) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.int64))
 
 
+def line_plan(line: bytes, line_no: int, path: Path, encoder: ChatEncoder) -> Plan:
+    """One JSONL line (bytes, without its newline) -> Plan, or DataError naming path:line and the field.
+
+    The one per-line path: `load_jsonl`, the JSONL dataset and the corpus packer all call it.
+    Codes paths are relative to the JSONL's folder."""
+    where = f"{path}:{line_no}"
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from e
+    if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+        raise DataError(f"{where}: messages: expected an object with a 'messages' list")
+    if not obj["messages"]:
+        raise DataError(f"{where}: messages: the conversation is empty")
+
+    def codes_of(item, iw):
+        if "codes" in item:
+            if not isinstance(item["codes"], str):
+                raise DataError(f"{iw}.codes: expected a path string")
+            return load_codes(path.parent / item["codes"], iw, encoder.K, encoder.C)
+        if "audio" in item:
+            raise DataError(f"{iw}.audio: raw audio must be encoded first: "
+                            f"python -m higgs_min.prepare --data {path} --out OUT.jsonl --codec-weights PATH")
+        raise DataError(f"{iw}: an audio item needs 'codes' (or 'audio', then prepare)")
+
+    return encoder.plan(obj["messages"], codes_of, where, line_no)
+
+
+def plan_is_supervised(plan: Plan) -> bool:
+    """Whether materialize(plan) has any text or audio label: a supervised text token, or an assistant stream."""
+    return bool((plan.flags & SUPERVISED).any()) or bool((plan.segments[:, 1] == ROLES.index("assistant")).any())
+
+
 @dataclass
 class LoadReport:
     loaded: int
@@ -353,30 +388,7 @@ def load_jsonl(path: str | Path, encoder: ChatEncoder, max_length: int, skip_bad
             continue
         where = f"{path}:{line_no}"
         try:
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from e
-            if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
-                raise DataError(f"{where}: messages: expected an object with a 'messages' list")
-            if not obj["messages"]:
-                raise DataError(f"{where}: messages: the conversation is empty")
-
-            def codes_of(item, iw):
-                if "codes" in item:
-                    if not isinstance(item["codes"], str):
-                        raise DataError(f"{iw}.codes: expected a path string")
-                    return load_codes(path.parent / item["codes"], iw, encoder.K, encoder.C)
-                if "audio" in item:
-                    raise DataError(f"{iw}.audio: raw audio must be encoded first: "
-                                    f"python -m higgs_min.prepare --data {path} --out OUT.jsonl --codec-weights PATH")
-                raise DataError(f"{iw}: an audio item needs 'codes' (or 'audio', then prepare)")
-
-            sample = encoder.encode(obj["messages"], codes_of, where, line_no)
+            sample = materialize(line_plan(line, line_no, path, encoder), encoder.K, encoder.C)
         except DataError as e:
             if not skip_bad:
                 raise
@@ -421,64 +433,3 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
         out["audio_in_mask"][b, :n] = s.audio_in_mask
         out["audio_out_mask"][b, :n] = s.audio_out_mask
     return out
-
-
-def length_grouped(order: list[int], lengths: list[int], batch_size: int, seed: int) -> list[int]:
-    """Reorder `order` so each run of `batch_size` holds samples of similar length.
-
-    Sort within mega-batches of 50 batches (longest first), then shuffle whole batches:
-    padding drops, and every epoch still sees a new order.
-    """
-    rng = random.Random(seed)
-    mega = batch_size * 50
-    groups = [sorted(order[i:i + mega], key=lambda j: -lengths[j]) for i in range(0, len(order), mega)]
-    batches = [g[i:i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
-    rng.shuffle(batches)
-    return [j for b in batches for j in b]
-
-
-def padding_fraction(lengths: list[int], order: list[int], batch_size: int) -> float:
-    """Fraction of padded positions when batches are taken in `order`."""
-    real = padded = 0
-    for i in range(0, len(order), batch_size):
-        lens = [lengths[j] for j in order[i:i + batch_size]]
-        real += sum(lens)
-        padded += max(lens) * len(lens)
-    return 1 - real / padded if padded else 0.0
-
-
-class BatchStream:
-    """One rank's batches, epoch after epoch, resumable at (epoch, position).
-
-    The order is DistributedSampler's (seeded, `set_epoch` each epoch), so rank r of N
-    sees samples r, r+N, … of one global permutation: N ranks × batch b cover what
-    one process with batch N·b covers.
-    """
-
-    def __init__(self, samples, batch_size, world_size, rank, seed, pad_id, group_by_length=False):
-        from torch.utils.data import DistributedSampler
-
-        self.samples, self.batch_size, self.pad_id, self.seed = samples, batch_size, pad_id, seed
-        self.group_by_length = group_by_length
-        self.sampler = DistributedSampler(range(len(samples)), num_replicas=world_size, rank=rank,
-                                          shuffle=True, seed=seed, drop_last=False)
-        self.epoch, self.position, self._order = 0, 0, None
-
-    def batches_per_epoch(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)
-
-    def epoch_order(self, epoch: int) -> list[int]:
-        self.sampler.set_epoch(epoch)
-        order = list(self.sampler)
-        if self.group_by_length:
-            order = length_grouped(order, [len(s.input_ids) for s in self.samples], self.batch_size, self.seed + epoch)
-        return order
-
-    def next(self) -> dict[str, torch.Tensor]:
-        if self.position >= self.batches_per_epoch():
-            self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        if self._order is None:
-            self._order = self.epoch_order(self.epoch)
-        idx = self._order[self.position * self.batch_size:(self.position + 1) * self.batch_size]
-        self.position += 1
-        return collate([self.samples[i] for i in idx], self.pad_id)

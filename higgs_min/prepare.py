@@ -179,6 +179,8 @@ def prepare(data: Path, out: Path, codec_weights=None, random_seed=None, audio_t
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert-audio-tokenizer": ("higgs_min.audio_tokenizer:convert_main",
                                 "released Higgs audio tokenizer model.pth -> model.safetensors, once"),
+    "pack": ("higgs_min.pack:pack_main", "JSONL with codes -> a packed, memory-mapped corpus folder"),
+    "verify": ("higgs_min.corpus:verify_main", "check a packed corpus's shards against its manifest"),
 }
 
 

@@ -33,8 +33,10 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from higgs_min import checkpoint, distributed, runconfig
+from higgs_min.batches import BatchStream, padding_fraction
 from higgs_min.config import PRESETS, ModelConfig
-from higgs_min.data import BatchStream, ChatEncoder, DataError, load_jsonl, padding_fraction
+from higgs_min.corpus import open_dataset, verify as verify_corpus
+from higgs_min.data import ChatEncoder, DataError
 from higgs_min.errors import Parser, RunError, UsageError, guard
 from higgs_min.lora import DEFAULT_TARGETS, adapter_config, apply_lora
 from higgs_min.loss import Diagnostics, audio_scores, reduce_codebooks, target_counts, text_scores
@@ -51,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = ap.add_argument
     a("--config", type=Path, help="JSON file of option values (keys as option names with _); "
                                   "command-line options override it")
-    a("--data", type=Path, default=DATA / "demo.jsonl", help="training conversations (JSONL)")
+    a("--data", type=Path, default=DATA / "demo.jsonl",
+      help="training conversations: a JSONL file, or a corpus folder made by `prepare pack`")
     a("--tokenizer", type=Path, help="tokenizers tokenizer.json (default: the one in --base-weights, "
                                      "else the demo's data/tokenizer.json)")
     a("--preset", default="tiny", choices=sorted(PRESETS), help="model preset when no --base-weights")
@@ -82,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-length", type=int, default=2048, help="longer samples are skipped (counted)")
     a("--group-by-length", action="store_true", help="batch samples of similar length (less padding)")
     a("--skip-bad-samples", action="store_true", help="count and skip bad JSONL lines instead of failing")
+    a("--data-workers", type=int, help="DataLoader worker processes building batches (default: 0 on CPU, 2 on CUDA)")
+    a("--no-verify-data", action="store_true", help="skip the sha256 check of a packed corpus's shards at start")
     a("--log-every", type=int, default=25, help="log metrics every N steps")
     a("--log-samples", type=int, default=3, help="log the label statistics of the first N samples")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
@@ -129,11 +134,11 @@ def check_inputs(args) -> None:
                 raise UsageError(f"--base-weights {base} holds no tokenizer.json; pass --tokenizer PATH")
     elif args.tokenizer is None:
         args.tokenizer = DATA / "tokenizer.json"
-    for name in ("data", "tokenizer"):
-        path = getattr(args, name)
-        if not path.is_file():
-            raise UsageError(f"--{name} {path}: " + ("is a folder, expected a file" if path.is_dir()
-                                                     else "no such file"))
+    if not args.data.exists():
+        raise UsageError(f"--data {args.data}: no such file or folder (a JSONL file or a corpus from `prepare pack`)")
+    if not args.tokenizer.is_file():
+        raise UsageError(f"--tokenizer {args.tokenizer}: " + ("is a folder, expected a file"
+                                                              if args.tokenizer.is_dir() else "no such file"))
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise UsageError(f"--output-dir {args.output_dir} is a file; give a folder (it is created if missing)")
     for name in ("max_steps", "batch_size", "grad_accum", "lora_rank", "max_length", "log_every"):
@@ -232,6 +237,40 @@ def save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base
         log.warning("step %d: continuing without a checkpoint (--on-save-error continue)", step)
 
 
+def model_config(args) -> ModelConfig:
+    """The model's config (as runs.build_base reads it), known before any weight is built: the data is
+    checked against it first."""
+    if not args.base_weights:
+        return ModelConfig.from_preset(args.preset)
+    try:
+        return ModelConfig.from_pretrained_config(args.base_weights)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise UsageError(f"--base-weights {args.base_weights}: {e.args[0] if e.args else e}") from e
+
+
+def open_data(args, dist_info, cfg: ModelConfig):
+    """Tokenizer + training data, every line or shard checked before the model is built. A packed corpus
+    is hashed against its manifest on each node's local rank 0 (unless --no-verify-data); all ranks agree."""
+    encoder = ChatEncoder(args.tokenizer, cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size)
+    problem = ""
+    if Path(args.data).is_dir() and not args.no_verify_data and dist_info.local_rank == 0:
+        t = time.time()
+        try:
+            r = verify_corpus(args.data, check_sources=False)
+            log.info("%s: %d shards, %.1f MB verified (sha256) in %.1f s", args.data, r["shards"], r["bytes"] / 1e6,
+                     time.time() - t)
+        except DataError as e:
+            problem = str(e)
+    if distributed.any_rank(bool(problem), dist_info.device):
+        raise DataError(problem or "the data check failed on another node (see its log)")
+    dataset = open_dataset(args.data, encoder, args.max_length, args.skip_bad_samples)
+    log.info("data: %s", dataset.report)
+    if dist_info.is_main:
+        for i in range(min(args.log_samples, len(dataset))):
+            log.info("%s", dataset[i].stats())
+    return encoder, dataset
+
+
 def build_model(args, device) -> tuple[HiggsAudioModel, ModelConfig, str]:
     """Base weights (frozen; released ones, or a seeded random preset) + LoRA (trainable)."""
     try:
@@ -311,14 +350,15 @@ def train(args) -> dict:
     if dist_info.device.type == "cpu":
         torch.use_deterministic_algorithms(True)
 
+    encoder, dataset = open_data(args, dist_info, model_config(args))  # all validated before the model is built
     model, cfg, base_name = build_model(args, dist_info.device)
-    encoder = ChatEncoder(args.tokenizer, cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size)
-    samples, report = load_jsonl(args.data, encoder, args.max_length, args.skip_bad_samples,
-                                 args.log_samples if dist_info.is_main else 0)  # all validated before step 1
-    stream = BatchStream(samples, args.batch_size, dist_info.world_size, dist_info.rank, args.seed,
-                         encoder.ids["end_of_text"], args.group_by_length)
+    cuda = dist_info.device.type == "cuda"
+    stream = BatchStream(dataset, args.batch_size, dist_info.world_size, dist_info.rank, args.seed,
+                         encoder.ids["end_of_text"], args.group_by_length,
+                         workers=args.data_workers if args.data_workers is not None else (2 if cuda else 0),
+                         pin_memory=cuda)
     log.info("padding: %.1f%% of positions in the first epoch's batches%s",
-             100 * padding_fraction([len(s.input_ids) for s in samples], stream.epoch_order(0), args.batch_size),
+             100 * padding_fraction(stream.lengths, stream.epoch_order(0), args.batch_size),
              "" if args.group_by_length else " (--group-by-length lowers it)")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
@@ -403,7 +443,7 @@ def train(args) -> dict:
                     "scheduler": {"type": "linear_warmup_cosine", "warmup_steps": args.warmup_steps,
                                   "max_steps": args.max_steps, "lr": args.lr, "min_lr_ratio": args.min_lr_ratio,
                                   "last_lr": optimizer.param_groups[0]["lr"]},
-                    "config": resolved, "identity": run.identity, "data": report.summary(),
+                    "config": resolved, "identity": run.identity, "data": dataset.report,
                     "rng": distributed.gather_objects(checkpoint.rng_state()),  # every rank's, in rank order
                 }
                 save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base_name)
@@ -413,6 +453,7 @@ def train(args) -> dict:
                 break
     finally:
         stop.restore()
+        stream.close()
         if bar is not None:
             bar.close()
         if tb is not None:

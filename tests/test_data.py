@@ -243,7 +243,7 @@ def _demo_samples():
 
 
 def test_batch_stream_ranks_partition_the_global_batch_and_resume():
-    from higgs_min.data import BatchStream
+    from higgs_min.batches import BatchStream
     samples = _demo_samples()
     one = BatchStream(samples, 8, 1, 0, seed=3, pad_id=0)
     ranks = [BatchStream(samples, 4, 2, r, seed=3, pad_id=0) for r in range(2)]
@@ -261,7 +261,7 @@ def test_batch_stream_ranks_partition_the_global_batch_and_resume():
 
 
 def test_group_by_length_cuts_padding_and_keeps_every_sample():
-    from higgs_min.data import BatchStream, padding_fraction
+    from higgs_min.batches import BatchStream, padding_fraction
     samples = _demo_samples()
     lengths = [len(s.input_ids) for s in samples]
     plain = BatchStream(samples, 4, 1, 0, seed=0, pad_id=0)

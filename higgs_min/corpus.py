@@ -1,0 +1,333 @@
+"""A packed corpus: the Plans of many conversations in memory-mapped shards, opened in O(shards).
+
+    CORPUS/
+      shard-00000.safetensors   one fixed range of source lines (see pack.py); flat arrays, n samples:
+          tokens          int32 (Σ N_i,)       Plan.tokens of every sample, concatenated
+          flags           uint8 (Σ N_i,)       Plan.flags
+          codes           int16 (Σ F_i, K)     Plan.codes (raw codes, BEFORE the delay pattern)
+          segments        int32 (Σ S_i, 2)     Plan.segments (frames, role index)
+          token_offsets   int64 (n + 1,)       sample i's tokens are tokens[token_offsets[i]:token_offsets[i+1]]
+          frame_offsets   int64 (n + 1,)       … codes, likewise
+          segment_offsets int64 (n + 1,)       … segments, likewise
+          lengths         int32 (n,)           positions after materialize (what the sampler needs)
+          source          int32 (n,)           index into the manifest's sources
+          line            int32 (n,)           1-based line in that source
+      manifest.json             written last; a folder without it is never a corpus
+
+A sample is `materialize(read(i))`: the same function as the JSONL path's `materialize(plan(line))`,
+so the two cannot drift apart. Opening reads the manifest, stats each shard, parses each shard's
+header and concatenates the `lengths` arrays: no sample is built to learn its length, and the
+resident memory is ~4-8 bytes per sample. `verify` hashes every shard against the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from higgs_min.checkpoint import sha256_file
+from higgs_min.data import (DataError, LoadReport, Plan, ChatEncoder, line_plan, materialize,
+                            plan_is_supervised)
+
+log = logging.getLogger(__name__)
+
+FORMAT = "higgs_min-corpus"
+VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = {"I64": np.int64, "I32": np.int32, "I16": np.int16, "U8": np.uint8}
+# name -> (dtype, trailing shape: "K" for codebooks), for the header checks at open
+ARRAYS = {"tokens": ("I32", ()), "flags": ("U8", ()), "codes": ("I16", ("K",)), "segments": ("I32", (2,)),
+          "token_offsets": ("I64", ()), "frame_offsets": ("I64", ()), "segment_offsets": ("I64", ()),
+          "lengths": ("I32", ()), "source": ("I32", ()), "line": ("I32", ())}
+
+
+class CorpusError(DataError):
+    """A packed corpus that cannot be used as it is (names the folder, file and what is wrong)."""
+
+
+# ----------------------------------------------------------------------------- shard file format
+
+def shard_bytes(arrays: dict[str, np.ndarray]) -> list:
+    """The safetensors layout (u64 header length | JSON header | raw little-endian data), widest dtype
+    first so every array is aligned to its item size when memory-mapped. Returns byte chunks."""
+    names = sorted(arrays, key=lambda k: (-arrays[k].dtype.itemsize, k))
+    code = {np.dtype(v): k for k, v in DTYPES.items()}
+    header, offset = {"__metadata__": {"format": FORMAT, "version": str(VERSION)}}, 0
+    for name in names:
+        a = arrays[name]
+        header[name] = {"dtype": code[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    head += b" " * (-len(head) % 8)
+    return [struct.pack("<Q", len(head)) + head] + [np.ascontiguousarray(arrays[n]).astype(
+        arrays[n].dtype.newbyteorder("<"), copy=False).tobytes() for n in names]
+
+
+def read_header(path: Path, size: int) -> tuple[int, dict]:
+    """(data start, header) of a shard, checked against the file size. Raises CorpusError naming the shard."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CorpusError(f"{path}: {size} bytes, too short for a shard header (truncated?)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 1 << 20):
+                raise CorpusError(f"{path}: header length {n} does not fit the file's {size} bytes (damaged?)")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorpusError(f"{path}: cannot read the shard header: {e}") from e
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise CorpusError(f"{path}: header describes {8 + n + end} bytes, the file has {size} (truncated or damaged)")
+    return 8 + n, header
+
+
+class Shard:
+    """One shard's arrays as read-only views of one memory map (mapped on first use)."""
+
+    def __init__(self, path: Path, size: int, samples: int, K: int):
+        self.path, self.samples = path, samples
+        self.start, self.header = read_header(path, size)
+        for name, (dtype, tail) in ARRAYS.items():
+            h = self.header.get(name)
+            want = tuple(K if t == "K" else t for t in tail)
+            if h is None or h["dtype"] != dtype or tuple(h["shape"][1:]) != want:
+                raise CorpusError(f"{path}: array {name!r} is {h and (h['dtype'], h['shape'])}, "
+                                  f"expected {dtype} with trailing shape {list(want)}")
+        if self.header["lengths"]["shape"][0] != samples or self.header["token_offsets"]["shape"][0] != samples + 1:
+            raise CorpusError(f"{path}: holds {self.header['lengths']['shape'][0]} samples, the manifest says {samples}")
+        self._arrays = None
+
+    def array(self, name: str) -> np.ndarray:
+        if self._arrays is None:
+            mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+            self._arrays = {}
+            for k, h in self.header.items():
+                if k == "__metadata__":
+                    continue
+                a, b = h["data_offsets"]
+                dt = np.dtype(DTYPES[h["dtype"]]).newbyteorder("<")
+                self._arrays[k] = np.frombuffer(mm, dtype=dt, count=(b - a) // dt.itemsize,
+                                                offset=self.start + a).reshape(h["shape"])
+        return self._arrays[name]
+
+    def plan(self, j: int) -> Plan:
+        t0, t1 = self.array("token_offsets")[j:j + 2]
+        f0, f1 = self.array("frame_offsets")[j:j + 2]
+        s0, s1 = self.array("segment_offsets")[j:j + 2]
+        return Plan(int(self.array("line")[j]), np.array(self.array("tokens")[t0:t1]),
+                    np.array(self.array("flags")[t0:t1]), np.array(self.array("codes")[f0:f1]),
+                    np.array(self.array("segments")[s0:s1]))
+
+    def __getstate__(self):  # a DataLoader worker maps the file itself
+        return {**self.__dict__, "_arrays": None}
+
+
+# ----------------------------------------------------------------------------- opening
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise CorpusError(f"{folder}: not a folder (a packed corpus is a folder made by `prepare pack`)")
+    if not path.exists():
+        raise CorpusError(f"{folder}: no {MANIFEST}, so not a corpus (an unfinished pack?); "
+                          f"pack it with: python -m higgs_min.prepare pack --data DATA.jsonl --tokenizer T --out {folder}")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorpusError(f"{path}: cannot read the manifest: {e}") from e
+    if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
+        raise CorpusError(f"{path}: format {m.get('format') if isinstance(m, dict) else None!r} version "
+                          f"{m.get('version') if isinstance(m, dict) else None!r}; this code reads {FORMAT!r} "
+                          f"version {VERSION}")
+    return m
+
+
+def check_identity(m: dict, folder: Path, encoder: ChatEncoder, tokenizer_sha256: str) -> None:
+    """The corpus's token ids and codes mean what this run's tokenizer and model mean, or a clear error."""
+    tok, audio = m["tokenizer"], m["audio"]
+    if tok["sha256"] != tokenizer_sha256:
+        raise CorpusError(f"{folder}: packed with tokenizer sha256 {tok['sha256'][:16]}… ({tok['vocab_size']} tokens, "
+                          f"from {tok['path']}); this run's tokenizer {encoder.tokenizer_path} has sha256 "
+                          f"{tokenizer_sha256[:16]}… ({encoder.tok.get_vocab_size()} tokens): repack with it, or "
+                          f"train with --tokenizer {tok['path']}")
+    if tok["special_ids"] != encoder.ids:
+        raise CorpusError(f"{folder}: special ids {tok['special_ids']} differ from this run's {encoder.ids}")
+    if (audio["num_codebooks"], audio["codebook_size"]) != (encoder.K, encoder.C):
+        raise CorpusError(f"{folder}: packed with {audio['num_codebooks']} codebooks of {audio['codebook_size']}; "
+                          f"the model has {encoder.K} codebooks of {encoder.C}")
+
+
+class PackedDataset:
+    """A packed corpus: __len__, lengths (numpy), __getitem__(i) -> Sample, report, where(i)."""
+
+    def __init__(self, folder: str | Path, encoder: ChatEncoder, max_length: int, tokenizer_sha256: str | None = None):
+        self.folder = folder = Path(folder)
+        m = self.manifest = read_manifest(folder)
+        check_identity(m, folder, encoder, tokenizer_sha256 or sha256_file(encoder.tokenizer_path))
+        self.K, self.C = encoder.K, encoder.C
+        self.shards = []
+        for s in m["shards"]:
+            path = folder / s["name"]
+            try:
+                size = path.stat().st_size
+            except OSError as e:
+                raise CorpusError(f"{path}: listed in the manifest, cannot stat: {e}") from e
+            if size != s["bytes"]:
+                raise CorpusError(f"{path}: {size} bytes, the manifest says {s['bytes']} (truncated or replaced)")
+            self.shards.append(Shard(path, size, s["samples"], self.K))
+        self.starts = np.cumsum([0] + [s.samples for s in self.shards]).astype(np.int64)
+        lengths = np.concatenate([np.asarray(s.array("lengths")) for s in self.shards]) if self.shards else (
+            np.zeros(0, np.int32))
+        keep = lengths <= max_length
+        long = int((~keep).sum())
+        self.index = None if not long else np.flatnonzero(keep).astype(np.int32 if len(keep) < 2**31 else np.int64)
+        self.lengths = lengths if not long else lengths[keep]
+        skipped = dict(m["counts"]["skipped"])
+        skipped.update({f"rejected at pack: {r}": n for r, n in m["counts"]["rejected"].items()})
+        if long:
+            skipped["longer than max length"] = long
+        self.load_report = LoadReport(len(self.lengths), skipped)
+        self.report = f"{folder}: {self.load_report.summary()}, {len(self.shards)} shards"
+        if not len(self.lengths):
+            raise CorpusError(f"{folder}: no usable sample ({self.load_report.summary()})")
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def _locate(self, i: int) -> tuple[Shard, int]:
+        if not 0 <= i < len(self.lengths):
+            raise IndexError(i)
+        g = int(self.index[i]) if self.index is not None else i
+        s = int(np.searchsorted(self.starts, g, side="right")) - 1
+        return self.shards[s], g - int(self.starts[s])
+
+    def plan(self, i: int) -> Plan:
+        shard, j = self._locate(i)
+        return shard.plan(j)
+
+    def __getitem__(self, i: int):
+        return materialize(self.plan(i), self.K, self.C)
+
+    def where(self, i: int) -> str:
+        shard, j = self._locate(i)
+        return f"{self.manifest['sources'][int(shard.array('source')[j])]['path']}:{int(shard.array('line')[j])}"
+
+
+class JsonlDataset:
+    """A JSONL file through the same per-line code and the same `materialize` as the packer: the whole file is
+    checked in one pass (every bad line collected), then samples are built on __getitem__ from their Plans."""
+
+    def __init__(self, path: str | Path, encoder: ChatEncoder, max_length: int, skip_bad: bool = False):
+        self.path = path = Path(path)
+        self.K, self.C = encoder.K, encoder.C
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise DataError(f"{path}: cannot read data file: {e}") from e
+        if not raw.strip():
+            raise DataError(f"{path}: the data file is empty")
+        self.plans, skipped, bad = [], {}, []
+        for line_no, line in enumerate(raw.split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                plan = line_plan(line, line_no, path, encoder)
+            except DataError as e:
+                bad.append(str(e))
+                continue
+            reason = ("no supervised token" if not plan_is_supervised(plan) else
+                      "longer than max length" if plan.length(self.K) > max_length else None)
+            if reason:
+                skipped[reason] = skipped.get(reason, 0) + 1
+            else:
+                self.plans.append(plan)
+        if bad:
+            for msg in bad[:20]:
+                log.warning("bad line: %s", msg)
+            if not skip_bad:
+                raise DataError(f"{path}: {len(bad)} bad line(s), the first: {bad[0]}" + (
+                    f" (the first 20 are logged above)" if len(bad) > 1 else "") + "; fix them, or pass "
+                    "--skip-bad-samples to train without them")
+            skipped["bad input"] = len(bad)
+        self.lengths = np.array([p.length(self.K) for p in self.plans], dtype=np.int32)
+        self.load_report = LoadReport(len(self.plans), skipped)
+        self.report = f"{path}: {self.load_report.summary()}"
+        if not self.plans:
+            raise DataError(f"{path}: no usable sample ({self.load_report.summary()})")
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def plan(self, i: int) -> Plan:
+        return self.plans[i]
+
+    def __getitem__(self, i: int):
+        return materialize(self.plans[i], self.K, self.C)
+
+    def where(self, i: int) -> str:
+        return f"{self.path}:{self.plans[i].index}"
+
+
+def open_dataset(path: str | Path, encoder: ChatEncoder, max_length: int, skip_bad: bool = False):
+    """A packed corpus folder or a JSONL file, as a dataset: __len__, lengths, __getitem__(i) -> Sample, report.
+    Samples longer than `max_length` are left out (counted in `report`)."""
+    path = Path(path)
+    if path.is_dir():
+        return PackedDataset(path, encoder, max_length)
+    return JsonlDataset(path, encoder, max_length, skip_bad)
+
+
+# ----------------------------------------------------------------------------- verify
+
+def verify(folder: str | Path, check_sources: bool = True) -> dict:
+    """Hash every shard against the manifest (and the sources, when present here). Raises CorpusError
+    naming the first damaged shard or changed source; returns {'shards', 'samples', 'bytes', 'notes'}."""
+    folder = Path(folder)
+    m = read_manifest(folder)
+    total, notes = 0, []
+    for s in m["shards"]:
+        path = folder / s["name"]
+        if not path.exists():
+            raise CorpusError(f"{path}: listed in the manifest, missing")
+        size = path.stat().st_size
+        if size != s["bytes"]:
+            raise CorpusError(f"{path}: {size} bytes, the manifest says {s['bytes']} (truncated or replaced)")
+        digest = sha256_file(path)
+        if digest != s["sha256"]:
+            raise CorpusError(f"{path}: sha256 {digest[:16]}… differs from the manifest's {s['sha256'][:16]}… "
+                              f"(damaged; repack)")
+        total += size
+    for src in m["sources"] if check_sources else []:
+        p = Path(src["path"])
+        if not p.exists():
+            notes.append(f"source {p} is not here; not checked")
+            continue
+        if p.stat().st_size != src["bytes"] or sha256_file(p) != src["sha256"]:
+            raise CorpusError(f"{folder}: source {p} changed after packing (sha256 {src['sha256'][:16]}… at pack time); "
+                              f"the corpus no longer matches it: repack")
+    return {"shards": len(m["shards"]), "samples": m["counts"]["packed"], "bytes": total, "notes": notes}
+
+
+def verify_main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m higgs_min.prepare verify",
+                                 description="Check a packed corpus: every shard's sha256 against its manifest, "
+                                             "and whether its sources changed since packing.")
+    ap.add_argument("corpus", type=Path, help="the corpus folder")
+    ap.add_argument("--no-sources", action="store_true", help="do not compare the source files' sha256")
+    args = ap.parse_args(argv)
+    try:
+        r = verify(args.corpus, not args.no_sources)
+    except CorpusError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for note in r["notes"]:
+        print(f"note: {note}")
+    print(f"{args.corpus}: ok, {r['samples']} samples in {r['shards']} shards, {r['bytes'] / 1e6:.1f} MB verified")
+    return 0
