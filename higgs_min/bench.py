@@ -466,12 +466,17 @@ def bench_generate(quick=False):
                     rtf=25.0 / fps))
     return rows
 
+def bench_corpus_rows(quick=False):
+    """Packed corpus vs the JSONL path at 10k/100k/1M samples (higgs_min/bench_corpus.py)."""
+    from higgs_min.bench_corpus import bench_corpus
+    return bench_corpus(quick)
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m higgs_min.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json", help="where to write the rows")
     ap.add_argument("--only", default="", help="comma-separated subset: audio_loss,text_memory,train_step,peer,"
-                                               "checkpoint,data,audio_tokenizer,generate")
+                                               "checkpoint,data,audio_tokenizer,generate,corpus")
     ap.add_argument("--quick", action="store_true", help="fewer repeats (for a smoke run)")
     args = ap.parse_args(argv)
     import logging
@@ -479,7 +484,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     suites = {"audio_loss": bench_audio_loss, "text_memory": bench_text_memory, "train_step": bench_train_step,
               "peer": bench_peer, "checkpoint": bench_checkpoint, "data": bench_data_rows,
-              "audio_tokenizer": bench_audio_tokenizer, "generate": bench_generate}
+              "audio_tokenizer": bench_audio_tokenizer, "generate": bench_generate,
+              "corpus": bench_corpus_rows}
     chosen = [s for s in (args.only.split(",") if args.only else suites) if s]
     rows = []
     t0 = time.time()

@@ -32,8 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from higgs_min.checkpoint import sha256_file
-from higgs_min.data import (DataError, LoadReport, Plan, ChatEncoder, line_plan, materialize,
-                            plan_is_supervised)
+from higgs_min.data import DataError, LoadReport, Plan, ChatEncoder, load_codes, materialize, plan_is_supervised
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +48,36 @@ ARRAYS = {"tokens": ("I32", ()), "flags": ("U8", ()), "codes": ("I16", ("K",)), 
 
 class CorpusError(DataError):
     """A packed corpus that cannot be used as it is (names the folder, file and what is wrong)."""
+
+
+def line_plan(line: bytes, line_no: int, path: Path, encoder: ChatEncoder) -> Plan:
+    """One JSONL line (bytes, without its newline) -> Plan, or DataError naming path:line and the field.
+
+    The per-line checks of `data.load_jsonl`, shared by the JSONL dataset and the packer; to be replaced by
+    sanitize.line_to_plan (the one exception boundary per line) when it lands."""
+    where = f"{path}:{line_no}"
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from e
+    if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+        raise DataError(f"{where}: messages: expected an object with a 'messages' list")
+    if not obj["messages"]:
+        raise DataError(f"{where}: messages: the conversation is empty")
+
+    def codes_of(item, iw):
+        if "codes" in item:
+            if not isinstance(item["codes"], str):
+                raise DataError(f"{iw}.codes: expected a path string")
+            return load_codes(path.parent / item["codes"], iw, encoder.K, encoder.C)
+        if "audio" in item:
+            raise DataError(f"{iw}.audio: raw audio must be encoded first: "
+                            f"python -m higgs_min.prepare --data {path} --out OUT.jsonl --codec-weights PATH")
+        raise DataError(f"{iw}: an audio item needs 'codes' (or 'audio', then prepare)")
+
+    return encoder.plan(obj["messages"], codes_of, where, line_no)
 
 
 # ----------------------------------------------------------------------------- shard file format

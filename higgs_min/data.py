@@ -148,7 +148,11 @@ class Plan:
 
 def materialize(plan: Plan, num_codebooks: int, codebook_size: int) -> Sample:
     """Expand a Plan into a Sample: each placeholder becomes S = T + K + 1 positions carrying
-    delay([BOS | codes | EOS]) (labels delay([-100 | codes | EOS]) for assistant streams)."""
+    delay([BOS | codes | EOS]) (labels delay([-100 | codes | EOS]) for assistant streams).
+
+    The delay is computed by index arithmetic, position-major: at stream position s, codebook k reads
+    frame s - k of [BOS | codes | EOS] (BOS before it, EOS/-100 after it) -- `audio_stream`'s definition,
+    which the tests check this against, vectorized because this runs once per sample per epoch."""
     K, bos, eos = num_codebooks, codebook_size, codebook_size + 1
     tokens = plan.tokens.astype(np.int64)
     is_audio = (plan.flags & AUDIO) != 0
@@ -159,24 +163,30 @@ def materialize(plan: Plan, num_codebooks: int, codebook_size: int) -> Sample:
     sup = np.repeat((plan.flags & SUPERVISED) != 0, reps)
     text_labels = np.where(sup, input_ids, IGNORE_INDEX)
     L = len(input_ids)
-    audio_codes = torch.zeros(L, K, dtype=torch.long)
-    audio_labels = torch.full((L, K), IGNORE_INDEX, dtype=torch.long)
+    audio_codes = np.zeros((L, K), dtype=np.int64)
+    audio_labels = np.full((L, K), IGNORE_INDEX, dtype=np.int64)
     audio_in = np.zeros(L, dtype=bool)
     audio_out = np.zeros(L, dtype=bool)
     starts = (np.cumsum(reps) - reps)[is_audio]
     frame0 = np.concatenate([[0], np.cumsum(T)])
+    k = np.arange(K)[None, :]
     shapes = []
     for s, (start, t, r) in enumerate(zip(starts.tolist(), T.tolist(), role.tolist())):
-        codes = torch.from_numpy(plan.codes[frame0[s]:frame0[s] + t].T.astype(np.int64))  # (K, T)
-        inp, lab = audio_stream(codes, bos=bos, eos=eos)  # (K, S) each
+        src = np.arange(t + K + 1)[:, None] - k  # frame of [BOS | codes | EOS] at (position, codebook)
+        inside = (src >= 0) & (src <= t + 1)
+        frames = np.empty((t + 2, K), dtype=np.int64)
+        frames[0], frames[1:t + 1], frames[t + 1] = bos, plan.codes[frame0[s]:frame0[s] + t], eos
+        got = frames[np.clip(src, 0, t + 1), k]
+        span = slice(start, start + t + K + 1)
+        audio_codes[span] = np.where(inside, got, np.where(src < 0, bos, eos))
         out = ROLES[r] == "assistant"
-        audio_codes[start:start + t + K + 1] = inp.T
         if out:
-            audio_labels[start:start + t + K + 1] = lab.T
-        (audio_out if out else audio_in)[start:start + t + K + 1] = True
+            audio_labels[span] = np.where(inside & (src > 0), got, IGNORE_INDEX)
+        (audio_out if out else audio_in)[span] = True
         shapes.append((ROLES[r], (K, t)))
-    return Sample(plan.index, torch.from_numpy(input_ids), torch.from_numpy(text_labels), audio_codes,
-                  audio_labels, torch.from_numpy(audio_in), torch.from_numpy(audio_out), shapes)
+    return Sample(plan.index, torch.from_numpy(input_ids), torch.from_numpy(text_labels),
+                  torch.from_numpy(audio_codes), torch.from_numpy(audio_labels), torch.from_numpy(audio_in),
+                  torch.from_numpy(audio_out), shapes)
 
 
 class ChatEncoder:
@@ -204,6 +214,7 @@ class ChatEncoder:
         if codebook_size + 2 > np.iinfo(np.int16).max:
             raise DataError(f"codebook size {codebook_size}: plans store codes as int16")
         self.K, self.C = num_codebooks, codebook_size
+        self._headers = {}  # role -> its header ids, tokenized once (the same ids every turn)
         # The longest token, in characters: a text of n characters is at least n / this many tokens,
         # a bound checked before tokenizing (a 300,000-character line is refused without encoding it).
         self.max_token_chars = max(1, max(len(t) for t in self.tok.get_vocab(with_added_tokens=False)))
@@ -266,7 +277,10 @@ class ChatEncoder:
 
     def header(self, role: str) -> list[int]:
         """`<|start_header_id|>role<|end_header_id|>\n\n`: opens every turn, and the generation prompt."""
-        return [self.ids["start_header"]] + self.text(role) + [self.ids["end_header"]] + self.text("\n\n")
+        if role not in self._headers:
+            self._headers[role] = [self.ids["start_header"]] + self.text(role) + [self.ids["end_header"]] + (
+                self.text("\n\n"))
+        return list(self._headers[role])
 
     def prompt(self, messages: list[dict], codes_of, force_audio: bool = False, where: str = "prompt") -> Sample:
         """A generation prompt: the conversation so far, then the assistant header (and `<|audio_out_bos|>`
@@ -314,43 +328,6 @@ def load_codes(path: Path, where: str, K: int, C: int) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.int64))
 
 
-def line_plan(line: bytes, line_no: int, path: Path, encoder: ChatEncoder) -> Plan:
-    """One JSONL line (bytes, without its newline) -> Plan, or DataError naming path:line and the field.
-
-    The one per-line path: `load_jsonl`, the JSONL dataset and the corpus packer all call it.
-    Codes paths are relative to the JSONL's folder."""
-    where = f"{path}:{line_no}"
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from e
-    if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
-        raise DataError(f"{where}: messages: expected an object with a 'messages' list")
-    if not obj["messages"]:
-        raise DataError(f"{where}: messages: the conversation is empty")
-
-    def codes_of(item, iw):
-        if "codes" in item:
-            if not isinstance(item["codes"], str):
-                raise DataError(f"{iw}.codes: expected a path string")
-            return load_codes(path.parent / item["codes"], iw, encoder.K, encoder.C)
-        if "audio" in item:
-            raise DataError(f"{iw}.audio: raw audio must be encoded first: "
-                            f"python -m higgs_min.prepare --data {path} --out OUT.jsonl --codec-weights PATH")
-        raise DataError(f"{iw}: an audio item needs 'codes' (or 'audio', then prepare)")
-
-    return encoder.plan(obj["messages"], codes_of, where, line_no)
-
-
-def plan_is_supervised(plan: Plan) -> bool:
-    """Whether materialize(plan) has any text or audio label: a supervised text token, or an assistant stream."""
-    return bool((plan.flags & SUPERVISED).any()) or bool((plan.segments[:, 1] == ROLES.index("assistant")).any())
-
-
 @dataclass
 class LoadReport:
     loaded: int
@@ -388,7 +365,30 @@ def load_jsonl(path: str | Path, encoder: ChatEncoder, max_length: int, skip_bad
             continue
         where = f"{path}:{line_no}"
         try:
-            sample = materialize(line_plan(line, line_no, path, encoder), encoder.K, encoder.C)
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from e
+            if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+                raise DataError(f"{where}: messages: expected an object with a 'messages' list")
+            if not obj["messages"]:
+                raise DataError(f"{where}: messages: the conversation is empty")
+
+            def codes_of(item, iw):
+                if "codes" in item:
+                    if not isinstance(item["codes"], str):
+                        raise DataError(f"{iw}.codes: expected a path string")
+                    return load_codes(path.parent / item["codes"], iw, encoder.K, encoder.C)
+                if "audio" in item:
+                    raise DataError(f"{iw}.audio: raw audio must be encoded first: "
+                                    f"python -m higgs_min.prepare --data {path} --out OUT.jsonl --codec-weights PATH")
+                raise DataError(f"{iw}: an audio item needs 'codes' (or 'audio', then prepare)")
+
+            sample = encoder.encode(obj["messages"], codes_of, where, line_no)
         except DataError as e:
             if not skip_bad:
                 raise
@@ -433,3 +433,8 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
         out["audio_in_mask"][b, :n] = s.audio_in_mask
         out["audio_out_mask"][b, :n] = s.audio_out_mask
     return out
+
+
+def plan_is_supervised(plan: Plan) -> bool:
+    """Whether materialize(plan) has any text or audio label: a supervised text token, or an assistant stream."""
+    return bool((plan.flags & SUPERVISED).any()) or bool((plan.segments[:, 1] == ROLES.index("assistant")).any())

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from higgs_min.checkpoint import fsync_dir, json_bytes, sha256_file, write_file
-from higgs_min.corpus import FORMAT, MANIFEST, VERSION, CorpusError, shard_bytes
-from higgs_min.data import ChatEncoder, DataError, line_plan, plan_is_supervised
+from higgs_min.corpus import FORMAT, MANIFEST, VERSION, CorpusError, line_plan, shard_bytes
+from higgs_min.data import ChatEncoder, DataError, plan_is_supervised
 
 log = logging.getLogger("higgs_min.pack")
 SHARD_NAME = "shard-{:05d}.safetensors"
