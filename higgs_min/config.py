@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from higgs_min import transformers_format
+
 
 @dataclass
 class ModelConfig:
@@ -77,7 +79,8 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained_config(cls, path: str | Path) -> "ModelConfig":
-        """Read the released `config.json` (a file, or a folder holding one)."""
+        """Read the released `config.json` (a file, or a folder holding one); transformers' HiggsAudioV2
+        format (model_type "higgs_audio_v2") is recognized and translated."""
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -85,6 +88,10 @@ class ModelConfig:
             raw = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: cannot read config: {e}") from e
+        if transformers_format.is_transformers_config(raw):  # a folder saved in transformers' format
+            cfg = cls(**transformers_format.config_kwargs(raw, str(path)))
+            cfg.validate()
+            return cfg
         text = raw.get("text_config")
         if not isinstance(text, dict):
             raise ValueError(f"{path}: missing the 'text_config' block of the released format")

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from higgs_min import transformers_format
 from higgs_min.config import ModelConfig
 
 
@@ -324,6 +325,9 @@ def weight_files(path: str | Path) -> tuple[dict[str, Path], Path | None]:
 def load_pretrained(model: HiggsAudioModel, path: str | Path, dtype: torch.dtype | None = None) -> HiggsAudioModel:
     """Load released-format weights into `model`, strictly, shard by shard (memory-mapped).
 
+    A folder in transformers' HiggsAudioV2 format (its config.json says so) is read under
+    transformers_format's name map.
+
     A model built on the meta device is materialized first. Every tensor of the
     model must be present with its exact shape, and no other tensor may be.
     """
@@ -336,12 +340,21 @@ def load_pretrained(model: HiggsAudioModel, path: str | Path, dtype: torch.dtype
         model.to(dtype)
     params = model.state_dict()
     name_to_file, _ = weight_files(path)
+    stored = {name: name for name in name_to_file}  # our name -> the name in the file
+    hint = ""
+    if transformers_format.is_transformers_folder(path):
+        try:
+            stored = {transformers_format.from_transformers_name(n): n for n in name_to_file}
+        except KeyError as e:
+            raise KeyError(f"{path}: {e.args[0]}") from None
+        name_to_file = {ours: name_to_file[theirs] for ours, theirs in stored.items()}
+        hint = " (a transformers folder saved without use_text_head=True has no text head)"
     missing = sorted(set(params) - set(name_to_file))
     unexpected = sorted(set(name_to_file) - set(params))
     if missing or unexpected:
         raise KeyError(
             f"{path}: weights do not match the model: missing {len(missing)} {missing[:5]}, "
-            f"unexpected {len(unexpected)} {unexpected[:5]}"
+            f"unexpected {len(unexpected)} {unexpected[:5]}{hint if missing else ''}"
         )
     by_file: dict[Path, list[str]] = {}
     for name, file in name_to_file.items():
@@ -350,9 +363,9 @@ def load_pretrained(model: HiggsAudioModel, path: str | Path, dtype: torch.dtype
         with safe_open(str(file), framework="pt") as f:
             present = set(f.keys())
             for name in names:
-                if name not in present:
-                    raise KeyError(f"{file}: tensor {name!r} listed in the index is not in the shard")
-                t = f.get_tensor(name)
+                if stored[name] not in present:
+                    raise KeyError(f"{file}: tensor {stored[name]!r} listed in the index is not in the shard")
+                t = f.get_tensor(stored[name])
                 want = params[name]
                 if tuple(t.shape) != tuple(want.shape):
                     raise ValueError(

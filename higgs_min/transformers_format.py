@@ -1,0 +1,393 @@
+"""transformers' HiggsAudioV2 format: tensor names, config.json, model and adapter folders.
+
+transformers (5.x) ships Higgs Audio v2 as `HiggsAudioV2ForConditionalGeneration`. It computes what
+higgs_min computes (an audio FFN in every layer, summed codebook embeddings, the delay pattern), but
+under other tensor names, with a flat config.json, and it cannot express a few things the released
+format can. This module is the one place that knows the difference:
+
+    NAME_MAP / to_transformers_name / from_transformers_name    tensor and module names, both ways
+    check_expressible(cfg)       refuse, in one line naming the field, a model transformers would compute differently
+    to_transformers_config(...)  ModelConfig -> config.json (only fields HiggsAudioV2Config defines)
+    config_kwargs(raw)           transformers config.json -> ModelConfig keyword arguments
+    export_tokenizer(...)        tokenizer.json with the audio placeholder / bos / delay ids checked or added
+    write_model_folder(...)      sharded safetensors + index + config.json + tokenizer files, all or nothing
+    adapter_to_transformers(...) PEFT adapter keys and target patterns for transformers' module tree
+
+Facts it relies on (transformers 5.24, models/higgs_audio_v2/modeling_higgs_audio_v2.py):
+- the audio head has num_codebooks * codebook_size rows and codebook k is offset by k * codebook_size in
+  `embed_audio_tokens`, so codebook_size is higgs_min's C + 2 (1026 for the released head);
+- the text head exists only when the model is built with `use_text_head=True` (a keyword, not a config
+  field; `from_pretrained(DIR)` without it drops `text_lm_head.weight` silently);
+- positions whose input id is `audio_token_id` or `audio_delay_token_id` take the audio embedding and
+  the audio FFN; `generate()` writes `audio_delay_token_id` after a stream ends, so it must be in the vocabulary;
+- `from_pretrained` takes the dtype from the config's `dtype` field.
+
+It imports nothing from higgs_min (config.py and model.py call into it to read such folders) and
+nothing from transformers (a test-only dependency).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+MODEL_TYPE = "higgs_audio_v2"
+ARCHITECTURE = "HiggsAudioV2ForConditionalGeneration"
+
+# Released (= higgs_min) name prefix -> transformers name prefix. Follows ORIGINAL_TO_CONVERTED_KEY_MAPPING in
+# transformers' src/transformers/models/higgs_audio_v2/convert_higgs_audio_v2_to_hf.py (huggingface/transformers
+# @0d502730; the 5.24 wheel does not ship that script): audio_codebook_embeddings -> model.embed_audio_tokens.
+# embed_audio_tokens, embed_tokens|layers|norm -> model.*, the audio_decoder_proj. level dropped from the heads.
+NAME_MAP = (
+    ("audio_codebook_embeddings.", "model.embed_audio_tokens.embed_audio_tokens."),
+    ("embed_tokens.", "model.embed_tokens."),
+    ("layers.", "model.layers."),
+    ("norm.", "model.norm."),
+    ("audio_decoder_proj.audio_lm_head.", "audio_lm_head."),
+    ("audio_decoder_proj.text_lm_head.", "text_lm_head."),
+)
+
+# transformers' config.json id fields -> the token each one names. "<|reserved_special_token_6|>" is id 128014 in
+# the released tokenizer, HiggsAudioV2Config's default audio_delay_token_id; a tokenizer without it gets it added.
+DELAY_TOKEN = "<|reserved_special_token_6|>"
+TOKEN_FIELDS = {
+    "bos_token_id": "<|begin_of_text|>",
+    "eos_token_id": "<|eot_id|>",  # generate() ends a sequence with it once every audio stream has ended
+    "pad_token_id": "<|end_of_text|>",  # the released config's pad id; higgs_min pads batches with it
+    "audio_token_id": "<|AUDIO_OUT|>",  # the one audio placeholder: user audio (<|AUDIO|> here) goes in as it too
+    "audio_bos_token_id": "<|audio_out_bos|>",
+    "audio_delay_token_id": DELAY_TOKEN,
+}
+# The released text_config.max_position_embeddings (Llama-3.2). higgs_min has no position limit; transformers only
+# reads it for dynamic RoPE types and to check original_max_position_embeddings against it.
+MAX_POSITIONS = 131072
+SHARD_BYTES = 2 << 30
+
+# ModelConfig fields this module translates or checks; any other field must keep its default (which is the
+# released model's behaviour) or the export is refused, so a field added later is never dropped silently.
+KNOWN_FIELDS = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "initializer_range",
+    "audio_num_codebooks", "audio_codebook_size", "audio_stream_bos_id", "audio_stream_eos_id",
+    "audio_dual_ffn_layers", "audio_ffn_intermediate_size", "use_delay_pattern", "audio_embed_avg",
+    "audio_adapter_type",
+}
+ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+class NotExpressible(ValueError):
+    """The model uses something transformers' HiggsAudioV2 cannot express; the message names the field."""
+
+
+# --------------------------------------------------------------------------- names
+
+def _rename(name: str, table, where: str) -> str:
+    probe = name + "."  # so that a module path ("norm") maps as its weights ("norm.weight") do
+    for src, dst in table:
+        if probe.startswith(src):
+            return (dst + probe[len(src):])[:-1]
+    raise KeyError(f"{where}: {name!r} has no counterpart (known prefixes: {[s for s, _ in table]})")
+
+
+def to_transformers_name(name: str) -> str:
+    """'layers.3.mlp.up_proj.weight' -> 'model.layers.3.mlp.up_proj.weight' (also module paths)."""
+    return _rename(name, NAME_MAP, "higgs_min -> transformers")
+
+
+def from_transformers_name(name: str) -> str:
+    return _rename(name, [(t, h) for h, t in NAME_MAP], "transformers -> higgs_min")
+
+
+# --------------------------------------------------------------------------- config
+
+def unexpressible(cfg) -> list[str]:
+    """Each way `cfg` differs from what transformers' HiggsAudioV2 computes, as 'field=value: why'."""
+    L = cfg.num_hidden_layers
+    out = []
+    if sorted(cfg.audio_dual_ffn_layers) != list(range(L)):
+        out.append(f"audio_dual_ffn_layers={list(cfg.audio_dual_ffn_layers)}: transformers' HiggsAudioV2DecoderLayer "
+                   f"has the audio FFN in every layer (DualFFN in only some of the {L} layers is not expressible)")
+    if cfg.audio_ffn_intermediate_size != cfg.intermediate_size:
+        out.append(f"audio_ffn_intermediate_size={cfg.audio_ffn_intermediate_size}: transformers sizes audio_mlp "
+                   f"by intermediate_size={cfg.intermediate_size}")
+    if not cfg.use_delay_pattern:
+        out.append("use_delay_pattern=False: transformers' generate() always applies the codebook delay pattern")
+    if getattr(cfg, "audio_embed_avg", False):
+        out.append("audio_embed_avg=True: transformers' HiggsAudioV2Embeddings sums the codebook embeddings")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        out.append(f"num_attention_heads={cfg.num_attention_heads}: HiggsAudioV2Config requires hidden_size "
+                   f"({cfg.hidden_size}) to be a multiple of it")
+    rs = cfg.rope_scaling
+    if rs and rs.get("rope_type") != "llama3":
+        out.append(f"rope_scaling={rs}: only llama3 scaling is translated")
+    if dataclasses.is_dataclass(cfg):
+        defaults = type(cfg)()
+        for f in dataclasses.fields(cfg):
+            value = getattr(cfg, f.name)
+            if f.name not in KNOWN_FIELDS and value != getattr(defaults, f.name):
+                out.append(f"{f.name}={value!r}: no counterpart in transformers' HiggsAudioV2Config")
+    return out
+
+
+def check_expressible(cfg) -> None:
+    problems = unexpressible(cfg)
+    if problems:
+        raise NotExpressible("cannot export to transformers' HiggsAudioV2 format: " + "; ".join(problems))
+
+
+def to_transformers_config(cfg, token_ids: dict[str, int], dtype: torch.dtype) -> dict:
+    """The config.json that makes HiggsAudioV2ForConditionalGeneration compute what `cfg` computes.
+
+    token_ids: every key of TOKEN_FIELDS. dtype: the dtype of the weights written beside it.
+    """
+    check_expressible(cfg)
+    missing = sorted(set(TOKEN_FIELDS) - set(token_ids))
+    if missing:
+        raise ValueError(f"token ids missing for {missing}")
+    rope = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
+    if cfg.rope_scaling:
+        rope = {"rope_type": "llama3", "rope_theta": float(cfg.rope_theta),
+                **{k: cfg.rope_scaling[k] for k in ROPE_KEYS}}
+    return {
+        "architectures": [ARCHITECTURE],
+        "model_type": MODEL_TYPE,
+        "dtype": str(dtype).removeprefix("torch."),
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "initializer_range": cfg.initializer_range,
+        "max_position_embeddings": max(MAX_POSITIONS, int(rope.get("original_max_position_embeddings", 0))),
+        "rope_parameters": rope,
+        "tie_word_embeddings": False,
+        "num_codebooks": cfg.audio_num_codebooks,
+        "codebook_size": cfg.audio_codebook_size + 2,  # the stream BOS and EOS are rows of the head too
+        "audio_stream_bos_id": cfg.audio_stream_bos_id,
+        "audio_stream_eos_id": cfg.audio_stream_eos_id,
+        **{k: int(token_ids[k]) for k in TOKEN_FIELDS},
+    }
+
+
+def is_transformers_config(raw: dict) -> bool:
+    return isinstance(raw, dict) and raw.get("model_type") == MODEL_TYPE
+
+
+def is_transformers_folder(path: str | Path) -> bool:
+    """True for a folder whose config.json is transformers' HiggsAudioV2 format."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return is_transformers_config(json.loads(config.read_text()))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config}: cannot read config: {e}") from e
+
+
+def config_kwargs(raw: dict, where: str) -> dict:
+    """ModelConfig keyword arguments from transformers' config.json (the reverse of to_transformers_config)."""
+    def need(name):
+        if name not in raw:
+            raise ValueError(f"{where}: field {name!r} is missing (transformers' HiggsAudioV2 format)")
+        return raw[name]
+
+    for name, ours in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if raw.get(name, ours) != ours:
+            raise ValueError(f"{where}: {name}={raw[name]!r} is not supported (higgs_min's model has {ours!r})")
+    rope = raw.get("rope_parameters")
+    if rope is None:  # configs written before rope_parameters existed
+        rope = {**(raw.get("rope_scaling") or {}), "rope_theta": need("rope_theta")}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3") or rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{where}: rope_parameters={rope} is not supported (default or llama3 only)")
+    codebook_size, eos = need("codebook_size"), need("audio_stream_eos_id")
+    if codebook_size != eos + 1:
+        raise ValueError(f"{where}: codebook_size={codebook_size} must be audio_stream_eos_id + 1 = {eos + 1} "
+                         f"(the head scores the codes plus the stream BOS and EOS; the released head has 1026)")
+    L, hidden, heads = need("num_hidden_layers"), need("hidden_size"), need("num_attention_heads")
+    return {
+        "vocab_size": need("vocab_size"), "hidden_size": hidden, "intermediate_size": need("intermediate_size"),
+        "num_hidden_layers": L, "num_attention_heads": heads,
+        "num_key_value_heads": raw.get("num_key_value_heads") or heads,
+        "head_dim": raw.get("head_dim") or hidden // heads,
+        "rms_norm_eps": need("rms_norm_eps"), "initializer_range": raw.get("initializer_range", 0.02),
+        "rope_theta": rope["rope_theta"],
+        "rope_scaling": None if kind == "default" else {"rope_type": "llama3", **{k: rope[k] for k in ROPE_KEYS}},
+        "audio_num_codebooks": need("num_codebooks"), "audio_codebook_size": codebook_size - 2,
+        "audio_stream_bos_id": need("audio_stream_bos_id"), "audio_stream_eos_id": eos,
+        # What transformers' model always is: DualFFN everywhere at the text FFN's width, delay pattern on.
+        "audio_dual_ffn_layers": list(range(L)), "audio_ffn_intermediate_size": need("intermediate_size"),
+        "use_delay_pattern": True,
+    }
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+def export_tokenizer(tokenizer_path: str | Path, vocab_size: int) -> tuple[str, dict[str, int]]:
+    """(tokenizer.json text, {config field: id}). Adds DELAY_TOKEN at the next free id when it is missing."""
+    from tokenizers import AddedToken, Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(tokenizer_path))
+    except Exception as e:  # tokenizers raises a bare Exception on bad files
+        raise ValueError(f"{tokenizer_path}: cannot load tokenizer: {e}") from e
+    if tok.token_to_id(DELAY_TOKEN) is None:
+        tok.add_special_tokens([AddedToken(DELAY_TOKEN, special=True, normalized=False)])
+    ids = {}
+    for field, token in TOKEN_FIELDS.items():
+        tid = tok.token_to_id(token)
+        if tid is None:
+            raise ValueError(f"{tokenizer_path}: token {token} (for {field}) is not in the tokenizer")
+        if tid >= vocab_size:
+            raise ValueError(f"{tokenizer_path}: {token} (for {field}) would get id {tid}, "
+                             f"not below the model's vocab_size {vocab_size}")
+        ids[field] = tid
+    return tok.to_str(), ids
+
+
+def tokenizer_config(token_ids: dict[str, int], tokenizer_json: str) -> dict:
+    """tokenizer_config.json for AutoTokenizer: the fast tokenizer in tokenizer.json and its special tokens."""
+    vocab = json.loads(tokenizer_json)
+    by_id = {t["id"]: t["content"] for t in vocab.get("added_tokens", [])}
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": by_id[token_ids["bos_token_id"]],
+        "eos_token": by_id[token_ids["eos_token_id"]],
+        "pad_token": by_id[token_ids["pad_token_id"]],
+        "clean_up_tokenization_spaces": False,
+    }
+
+
+# --------------------------------------------------------------------------- folders
+
+def _commit(tmp: Path, out: Path) -> None:
+    for p in tmp.iterdir():
+        with open(p, "rb") as fh:
+            os.fsync(fh.fileno())
+    os.rename(tmp, out)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _new_tmp(out: Path) -> Path:
+    if out.exists():
+        raise FileExistsError(f"{out}: already exists; choose a new output folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+
+
+def write_model_folder(out: str | Path, state: dict[str, torch.Tensor], config: dict, tokenizer_json: str | None,
+                       token_ids: dict[str, int] | None = None, shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write `state` (higgs_min names) under transformers' names, cast to config["dtype"], as
+    model-0000i-of-0000N.safetensors shards + model.safetensors.index.json, with config.json and the
+    tokenizer files. Written into a temporary sibling and renamed: the folder appears only complete."""
+    from safetensors.torch import save_file
+
+    dtype = getattr(torch, config["dtype"])
+    names = {to_transformers_name(n): n for n in state}
+    if len(names) != len(state):
+        raise ValueError("two tensors map to the same transformers name")
+    shards, size = [[]], 0
+    for name in names:
+        nbytes = state[names[name]].numel() * dtype.itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    out = Path(out)
+    tmp = _new_tmp(out)
+    committed = False
+    try:
+        weight_map, total = {}, 0
+        for i, group in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {n: state[names[n]].detach().to("cpu", dtype).contiguous() for n in group}
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+            weight_map.update({n: file for n in group})
+            del tensors
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer_json is not None:
+            (tmp / "tokenizer.json").write_text(tokenizer_json)
+            (tmp / "tokenizer_config.json").write_text(
+                json.dumps(tokenizer_config(token_ids, tokenizer_json), indent=2) + "\n")
+        _commit(tmp, out)
+        committed = True
+    finally:
+        if not committed:  # never leave a half-written folder behind
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _matches(path: str, pattern: str) -> bool:
+    """PEFT's target rule (as lora.matches): the pattern is the module path or a dotted suffix of it."""
+    return path == pattern or path.endswith("." + pattern)
+
+
+def _translate_pattern(pattern: str) -> str:
+    probe = pattern + "."
+    return to_transformers_name(pattern) if any(probe.startswith(src) for src, _ in NAME_MAP) else pattern
+
+
+def adapter_to_transformers(adapter_cfg: dict, tensors: dict[str, torch.Tensor], linear_modules: list[str],
+                            prefix: str = "base_model.model.") -> tuple[dict, dict[str, torch.Tensor]]:
+    """A higgs_min PEFT adapter -> the same adapter for transformers' module tree.
+
+    Keys `base_model.model.layers.N.…` become `base_model.model.model.layers.N.…` (heads lose
+    `audio_decoder_proj.`); target patterns are renamed the same way where they name a prefixed path.
+    linear_modules: every linear module path of the higgs_min model; the renamed patterns must select
+    exactly the renamed modules the original patterns select.
+    """
+    out = {}
+    for key, t in tensors.items():
+        module, sep, part = key.rpartition(".lora_")
+        if not key.startswith(prefix) or not sep:
+            raise KeyError(f"adapter tensor {key!r} is not a PEFT LoRA key under {prefix!r}")
+        out[f"{prefix}{to_transformers_name(module[len(prefix):])}{sep}{part}"] = t
+    patterns = adapter_cfg["target_modules"]
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    new_patterns = [_translate_pattern(p) for p in patterns]
+    chosen = {to_transformers_name(m) for m in linear_modules if any(_matches(m, p) for p in patterns)}
+    mapped = [to_transformers_name(m) for m in linear_modules]
+    rechosen = {m for m in mapped if any(_matches(m, p) for p in new_patterns)}
+    if chosen != rechosen:
+        raise ValueError(f"target_modules {patterns} select different modules after renaming to {new_patterns}: "
+                         f"{sorted(chosen ^ rechosen)[:3]}")
+    return {**adapter_cfg, "target_modules": new_patterns}, out
+
+
+def write_adapter_folder(out: str | Path, adapter_cfg: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """adapter_config.json + adapter_model.safetensors (PEFT's file names), all or nothing."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    tmp = _new_tmp(out)
+    committed = False
+    try:
+        (tmp / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2) + "\n")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+        _commit(tmp, out)
+        committed = True
+    finally:
+        if not committed:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
