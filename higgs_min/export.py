@@ -153,7 +153,7 @@ def export_transformers(source: str | Path, out: str | Path, base_weights: str |
     state = {k: v for k, v in model.state_dict().items() if ".lora_A." not in k and ".lora_B." not in k}
     tokenizer_json, token_ids = tf.export_tokenizer(tokenizer, cfg.vocab_size)
     config = tf.to_transformers_config(cfg, token_ids, dtype or base_dtype)
-    return tf.write_model_folder(out, state, config, tokenizer_json, token_ids, shard_bytes)
+    return tf.write_model_folder(out, state, config, tokenizer_json, shard_bytes)
 
 
 def main(argv=None) -> int:

@@ -257,15 +257,13 @@ def export_tokenizer(tokenizer_path: str | Path, vocab_size: int) -> tuple[str, 
     return tok.to_str(), ids
 
 
-def tokenizer_config(token_ids: dict[str, int], tokenizer_json: str) -> dict:
+def tokenizer_config() -> dict:
     """tokenizer_config.json for AutoTokenizer: the fast tokenizer in tokenizer.json and its special tokens."""
-    vocab = json.loads(tokenizer_json)
-    by_id = {t["id"]: t["content"] for t in vocab.get("added_tokens", [])}
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": by_id[token_ids["bos_token_id"]],
-        "eos_token": by_id[token_ids["eos_token_id"]],
-        "pad_token": by_id[token_ids["pad_token_id"]],
+        "bos_token": TOKEN_FIELDS["bos_token_id"],
+        "eos_token": TOKEN_FIELDS["eos_token_id"],
+        "pad_token": TOKEN_FIELDS["pad_token_id"],
         "clean_up_tokenization_spaces": False,
     }
 
@@ -292,7 +290,7 @@ def _new_tmp(out: Path) -> Path:
 
 
 def write_model_folder(out: str | Path, state: dict[str, torch.Tensor], config: dict, tokenizer_json: str | None,
-                       token_ids: dict[str, int] | None = None, shard_bytes: int = SHARD_BYTES) -> Path:
+                       shard_bytes: int = SHARD_BYTES) -> Path:
     """Write `state` (higgs_min names) under transformers' names, cast to config["dtype"], as
     model-0000i-of-0000N.safetensors shards + model.safetensors.index.json, with config.json and the
     tokenizer files. Written into a temporary sibling and renamed: the folder appears only complete."""
@@ -328,7 +326,7 @@ def write_model_folder(out: str | Path, state: dict[str, torch.Tensor], config: 
         if tokenizer_json is not None:
             (tmp / "tokenizer.json").write_text(tokenizer_json)
             (tmp / "tokenizer_config.json").write_text(
-                json.dumps(tokenizer_config(token_ids, tokenizer_json), indent=2) + "\n")
+                json.dumps(tokenizer_config(), indent=2) + "\n")
         _commit(tmp, out)
         committed = True
     finally:

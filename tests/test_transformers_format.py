@@ -45,7 +45,7 @@ def base_state(model) -> dict:
 def write_hf(model, folder, tokenizer, dtype=torch.float32):
     tokenizer_json, ids = tf.export_tokenizer(tokenizer, model.config.vocab_size)
     config = tf.to_transformers_config(model.config, ids, dtype)
-    return tf.write_model_folder(folder, base_state(model), config, tokenizer_json, ids, shard_bytes=60_000), ids
+    return tf.write_model_folder(folder, base_state(model), config, tokenizer_json, shard_bytes=60_000), ids
 
 
 def load_hf(folder, **kw):
@@ -232,13 +232,20 @@ def write_released_base(folder, model):
     return folder
 
 
-def test_cli_refuses_partial_dual_ffn_in_one_line(trained, tmp_path, capsys):
+def test_cli_refuses_partial_dual_ffn_in_one_line(trained, tmp_path):
+    """As a user sees it: a fresh process, one line naming the field, no traceback, no folder."""
+    import subprocess
+    import sys
+
+    from tests.trainutil import ROOT, env
+
     torch.manual_seed(0)
     base = write_released_base(tmp_path / "base", HiggsAudioModel(tiny_config(audio_dual_ffn_layers=[1])))
-    rc = export_main(["--format", "transformers", str(base), "--out", str(tmp_path / "out"),
-                      "--tokenizer", str(trained["tok"])])
-    err = capsys.readouterr().err
-    assert rc == 1 and "audio_dual_ffn_layers=[1]" in err and len(err.strip().splitlines()) == 1
+    proc = subprocess.run([sys.executable, "-m", "higgs_min.export", "--format", "transformers", str(base),
+                           "--out", str(tmp_path / "out"), "--tokenizer", str(trained["tok"])],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    err = proc.stderr
+    assert proc.returncode == 1 and "audio_dual_ffn_layers=[1]" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
 
 
