@@ -295,3 +295,19 @@ def test_cli_exports_a_preset_run_and_a_run_on_transformers_weights(trained, tmp
         peft_model = peft.PeftModel.from_pretrained(load_hf(base), str(out)).eval()
         with torch.no_grad():
             torch.testing.assert_close(peft_model(**theirs).logits[valid], audio, rtol=0, atol=1e-4)
+
+
+def test_released_shape_matches_transformers_on_meta():
+    """At the released size (meta device, no weights): every tensor name and shape of transformers' model built
+    from the exported config is the renamed tensor of higgs_min's, and codebook_size is 1026."""
+    cfg = ModelConfig.from_preset("higgs-v2-3b")
+    ids = {k: 128000 + i for i, k in enumerate(tf.TOKEN_FIELDS)}
+    raw = tf.to_transformers_config(cfg, ids, torch.bfloat16)
+    assert raw["codebook_size"] == 1026
+    with torch.device("meta"):
+        ours = HiggsAudioModel(cfg)
+        theirs = transformers.HiggsAudioV2ForConditionalGeneration(
+            transformers.HiggsAudioV2Config.from_dict(raw), use_text_head=True)
+    want = {tf.to_transformers_name(k): tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in theirs.state_dict().items()} == want
+    assert len(want) == 397
