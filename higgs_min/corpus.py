@@ -223,7 +223,8 @@ class PackedDataset:
         if long:
             skipped["longer than max length"] = long
         self.load_report = LoadReport(len(self.lengths), skipped)
-        self.report = f"{folder}: {self.load_report.summary()}, {len(self.shards)} shards"
+        self.report = (f"{folder}: {self.load_report.summary()}, {len(self.shards)} shards, "
+                       f"codec {m['audio'].get('codec') or 'not recorded'}")
         if not len(self.lengths):
             raise CorpusError(f"{folder}: no usable sample ({self.load_report.summary()})")
 
@@ -287,7 +288,8 @@ class JsonlDataset:
             skipped["bad input"] = len(bad)
         self.lengths = np.array([p.length(self.K) for p in self.plans], dtype=np.int32)
         self.load_report = LoadReport(len(self.plans), skipped)
-        self.report = f"{path}: {self.load_report.summary()}"
+        codec = one_codec(self.plans, path)
+        self.report = f"{path}: {self.load_report.summary()}, codec {codec or 'not recorded'}"
         if not self.plans:
             raise DataError(f"{path}: no usable sample ({self.load_report.summary()})")
 
@@ -302,6 +304,19 @@ class JsonlDataset:
 
     def where(self, i: int) -> str:
         return f"{self.path}:{self.plans[i].index}"
+
+
+def one_codec(plans, path: Path) -> str | None:
+    """The audio tokenizer named by the items' "codec" fields (prepare writes them), or None when none is
+    recorded; codes of different tokenizers (or some recorded, some not) are refused, naming the first line of each."""
+    first = {}
+    for p in plans:
+        for c in p.codecs:
+            first.setdefault(c, p.index)
+    if len(first) > 1:
+        raise DataError(f"{path}: the audio items were made by different audio tokenizers (codec fields): " + "; ".join(
+            f"{c or 'none recorded'} (first at line {n})" for c, n in first.items()) + "; prepare them with one")
+    return next(iter(first), None)
 
 
 def open_dataset(path: str | Path, encoder: ChatEncoder, max_length: int, skip_bad: bool = False):

@@ -240,7 +240,7 @@ def test_encode_refuses_bad_input_and_long_files(released, tmp_path):
     assert torch.equal(tok.encode_file(tmp_path / "stereo.wav"), tok.encode(pcm.float() / 32768))
 
 
-def test_prepare_with_the_tokenizer_then_train_the_demo_a_few_steps(released, tmp_path):
+def test_prepare_with_the_tokenizer_then_train_the_demo_a_few_steps(released, tmp_path, caplog):
     """prepare --audio-tokenizer on wavs at two rates, provenance recorded, long clips refused by name,
     codes decoded back, and the tiny preset trains on the codes."""
     from higgs_min.codec import read_wav, write_wav
@@ -272,7 +272,13 @@ def test_prepare_with_the_tokenizer_then_train_the_demo_a_few_steps(released, tm
                          "--out", str(tmp_path / "back.wav")]) == 0
     x, rate = read_wav(tmp_path / "back.wav")
     assert rate == 24000 and x.numel() == 960 * 25
-    assert run(tmp_path / "out", "--data", out, "--max-steps", 3, "--batch-size", 2) == 0
+    from higgs_min.pack import pack_main
+    from higgs_min.train import DATA
+    assert pack_main(["--data", str(out), "--tokenizer", str(DATA / "tokenizer.json"), "--out",
+                      str(tmp_path / "corpus"), "--workers", "1"]) == 0
+    with caplog.at_level("INFO", logger="higgs_min.train"):
+        assert run(tmp_path / "out", "--data", tmp_path / "corpus", "--max-steps", 3, "--batch-size", 2) == 0
+    assert f"codec {ident}" in caplog.text  # named when training starts
     rows = metrics(tmp_path / "out")
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["audio_loss"]) for r in rows)
 
@@ -296,3 +302,25 @@ def test_read_wav_reads_every_integer_pcm_width_and_mixes_channels(tmp_path):
         assert rate == 8000 and x.shape == (50,)
         expect = torch.from_numpy(v / 2.0 ** (bits - 1)).mean(1).float()
         assert (x - expect).abs().max() <= 1e-6, width
+
+
+def test_training_data_names_its_codec_and_refuses_a_mix(tmp_path):
+    from higgs_min.corpus import open_dataset
+    from higgs_min.data import ChatEncoder, DataError
+    from tests.helpers import conversation, make_tokenizer, write_codes, write_jsonl
+    enc = ChatEncoder(make_tokenizer(tmp_path / "tok.json"), 8, 1024, 400)
+    write_codes(tmp_path / "codes" / "a.npy", K=8, T=6, C=1024)
+    rows = []
+    for codec in ("higgs-audio-v2-tokenizer:0123456789abcdef", "higgs-audio-v2-tokenizer:0123456789abcdef",
+                  "dac-random-seed:0"):
+        row = conversation()
+        row["messages"][2]["content"][1]["codec"] = codec
+        rows.append(row)
+    write_jsonl(tmp_path / "one.jsonl", rows[:2])
+    ds = open_dataset(tmp_path / "one.jsonl", enc, 4096)
+    assert ds.report.endswith("codec higgs-audio-v2-tokenizer:0123456789abcdef")  # what train logs at start
+    write_jsonl(tmp_path / "mix.jsonl", rows)
+    with pytest.raises(DataError, match=r"mix.jsonl: the audio items were made by different audio tokenizers "
+                                        r"\(codec fields\): higgs-audio-v2-tokenizer:0123456789abcdef \(first at line "
+                                        r"1\); dac-random-seed:0 \(first at line 3\)"):
+        open_dataset(tmp_path / "mix.jsonl", enc, 4096)
