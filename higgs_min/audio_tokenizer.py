@@ -334,6 +334,9 @@ class AudioTokenizer:
         if x.dim() != 1 or not x.is_floating_point() or x.numel() == 0:
             raise ValueError(f"encode takes a non-empty 1-D float waveform at {self.sample_rate} Hz, "
                              f"got {tuple(x.shape)} {x.dtype}")
+        if x.numel() < self.hop:  # shorter clips give no frame, or fail in the official's first encoder call
+            raise ValueError(f"a clip of {x.numel()} samples is shorter than one frame; give at least {self.hop} "
+                             f"samples ({1000 * self.hop // self.sample_rate} ms)")
         with torch.inference_mode():
             return self.model.encode(x.to(self.device, self.dtype)).cpu().long()
 

@@ -150,8 +150,15 @@ def prepare(data: Path, out: Path, codec_weights=None, random_seed=None, audio_t
             counts["cached"] += 1
         else:
             t0 = time.perf_counter()
-            x, rate = codec.read_wav(wav)
-            codes = enc.encode(x, rate)  # (8, T) int16
+            where = f"{data}:{conv_i + 1}: messages[{m_i}].content[{i_i}].audio"
+            try:
+                x, rate = codec.read_wav(wav)
+            except ValueError as e:  # e.g. a float WAV; the message names the file
+                raise SystemExit(f"{where}: {e}")
+            try:
+                codes = enc.encode(x, rate)  # (8, T) int16
+            except ValueError as e:  # a clip shorter than one frame
+                raise SystemExit(f"{where}: {wav}: {e}")
             tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}.npy")
             np.save(tmp, codes)
             os.replace(tmp, target)

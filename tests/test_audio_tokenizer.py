@@ -225,6 +225,8 @@ def test_encode_refuses_bad_input_and_long_files(released, tmp_path):
     tok = at.load(root / "st")
     with pytest.raises(ValueError, match="1-D float"):
         tok.encode(torch.zeros(2, 100))
+    with pytest.raises(ValueError, match="a clip of 959 samples is shorter than one frame; give at least 960"):
+        tok.encode(torch.zeros(959))
     with pytest.raises(ValueError, match="outside"):
         tok.decode(torch.full((8, 2), 1024))
     write_wav(tmp_path / "long.wav", clip(16000 * 3)[:48000], 16000)
@@ -261,6 +263,12 @@ def test_prepare_with_the_tokenizer_then_train_the_demo_a_few_steps(released, tm
         prepare(tmp_path / "in.jsonl", out, audio_tokenizer=root / "st", max_seconds=0.9)
     with pytest.raises(SystemExit, match="--dtype bfloat16 --device cpu: the audio tokenizer runs in float32 on CPU"):
         prepare(tmp_path / "in.jsonl", out, audio_tokenizer=root / "st", dtype="bfloat16")
+    write_wav(tmp_path / "short.wav", torch.zeros(500), 24000)
+    write_jsonl(tmp_path / "short.jsonl", [{"messages": [{"role": "assistant", "content": [
+        {"type": "audio", "audio": "short.wav"}]}]}])
+    with pytest.raises(SystemExit, match=r"short.jsonl:1: messages\[0\].content\[0\].audio: .*short.wav: a clip "
+                                         r"of 500 samples is shorter than one frame"):
+        prepare(tmp_path / "short.jsonl", tmp_path / "short" / "o.jsonl", audio_tokenizer=root / "st")
     counts = prepare(tmp_path / "in.jsonl", out, audio_tokenizer=root / "pth")
     ident = at.load(root / "st").identity
     assert counts == {"encoded": 4, "cached": 4, "audio_items": 8, "codec": ident}
