@@ -172,6 +172,8 @@ def run(args) -> dict:
         raise UsageError("pass --adapter CKPT (a run trained on a preset) and/or --base-weights DIR")
     if args.reference_codes is not None and args.reference_audio is not None:
         raise UsageError("pass --reference-codes or --reference-audio, not both")
+    if (args.reference_codes is None and args.reference_audio is None) != (args.reference_text is None):
+        raise UsageError("voice cloning needs --reference-text together with --reference-codes/--reference-audio")
     decoder = Decoder(args)
     if decoder.kind is None and args.out is not None:
         raise UsageError(f"--out {args.out}: no decoder; pass --audio-tokenizer, --codec-weights or "
@@ -195,8 +197,6 @@ def run(args) -> dict:
                              "or --audio-tokenizer); or pass --reference-codes")
         ref = torch.from_numpy(decoder.encode(args.reference_audio).astype(np.int64))
     ref_item = {"type": "audio", "codes": ref} if ref is not None else None
-    if (ref_item is None) != (args.reference_text is None):
-        raise UsageError("voice cloning needs --reference-text together with --reference-codes/--reference-audio")
     messages = build_messages(args.text, args.system, args.scene, args.reference_text, ref_item)
     prompt = make_prompt(enc, messages, force_audio=args.force_audio)
 
