@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from higgs_min.checkpoint import sha256_file
-from higgs_min.data import DataError, LoadReport, Plan, ChatEncoder, load_codes, materialize, plan_is_supervised
+from higgs_min.data import DataError, LoadReport, Plan, ChatEncoder, materialize
+from higgs_min.sanitize import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -48,36 +49,6 @@ ARRAYS = {"tokens": ("I32", ()), "flags": ("U8", ()), "codes": ("I16", ("K",)), 
 
 class CorpusError(DataError):
     """A packed corpus that cannot be used as it is (names the folder, file and what is wrong)."""
-
-
-def line_plan(line: bytes, line_no: int, path: Path, encoder: ChatEncoder) -> Plan:
-    """One JSONL line (bytes, without its newline) -> Plan, or DataError naming path:line and the field.
-
-    The per-line checks of `data.load_jsonl`, shared by the JSONL dataset and the packer; to be replaced by
-    sanitize.line_to_plan (the one exception boundary per line) when it lands."""
-    where = f"{path}:{line_no}"
-    try:
-        obj = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from e
-    if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
-        raise DataError(f"{where}: messages: expected an object with a 'messages' list")
-    if not obj["messages"]:
-        raise DataError(f"{where}: messages: the conversation is empty")
-
-    def codes_of(item, iw):
-        if "codes" in item:
-            if not isinstance(item["codes"], str):
-                raise DataError(f"{iw}.codes: expected a path string")
-            return load_codes(path.parent / item["codes"], iw, encoder.K, encoder.C)
-        if "audio" in item:
-            raise DataError(f"{iw}.audio: raw audio must be encoded first: "
-                            f"python -m higgs_min.prepare --data {path} --out OUT.jsonl --codec-weights PATH")
-        raise DataError(f"{iw}: an audio item needs 'codes' (or 'audio', then prepare)")
-
-    return encoder.plan(obj["messages"], codes_of, where, line_no)
 
 
 # ----------------------------------------------------------------------------- shard file format
@@ -254,38 +225,14 @@ class JsonlDataset:
     """A JSONL file through the same per-line code and the same `materialize` as the packer: the whole file is
     checked in one pass (every bad line collected), then samples are built on __getitem__ from their Plans."""
 
-    def __init__(self, path: str | Path, encoder: ChatEncoder, max_length: int, skip_bad: bool = False):
+    def __init__(self, path: str | Path, encoder: ChatEncoder, max_length: int, skip_bad: bool = False,
+                 audio_root: Path | None = None, max_bad_fraction: float = 0.01, report_path: Path | None = None):
         self.path = path = Path(path)
         self.K, self.C = encoder.K, encoder.C
-        try:
-            raw = path.read_bytes()
-        except OSError as e:
-            raise DataError(f"{path}: cannot read data file: {e}") from e
-        if not raw.strip():
-            raise DataError(f"{path}: the data file is empty")
-        self.plans, skipped, bad = [], {}, []
-        for line_no, line in enumerate(raw.split(b"\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                plan = line_plan(line, line_no, path, encoder)
-            except DataError as e:
-                bad.append(str(e))
-                continue
-            reason = ("no supervised token" if not plan_is_supervised(plan) else
-                      "longer than max length" if plan.length(self.K) > max_length else None)
-            if reason:
-                skipped[reason] = skipped.get(reason, 0) + 1
-            else:
-                self.plans.append(plan)
-        if bad:
-            for msg in bad[:20]:
-                log.warning("bad line: %s", msg)
-            if not skip_bad:
-                raise DataError(f"{path}: {len(bad)} bad line(s), the first: {bad[0]}" + (
-                    f" (the first 20 are logged above)" if len(bad) > 1 else "") + "; fix them, or pass "
-                    "--skip-bad-samples to train without them")
-            skipped["bad input"] = len(bad)
+        # sanitize.read_jsonl: every line through the one per-line boundary, all bad lines in one report
+        self.plans, rejected = read_jsonl(path, encoder, max_length, skip_bad, audio_root, max_bad_fraction,
+                                          report_path)
+        skipped = rejected.counts()
         self.lengths = np.array([p.length(self.K) for p in self.plans], dtype=np.int32)
         self.load_report = LoadReport(len(self.plans), skipped)
         codec = one_codec(self.plans, path)
@@ -319,13 +266,13 @@ def one_codec(plans, path: Path) -> str | None:
     return next(iter(first), None)
 
 
-def open_dataset(path: str | Path, encoder: ChatEncoder, max_length: int, skip_bad: bool = False):
+def open_dataset(path: str | Path, encoder: ChatEncoder, max_length: int, skip_bad: bool = False, **jsonl):
     """A packed corpus folder or a JSONL file, as a dataset: __len__, lengths, __getitem__(i) -> Sample, report.
-    Samples longer than `max_length` are left out (counted in `report`)."""
+    Samples longer than `max_length` are left out (counted in `report`). `jsonl`: read_jsonl's options."""
     path = Path(path)
     if path.is_dir():
         return PackedDataset(path, encoder, max_length)
-    return JsonlDataset(path, encoder, max_length, skip_bad)
+    return JsonlDataset(path, encoder, max_length, skip_bad, **jsonl)  # audio_root, max_bad_fraction, report_path
 
 
 # ----------------------------------------------------------------------------- verify

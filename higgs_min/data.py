@@ -298,33 +298,14 @@ class ChatEncoder:
 
 
 def load_codes(path: Path, where: str, K: int, C: int) -> torch.Tensor:
-    """Read integer codes (K, T) from .npy or .safetensors and check them."""
-    if not path.exists():
-        raise DataError(f"{where}.codes: file {path} does not exist")
+    """Read integer codes (K, T) from .npy or .safetensors, header first (codes_file), checked; DataError naming
+    `where` otherwise. (Data lines go through sanitize.line_to_plan; this serves single files, e.g. generate.)"""
+    from higgs_min.codes_file import Refused, read_codes, read_codes_header
+
     try:
-        if path.suffix == ".npy":
-            arr = np.load(path, allow_pickle=False)
-        elif path.suffix == ".safetensors":
-            from safetensors.numpy import load_file
-            tensors = load_file(str(path))
-            if len(tensors) != 1:
-                raise DataError(f"{where}.codes: {path} holds {len(tensors)} tensors, expected 1")
-            arr = next(iter(tensors.values()))
-        else:
-            raise DataError(f"{where}.codes: {path} is neither .npy nor .safetensors")
-    except DataError:
-        raise
-    except (OSError, ValueError) as e:
-        raise DataError(f"{where}.codes: cannot read {path}: {e}") from e
-    if arr.ndim != 2 or arr.shape[0] != K:
-        raise DataError(f"{where}.codes: {path} has shape {list(arr.shape)}, expected [{K}, T]")
-    if arr.shape[1] == 0:
-        raise DataError(f"{where}.codes: {path} has no frames")
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise DataError(f"{where}.codes: {path} has dtype {arr.dtype}, expected integers")
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi >= C:
-        raise DataError(f"{where}.codes: {path} has values in [{lo}, {hi}], expected [0, {C})")
+        arr = read_codes(read_codes_header(Path(path), f"{where}.codes", K), f"{where}.codes", C)
+    except Refused as r:
+        raise DataError(f"{r.field}: {r.detail}") from None
     return torch.from_numpy(arr.astype(np.int64))
 
 
@@ -340,73 +321,24 @@ class LoadReport:
 
 
 def load_jsonl(path: str | Path, encoder: ChatEncoder, max_length: int, skip_bad: bool = False,
-               log_first: int = 0) -> tuple[list[Sample], LoadReport]:
-    """Read and encode every conversation of a JSONL file, validating all of it up front.
+               log_first: int = 0, audio_root: Path | None = None, max_bad_fraction: float = 0.01,
+               report_path: Path | None = None) -> tuple[list[Sample], LoadReport]:
+    """Read and encode every conversation of a JSONL file, validating all of it up front, in one pass.
 
-    Bad lines raise DataError (file:line: field: problem) unless `skip_bad`, in which
-    case they are counted and warned about. Samples with no supervised token and
-    samples longer than `max_length` are always skipped and counted.
+    Each line goes through `sanitize.line_to_plan` (the one exception boundary per line), then `materialize`.
+    Strict: any bad line -> DataError listing them (all in `report_path`). `skip_bad`: bad lines are left out
+    and reported; more than `max_bad_fraction` bad -> DataError. Samples with no supervised token and samples
+    longer than `max_length` are always skipped and counted.
     """
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read data file: {e}") from e
-    if not raw.strip():
-        raise DataError(f"{path}: the data file is empty")
-    samples, skipped = [], {}
+    from higgs_min import sanitize  # imported here: sanitize builds on this module's Plan and encoder
 
-    def skip(reason, msg):
-        skipped[reason] = skipped.get(reason, 0) + 1
-        log.warning("skipping %s", msg)
-
-    for line_no, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_no}"
-        try:
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from e
-            if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
-                raise DataError(f"{where}: messages: expected an object with a 'messages' list")
-            if not obj["messages"]:
-                raise DataError(f"{where}: messages: the conversation is empty")
-
-            def codes_of(item, iw):
-                if "codes" in item:
-                    if not isinstance(item["codes"], str):
-                        raise DataError(f"{iw}.codes: expected a path string")
-                    return load_codes(path.parent / item["codes"], iw, encoder.K, encoder.C)
-                if "audio" in item:
-                    raise DataError(f"{iw}.audio: raw audio must be encoded first: "
-                                    f"python -m higgs_min.prepare --data {path} --out OUT.jsonl --codec-weights PATH")
-                raise DataError(f"{iw}: an audio item needs 'codes' (or 'audio', then prepare)")
-
-            sample = encoder.encode(obj["messages"], codes_of, where, line_no)
-        except DataError as e:
-            if not skip_bad:
-                raise
-            skip("bad input", str(e))
-            continue
-        if not (sample.text_labels != IGNORE_INDEX).any() and not (sample.audio_labels != IGNORE_INDEX).any():
-            skip("no supervised token", f"{where}: no assistant text or audio to learn from")
-            continue
-        if len(sample.input_ids) > max_length:
-            skip("longer than max length", f"{where}: {len(sample.input_ids)} positions > max_length {max_length}")
-            continue
-        if len(samples) < log_first:
-            log.info("%s", sample.stats())
-        samples.append(sample)
-    report = LoadReport(len(samples), skipped)
+    plans, rejected = sanitize.read_jsonl(path, encoder, max_length, skip_bad, audio_root, max_bad_fraction,
+                                          report_path)
+    samples = [materialize(p, encoder.K, encoder.C) for p in plans]
+    for s in samples[:log_first]:
+        log.info("%s", s.stats())
+    report = LoadReport(len(samples), rejected.counts())
     log.info("%s: %s", path, report.summary())
-    if not samples:
-        raise DataError(f"{path}: no usable sample ({report.summary()})")
     return samples, report
 
 

@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from higgs_min.checkpoint import fsync_dir, json_bytes, sha256_file, write_file
-from higgs_min.corpus import FORMAT, MANIFEST, VERSION, CorpusError, line_plan, shard_bytes
-from higgs_min.data import ChatEncoder, DataError, plan_is_supervised
+from higgs_min.corpus import FORMAT, MANIFEST, VERSION, CorpusError, shard_bytes
+from higgs_min.data import ChatEncoder, DataError
+from higgs_min.sanitize import Rejection as LineRejection, line_to_plan
 
 log = logging.getLogger("higgs_min.pack")
 SHARD_NAME = "shard-{:05d}.safetensors"
@@ -45,17 +46,6 @@ class Rejection:
     line: int
     field: str
     reason: str
-
-
-def rejection(path: Path, line_no: int, err: DataError) -> Rejection:
-    """Split a DataError's 'path:line: field: problem' message into the report's fields."""
-    msg = str(err)
-    prefix = f"{path}:{line_no}: "
-    rest = msg[len(prefix):] if msg.startswith(prefix) else msg
-    field, sep, reason = rest.partition(": ")
-    if not sep or " " in field.strip():  # no field named (e.g. 'malformed JSON: …')
-        field, reason = "", rest
-    return Rejection(str(path), line_no, field, reason)
 
 
 def reason_kind(r: Rejection) -> str:
@@ -87,13 +77,12 @@ def pack_shard(task: dict) -> dict:
         line_no = task["line_start"] + k
         if not line.strip():
             continue
-        try:
-            plan = line_plan(line, line_no, path, enc)
-        except DataError as e:
-            rejected.append(rejection(path, line_no, e))
-            continue
-        if not plan_is_supervised(plan):
-            skipped["no supervised token"] += 1
+        plan = line_to_plan(line, line_no, path, enc, 2**31 - 1)  # the one per-line boundary; lengths cut at open
+        if isinstance(plan, LineRejection):
+            if plan.filtered:
+                skipped[plan.reason] += 1
+            else:
+                rejected.append(Rejection(plan.file, line_no, plan.field, plan.detail))
             continue
         for c in plan.codecs:
             codecs[c or ""] += 1

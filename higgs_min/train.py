@@ -84,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--text-loss-chunk", type=int, default=128, help="text rows per head+CE chunk (bounds memory)")
     a("--max-length", type=int, default=2048, help="longer samples are skipped (counted)")
     a("--group-by-length", action="store_true", help="batch samples of similar length (less padding)")
-    a("--skip-bad-samples", action="store_true", help="count and skip bad JSONL lines instead of failing")
+    a("--skip-bad-samples", action="store_true", help="leave bad JSONL lines out (listed in OUTPUT/rejected.jsonl) "
+                                                      "instead of failing")
+    a("--max-bad-fraction", type=float, default=0.01, help="with --skip-bad-samples: fail when more than this "
+                                                           "share of the lines is bad")
+    a("--audio-root", type=Path, help="folder the codes paths are relative to (default: the JSONL's folder)")
     a("--data-workers", type=int, help="DataLoader worker processes building batches (default: 0 on CPU, 2 on CUDA)")
     a("--no-verify-data", action="store_true", help="skip the sha256 check of a packed corpus's shards at start")
     a("--log-every", type=int, default=25, help="log metrics every N steps")
@@ -263,7 +267,9 @@ def open_data(args, dist_info, cfg: ModelConfig):
             problem = str(e)
     if distributed.any_rank(bool(problem), dist_info.device):
         raise DataError(problem or "the data check failed on another node (see its log)")
-    dataset = open_dataset(args.data, encoder, args.max_length, args.skip_bad_samples)
+    dataset = open_dataset(args.data, encoder, args.max_length, args.skip_bad_samples, audio_root=args.audio_root,
+                           max_bad_fraction=args.max_bad_fraction,
+                           report_path=Path(args.output_dir) / "rejected.jsonl" if dist_info.is_main else None)
     log.info("data: %s", dataset.report)
     if dist_info.is_main:
         for i in range(min(args.log_samples, len(dataset))):

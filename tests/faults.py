@@ -288,9 +288,10 @@ class Suite:
         lines = good[:2] + [line for line, _ in corpus.values()] + good[2:]
         (folder / "mixed.jsonl").write_bytes(b"\n".join(lines) + b"\n")
         done = run_cli(self.work / "bad-mixed", "--data", folder / "mixed.jsonl", "--skip-bad-samples",
-                       "--max-steps", 3, "--max-length", 1000)
-        n_bad = len(corpus) - len(ALWAYS_SKIPPED)
-        survived += done.returncode == 0 and f"loaded 4, skipped {len(corpus)} (bad input: {n_bad}" in done.stdout
+                       "--max-bad-fraction", 1, "--max-steps", 3, "--max-length", 1000)
+        rows = (self.work / "bad-mixed" / "rejected.jsonl").read_text().splitlines() if done.returncode == 0 else []
+        survived += (done.returncode == 0 and f"loaded 4, skipped {len(corpus)} (" in done.stdout
+                     and len(rows) == len(corpus))
         self.record(f"bad data ({len(corpus) + 1} kinds): each a clear error or counted skip; all mixed "
                     "into good data: the run completes with counted skips", trials, survived, 0)
 

@@ -1,0 +1,367 @@
+"""The one exception boundary per data line: raw bytes -> Plan, or a Rejection naming file, line, field, reason.
+
+`line_to_plan` is the only function that turns a JSONL line into a sample's Plan; the JSONL loader and the
+corpus packer both call it. Whatever the line holds, it returns (never raises), except for KeyboardInterrupt
+and SystemExit. Resource errors are prevented, not caught: JSON is parsed with guards (huge integer
+literals, NaN/Infinity, lone surrogates), codes files are read header-first (dtype, shape and byte size are
+checked against the file and against max_length before any data is read; non-regular files are refused
+before opening), and a text's length is bounded from below before it is tokenized. Errors nobody foresaw
+still become a rejection whose reason names the exception type.
+
+`RejectReport` collects rejections: counts per reason, the first lines logged, all of them written as
+rejected.jsonl rows {file, line, field, reason, detail}, and the --max-bad-fraction check.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import weakref
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from higgs_min.codes_file import Refused, read_codes, read_codes_header
+from higgs_min.data import ROLES, SUPERVISED, DataError, Plan
+
+log = logging.getLogger(__name__)
+
+# Rejections that are counted skips even in strict mode (the line is well-formed, just not trainable here);
+# they do not count towards --max-bad-fraction.
+FILTERED = frozenset({"no supervised token", "longer than max length"})
+MAX_INT_CHARS = 20  # an integer literal longer than this (sign included) is beyond int64/uint64: refused
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One line not used: where it is, which field, a short reason (counted) and the full detail."""
+    file: str
+    line: int
+    field: str
+    reason: str
+    detail: str
+
+    @property
+    def filtered(self) -> bool:
+        return self.reason in FILTERED
+
+    def message(self) -> str:
+        return f"{self.file}:{self.line}: " + (f"{self.field}: " if self.field else "") + self.detail
+
+
+# ---------------------------------------------------------------------------------------------- JSON ---
+
+def _bad_int(s: str):
+    if len(s) > MAX_INT_CHARS:
+        raise Refused("", "integer out of range", f"an integer literal of {len(s)} characters (at most "
+                                                  f"{MAX_INT_CHARS} are read)")
+    return int(s)
+
+
+def _bad_float(s: str):
+    v = float(s)
+    if not math.isfinite(v):
+        raise Refused("", "number out of range", f"the number {s[:40]} does not fit a 64-bit float")
+    return v
+
+
+def _bad_constant(s: str):
+    raise Refused("", "NaN or Infinity", f"{s} is not JSON (NaN and Infinity literals are refused)")
+
+
+def parse_json(text: str):
+    """json.loads with the guards above. Raises Refused for a refused value, ValueError/RecursionError as
+    json does otherwise."""
+    return json.loads(text, parse_int=_bad_int, parse_float=_bad_float, parse_constant=_bad_constant)
+
+
+def _lone_surrogate(obj) -> str | None:
+    """The path of the first string (or key) holding a lone surrogate, or None. Iterative: no recursion."""
+    stack = [("", obj)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(v, list):
+            stack.extend((f"{where}[{i}]", x) for i, x in enumerate(v))
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                stack.append((where, k))
+                stack.append((f"{where}.{k}" if where else str(k), x))
+    return None
+
+
+def parse_line(raw: bytes):
+    """Bytes of one line -> the parsed JSON value, or Refused."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Refused("", "not valid UTF-8", f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        obj = parse_json(text)
+    except json.JSONDecodeError as e:
+        raise Refused("", "malformed JSON", f"malformed JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise Refused("", "nested too deeply", "malformed JSON: nested deeper than the parser allows") from None
+    if _SURROGATE_ESCAPE.search(raw):  # only an escaped \uD800-\uDFFF can make one; valid pairs pass below
+        where = _lone_surrogate(obj)
+        if where is not None:
+            raise Refused(where, "lone surrogate", "a string holds a lone UTF-16 surrogate (not a character)")
+    return obj
+
+
+# ------------------------------------------------------------------------------------ conversation ---
+
+def _expected(v) -> str:
+    return type(v).__name__ if not isinstance(v, (dict, list)) else {dict: "object", list: "list"}[type(v)]
+
+
+def check_conversation(obj, where_file: Path):
+    """The schema of a line, checked before any tokenizing or file reading.
+    Returns (messages, texts, audio items [(field, item)])."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+        keys = sorted(map(str, obj))[:8] if isinstance(obj, dict) else None
+        hint = layout_hint(obj) if isinstance(obj, dict) else ""
+        raise Refused("messages", "not a conversation", "expected an object with a 'messages' list"
+                      + (f" (found keys {keys})" if keys is not None else f" (found {_expected(obj)})") + hint)
+    messages = obj["messages"]
+    if not messages:
+        raise Refused("messages", "empty conversation", "the conversation is empty")
+    texts, audio = [], []
+    for m_i, msg in enumerate(messages):
+        mw = f"messages[{m_i}]"
+        if not isinstance(msg, dict):
+            raise Refused(mw, "wrong type", f"expected an object, got {_expected(msg)}")
+        role = msg.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise Refused(f"{mw}.role", "unknown role", f"unknown role {role!r} (expected one of {ROLES})"
+                          + layout_hint(obj))
+        content = msg.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+            continue
+        if not isinstance(content, list):
+            raise Refused(f"{mw}.content", "wrong type", f"expected a string or a list, got {_expected(content)}")
+        for i_i, item in enumerate(content):
+            iw = f"{mw}.content[{i_i}]"
+            kind = item.get("type") if isinstance(item, dict) else None
+            if kind == "text":
+                if not isinstance(item.get("text"), str):
+                    raise Refused(f"{iw}.text", "wrong type", f"expected a string, got {_expected(item.get('text'))}")
+                texts.append(item["text"])
+            elif kind == "audio":
+                if "codec" in item and not isinstance(item["codec"], str):
+                    raise Refused(f"{iw}.codec", "wrong type", "expected a string naming the audio tokenizer")
+                if "codes" in item:
+                    if not isinstance(item["codes"], str):
+                        raise Refused(f"{iw}.codes", "wrong type", f"expected a path string, got "
+                                                                   f"{_expected(item['codes'])}")
+                elif "audio" in item:
+                    raise Refused(f"{iw}.audio", "raw audio not encoded",
+                                  f"raw audio must be encoded first: python -m higgs_min.prepare --data "
+                                  f"{where_file} --out OUT.jsonl --codec-weights PATH")
+                else:
+                    raise Refused(iw, "audio item without codes", "an audio item needs 'codes' (or 'audio', then prepare)")
+                audio.append((iw, item))
+            else:
+                raise Refused(f"{iw}.type", "unknown item type", (f"expected 'text' or 'audio', got {kind!r}"
+                              if isinstance(item, dict) else f"expected an object, got {_expected(item)}")
+                              + layout_hint(obj))
+    return messages, texts, audio
+
+
+def layout_hint(obj: dict) -> str:
+    """' (this looks like X: convert it with ...)' for a line of a layout `prepare convert` knows, else ''."""
+    from higgs_min.convert import detect_layout  # a leaf module: the table of known layouts lives there
+    name = detect_layout(obj)
+    return (f"; this looks like {name}: python -m higgs_min.prepare convert --from {name} FILE --out OUT.jsonl"
+            if name else "")
+
+
+_bound_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def chars_per_token(encoder) -> int | None:
+    """The most characters one token can cover, when every character of a text costs something: a byte-level
+    BPE with no unknown token and no normalizer (the released Llama-3 tokenizer is one). None otherwise (a
+    word-level tokenizer turns a word of any length into one [UNK]), and then no bound is used."""
+    if encoder in _bound_cache:
+        return _bound_cache[encoder]
+    model = json.loads(encoder.tok.to_str())
+    ok = (model.get("normalizer") is None and model["model"].get("type") == "BPE"
+          and model["model"].get("unk_token") is None)
+    longest = max(len(t) for t in encoder.tok.get_vocab(with_added_tokens=True))  # added tokens are one id too
+    _bound_cache[encoder] = max(longest, encoder.max_token_chars) if ok else None
+    return _bound_cache[encoder]
+
+
+def _too_long(positions: int, max_length: int, exact: bool):
+    raise Refused("", "longer than max length", f"{'' if exact else 'at least '}{positions} positions "
+                                                f"> max_length {max_length}")
+
+
+# --------------------------------------------------------------------------------------- the line ---
+
+def line_to_plan(raw: bytes, line_no: int, source: Path, encoder, max_length: int,
+                 audio_root: Path | None = None) -> Plan | Rejection:
+    """One raw JSONL line (without its newline) -> its Plan, or a Rejection. Never raises, except
+    KeyboardInterrupt / SystemExit. Codes paths are relative to `audio_root`, else to the file's folder."""
+    source = Path(source)
+    try:
+        return _line_to_plan(raw, line_no, source, encoder, max_length, audio_root)
+    except Refused as r:
+        return Rejection(str(source), line_no, r.field, r.reason, r.detail)
+    except DataError as e:  # the encoder's own checks (all of them are checked above first)
+        where = f"{source}:{line_no}: "
+        msg = str(e)[len(where):] if str(e).startswith(where) else str(e)
+        field, _, detail = msg.partition(": ") if ": " in msg else ("", "", msg)
+        return Rejection(str(source), line_no, field, "invalid", detail)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 -- the boundary: an unforeseen error names its line, no traceback
+        return Rejection(str(source), line_no, "", f"unexpected {type(e).__name__}",
+                         f"unexpected {type(e).__name__}: {str(e)[:300]}")
+
+
+def _line_to_plan(raw, line_no, source, encoder, max_length, audio_root):
+    K, C = encoder.K, encoder.C
+    obj = parse_line(raw)
+    messages, texts, audio = check_conversation(obj, source)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise Refused("messages", "no supervised token", "no assistant text or audio to learn from")
+    # A lower bound on the positions, from what is known without tokenizing or reading any codes data:
+    # <|begin_of_text|>, 3 specials per message, (T + K + 1) + 2 per audio stream, and the texts.
+    bound = 1 + 3 * len(messages)
+    cpt = chars_per_token(encoder)
+    if cpt is not None:
+        bound += sum(-(-len(t) // cpt) for t in texts)
+        if bound > max_length:
+            _too_long(bound, max_length, False)
+    base = Path(audio_root) if audio_root is not None else source.parent
+    headers = {}
+    for iw, item in audio:
+        h = read_codes_header(base / item["codes"], f"{iw}.codes", K)
+        headers[id(item)] = (iw, h)
+        bound += h.shape[1] + K + 3
+        if bound > max_length:  # no data read: a header claiming 10^12 frames costs nothing
+            _too_long(bound, max_length, False)
+
+    def codes_of(item, _where):
+        iw, h = headers[id(item)]
+        return read_codes(h, f"{iw}.codes", C)
+
+    plan = encoder.plan(messages, codes_of, f"{source}:{line_no}", line_no)
+    n = plan.length(K)
+    if n > max_length:
+        _too_long(n, max_length, True)
+    if not (plan.flags & SUPERVISED).any():
+        raise Refused("messages", "no supervised token", "no assistant text or audio to learn from")
+    return plan
+
+
+# ------------------------------------------------------------------------------------------ report ---
+
+class RejectReport:
+    """Every rejection of one pass: counts per reason, the first ones logged, all written as JSONL rows."""
+
+    def __init__(self):
+        self.rows: list[Rejection] = []
+
+    def add(self, rejection: Rejection) -> None:
+        self.rows.append(rejection)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def bad(self) -> list[Rejection]:
+        """The rejections that are errors (not the counted skips of FILTERED)."""
+        return [r for r in self.rows if not r.filtered]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.rows:
+            out[r.reason] = out.get(r.reason, 0) + 1
+        return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def summary(self) -> str:
+        return ", ".join(f"{reason}: {n}" for reason, n in self.counts().items()) or "none"
+
+    def log_first(self, n: int = 20, level: int = logging.WARNING) -> None:
+        for r in self.rows[:n]:
+            log.log(level, "rejected %s", r.message())
+        if len(self.rows) > n:
+            log.log(level, "... and %d more rejected lines", len(self.rows) - n)
+
+    def write(self, path: Path) -> None:
+        """All rows, one JSON object a line, written to a temporary name then renamed (never half-written)."""
+        from higgs_min.checkpoint import write_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in self.rows).encode()
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        write_file(tmp, body)
+        os.replace(tmp, path)
+
+    def check_fraction(self, total: int, max_frac: float) -> str | None:
+        """None when the bad share is within max_frac, else the sentence saying it is not."""
+        n = len(self.bad)
+        if total and n / total > max_frac:
+            return (f"{n} of {total} lines rejected ({100 * n / total:.2f}%) is more than --max-bad-fraction "
+                    f"{max_frac:g} (a wrong codes folder or tokenizer makes most lines bad)")
+        return None
+
+
+def read_jsonl(path: str | Path, encoder, max_length: int, skip_bad: bool = False, audio_root: Path | None = None,
+               max_bad_fraction: float = 0.01, report_path: Path | None = None) -> tuple[list[Plan], RejectReport]:
+    """Every line of a JSONL file -> Plans, in one pass; then the policy.
+
+    Strict (default): any bad line -> DataError listing the first 20 (all of them in `report_path`).
+    `skip_bad`: bad lines are left out, logged (first 20 + counts) and written to `report_path`; more than
+    `max_bad_fraction` of the lines bad -> DataError. FILTERED lines are counted skips in both modes.
+    A byte-order mark at the start of the file is accepted.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read data file: {e.strerror or e}") from e
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    plans, report, total = [], RejectReport(), 0
+    for line_no, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        total += 1
+        out = line_to_plan(line, line_no, path, encoder, max_length, audio_root)
+        (report.add if isinstance(out, Rejection) else plans.append)(out)
+    if not total:
+        raise DataError(f"{path}: the data file is empty")
+    if report_path is not None and len(report):
+        try:
+            report.write(report_path)
+        except OSError as e:
+            raise DataError(f"{report_path}: cannot write the report of rejected lines: {e.strerror or e}") from e
+    where = f" (all of them in {report_path})" if report_path is not None and len(report) else ""
+    bad = report.bad
+    if bad and not skip_bad:
+        first = "\n  ".join(r.message() for r in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise DataError(f"{path}: {len(bad)} bad line(s) of {total}{where}; nothing was trained "
+                        f"(--skip-bad-samples leaves them out):\n  {first}{more}")
+    if report.rows:
+        report.log_first(20)
+        log.warning("%s: %d of %d lines rejected (%s)%s", path, len(report), total, report.summary(), where)
+    too_many = report.check_fraction(total, max_bad_fraction) if skip_bad else None
+    if too_many:
+        raise DataError(f"{path}: {too_many}{where}")
+    if not plans:
+        raise DataError(f"{path}: no usable sample (loaded 0, skipped {len(report)} ({report.summary()}))")
+    return plans, report
