@@ -233,24 +233,21 @@ def _line_to_plan(raw, line_no, source, encoder, max_length, audio_root):
     K, C = encoder.K, encoder.C
     obj = parse_line(raw)
     messages, texts, audio = check_conversation(obj, source)
+    base = Path(audio_root) if audio_root is not None else source.parent
+    headers = {}  # every codes file's header checked (bad files are errors even on a line skipped below)
+    for iw, item in audio:
+        headers[id(item)] = (iw, read_codes_header(base / item["codes"], f"{iw}.codes", K))
     if not any(m["role"] == "assistant" for m in messages):
         raise Refused("messages", "no supervised token", "no assistant text or audio to learn from")
-    # A lower bound on the positions, from what is known without tokenizing or reading any codes data:
-    # <|begin_of_text|>, 3 specials per message, (T + K + 1) + 2 per audio stream, and the texts.
-    bound = 1 + 3 * len(messages)
+    # A lower bound on the positions, from what is known without tokenizing or reading any codes data
+    # (a header claiming 10^6 frames costs nothing): <|begin_of_text|>, 3 specials per message,
+    # (T + K + 1) + 2 per audio stream, and the texts at the most characters one token can cover.
+    bound = 1 + 3 * len(messages) + sum(h.shape[1] + K + 3 for _, h in headers.values())
     cpt = chars_per_token(encoder)
     if cpt is not None:
         bound += sum(-(-len(t) // cpt) for t in texts)
-        if bound > max_length:
-            _too_long(bound, max_length, False)
-    base = Path(audio_root) if audio_root is not None else source.parent
-    headers = {}
-    for iw, item in audio:
-        h = read_codes_header(base / item["codes"], f"{iw}.codes", K)
-        headers[id(item)] = (iw, h)
-        bound += h.shape[1] + K + 3
-        if bound > max_length:  # no data read: a header claiming 10^12 frames costs nothing
-            _too_long(bound, max_length, False)
+    if bound > max_length:
+        _too_long(bound, max_length, False)
 
     def codes_of(item, _where):
         iw, h = headers[id(item)]
