@@ -4,7 +4,7 @@ PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 TEST_STAMP := .venv/.installed-test
 
-.PHONY: test train bench faults clean-venv
+.PHONY: test train bench faults fuzz clean-venv
 
 $(VENV_STAMP): requirements.txt pyproject.toml
 	python3 -m venv .venv
@@ -27,6 +27,11 @@ bench: $(TEST_STAMP)
 
 faults: $(VENV_STAMP)
 	$(PY) -m tests.faults
+
+# A longer randomized search of damaged data lines (tests/fuzzgen.py): tried / rejected / crashed.
+N ?= 100000
+fuzz: $(VENV_STAMP)
+	$(PY) -m tests.fuzzgen --lines $(N) $(if $(SEED),--seed $(SEED),)
 
 clean-venv:
 	rm -rf .venv
