@@ -14,6 +14,15 @@ found and the layouts known.
 
 from __future__ import annotations
 
+import argparse
+import base64
+import binascii
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
 # Known layouts: name -> how to recognize one parsed line (JSON layouts) and what it looks like.
 LAYOUTS = {
     "ljspeech": "a folder with metadata.csv (id|text|normalized text) and wavs/ID.wav",
@@ -39,3 +48,227 @@ def detect_layout(obj) -> str | None:
                                                  for i in content):
                 return "openai"
     return None
+
+DEFAULT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                 "system": "system", "developer": "system"}
+
+
+class ConvertError(ValueError):
+    """Input the converter cannot use: names the file, line and field."""
+
+
+def _audio(path: Path, out_dir: Path) -> dict:
+    return {"type": "audio", "audio": os.path.relpath(path, out_dir)}
+
+
+def _speech_conversation(text: str, wav: Path, out_dir: Path, system: str | None, prefix: str) -> dict:
+    msgs = [{"role": "system", "content": system}] if system else []
+    msgs += [{"role": "user", "content": prefix + text}, {"role": "assistant", "content": [_audio(wav, out_dir)]}]
+    return {"messages": msgs}
+
+
+def from_ljspeech(src: Path, out_dir: Path, opts) -> list[dict]:
+    """DIR/metadata.csv: `id|text|normalized text` (normalized used when present), audio DIR/wavs/ID.wav."""
+    meta = src / "metadata.csv"
+    if not meta.is_file():
+        raise ConvertError(f"{src}: no metadata.csv: not an LJSpeech folder ({LAYOUTS['ljspeech']}); found "
+                           f"{sorted(p.name for p in src.iterdir())[:8] if src.is_dir() else 'no folder'}")
+    rows = []
+    for n, line in enumerate(meta.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if not line.strip():
+            continue
+        cols = line.split("|")
+        if len(cols) < 2 or not cols[0]:
+            raise ConvertError(f"{meta}:{n}: expected id|text|normalized text, got {len(cols)} column(s)")
+        text = cols[2] if len(cols) > 2 and cols[2].strip() and not opts.raw_text else cols[1]
+        wav = src / "wavs" / f"{cols[0]}.wav"
+        if not wav.is_file():
+            raise ConvertError(f"{meta}:{n}: {wav} does not exist")
+        rows.append(_speech_conversation(text.strip(), wav, out_dir, opts.system, opts.user_prefix))
+    return rows
+
+
+def from_folder(src: Path, out_dir: Path, opts) -> list[dict]:
+    """Every a.wav (any depth, sorted) with its transcript a.txt beside it."""
+    if not src.is_dir():
+        raise ConvertError(f"{src}: not a folder ({LAYOUTS['folder']})")
+    wavs = sorted(src.rglob("*.wav"))
+    if not wavs:
+        raise ConvertError(f"{src}: no .wav files ({LAYOUTS['folder']}); found {sorted(p.name for p in src.iterdir())[:8]}")
+    missing = [w for w in wavs if not w.with_suffix(".txt").is_file()]
+    if missing:
+        raise ConvertError(f"{src}: {len(missing)} wav file(s) without a transcript beside them, e.g. "
+                           f"{missing[0].with_suffix('.txt')} does not exist")
+    return [_speech_conversation(w.with_suffix(".txt").read_text(encoding="utf-8-sig").strip(), w, out_dir,
+                                 opts.system, opts.user_prefix) for w in wavs]
+
+
+def _records(src: Path):
+    """(line or index, record) from a JSON list file or a JSONL file."""
+    text = src.read_text(encoding="utf-8-sig")
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConvertError(f"{src}: malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        yield from ((f"{src}: record {i}", r) for i, r in enumerate(data))
+        return
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield f"{src}:{n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConvertError(f"{src}:{n}: malformed JSON: {e.msg} at column {e.colno}") from None
+
+
+def _unknown(where: str, rec, wanted: str) -> ConvertError:
+    found = sorted(map(str, rec))[:10] if isinstance(rec, dict) else type(rec).__name__
+    other = detect_layout(rec)
+    hint = f"; it looks like {other}: use --from {other}" if other and other != wanted else ""
+    return ConvertError(f"{where}: not a {wanted} record (found keys {found}); known layouts: "
+                        + "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items()) + hint)
+
+
+def _role(where: str, name, roles: dict) -> str:
+    if not isinstance(name, str) or name not in roles:
+        raise ConvertError(f"{where}: role {name!r} is not mapped (known: {sorted(roles)}; add --role {name}=user)")
+    return roles[name]
+
+
+def from_sharegpt(src: Path, out_dir: Path, opts) -> list[dict]:
+    """{"conversations": [{"from", "value"}], "system"?: str, "audios"?: [paths]}; each "<audio>" in a value
+    takes the next path of "audios" (relative to the file's folder)."""
+    rows = []
+    for where, rec in _records(src):
+        if detect_layout(rec) != "sharegpt":
+            raise _unknown(where, rec, "sharegpt")
+        audios = list(rec.get("audios") or [])
+        system = rec.get("system") or opts.system
+        msgs = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
+        for t, turn in enumerate(rec["conversations"]):
+            tw = f"{where}: conversations[{t}]"
+            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+                raise ConvertError(f"{tw}: expected {{'from': ROLE, 'value': TEXT}}")
+            role = _role(f"{tw}.from", turn.get("from"), opts.roles)
+            content = []
+            for k, piece in enumerate(turn["value"].split("<audio>")):
+                if k:
+                    if not audios:
+                        raise ConvertError(f"{tw}.value: more <audio> tags than paths in 'audios'")
+                    wav = src.parent / audios.pop(0)
+                    if not wav.is_file():
+                        raise ConvertError(f"{tw}.value: audio {wav} does not exist")
+                    content.append(_audio(wav, out_dir))
+                if piece.strip():
+                    content.append({"type": "text", "text": piece.strip()})
+            msgs.append({"role": role, "content": content})
+        if audios:
+            raise ConvertError(f"{where}: audios: {len(audios)} path(s) not used by an <audio> tag")
+        rows.append({"messages": msgs})
+    return rows
+
+
+def _write_audio(where: str, b64, fmt, out_dir: Path) -> Path:
+    if fmt not in ("wav", None):
+        raise ConvertError(f"{where}.format: {fmt!r} audio: only wav is read (convert it first, e.g. with ffmpeg)")
+    try:
+        data = base64.b64decode(b64, validate=True) if isinstance(b64, str) else None
+    except (binascii.Error, ValueError):
+        data = None
+    if not data:
+        raise ConvertError(f"{where}.data: expected base64-encoded audio")
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise ConvertError(f"{where}.data: the decoded bytes are not a WAV file")
+    target = out_dir / "audio" / f"{hashlib.sha256(data).hexdigest()[:20]}.wav"
+    if not target.exists():  # named by content: a second run writes nothing
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    return target
+
+
+def from_openai(src: Path, out_dir: Path, opts) -> list[dict]:
+    """Chat `messages`; content items text / input_audio {data (base64), format}; an assistant message's
+    "audio": {"data": ...} becomes an audio item too. The audio is written to OUT's folder/audio/."""
+    rows = []
+    for where, rec in _records(src):
+        if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list):
+            raise _unknown(where, rec, "openai")
+        msgs = [{"role": "system", "content": opts.system}] if opts.system else []
+        for m_i, msg in enumerate(rec["messages"]):
+            mw = f"{where}: messages[{m_i}]"
+            if not isinstance(msg, dict):
+                raise ConvertError(f"{mw}: expected an object")
+            role = _role(f"{mw}.role", msg.get("role"), opts.roles)
+            content = msg.get("content")
+            items = [{"type": "text", "text": content}] if isinstance(content, str) else (content or [])
+            if not isinstance(items, list):
+                raise ConvertError(f"{mw}.content: expected a string or a list")
+            out = []
+            for i_i, item in enumerate(items):
+                iw = f"{mw}.content[{i_i}]"
+                kind = item.get("type") if isinstance(item, dict) else None
+                if kind == "text" and isinstance(item.get("text"), str):
+                    out.append({"type": "text", "text": item["text"]})
+                elif kind == "input_audio" and isinstance(item.get("input_audio"), dict):
+                    a = item["input_audio"]
+                    out.append(_audio(_write_audio(f"{iw}.input_audio", a.get("data"), a.get("format"), out_dir),
+                                      out_dir))
+                else:
+                    raise ConvertError(f"{iw}: expected a text or input_audio item, got type {kind!r}")
+            if isinstance(msg.get("audio"), dict) and msg["audio"].get("data"):
+                out.append(_audio(_write_audio(f"{mw}.audio", msg["audio"]["data"], "wav", out_dir), out_dir))
+            msgs.append({"role": role, "content": out})
+        rows.append({"messages": msgs})
+    return rows
+
+
+CONVERTERS = {"ljspeech": from_ljspeech, "folder": from_folder, "sharegpt": from_sharegpt, "openai": from_openai}
+
+
+def convert(layout: str, src: Path, out: Path, opts) -> int:
+    """Convert and write `out` atomically; returns the number of conversations."""
+    from higgs_min.checkpoint import write_file
+
+    out_dir = out.resolve().parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = CONVERTERS[layout](src.resolve(), out_dir, opts)
+    if not rows:
+        raise ConvertError(f"{src}: no conversation found")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    write_file(tmp, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    os.replace(tmp, out)
+    return len(rows)
+
+
+def main(argv) -> int:
+    ap = argparse.ArgumentParser(prog="python -m higgs_min.prepare convert", description=__doc__.split("\n\n")[0],
+                                 epilog="layouts: " + "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items()))
+    ap.add_argument("--from", dest="layout", required=True, choices=sorted(CONVERTERS), help="input layout")
+    ap.add_argument("input", type=Path, help="folder (ljspeech, folder) or JSON/JSONL file (sharegpt, openai)")
+    ap.add_argument("--out", type=Path, required=True, help="output JSONL (audio paths written relative to it)")
+    ap.add_argument("--system", help="system prompt put first in every conversation (default: none)")
+    ap.add_argument("--role", action="append", default=[], metavar="FROM=TO",
+                    help=f"role mapping, repeatable (defaults: {DEFAULT_ROLES}); TO in system, user, assistant")
+    ap.add_argument("--user-prefix", default="", help="ljspeech/folder: text put before the transcript in the "
+                                                      "user turn (e.g. 'Say: ')")
+    ap.add_argument("--raw-text", action="store_true", help="ljspeech: use the raw text column, not the normalized")
+    opts = ap.parse_args(argv)
+    opts.roles = dict(DEFAULT_ROLES)
+    for spec in opts.role:
+        src, sep, dst = spec.partition("=")
+        if not sep or dst not in ("system", "user", "assistant"):
+            ap.error(f"--role {spec}: expected FROM=TO with TO one of system, user, assistant")
+        opts.roles[src] = dst
+    try:
+        n = convert(opts.layout, opts.input, opts.out, opts)
+    except ConvertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, UnicodeDecodeError) as e:  # a file vanished, is unreadable, or is not UTF-8 text
+        print(f"error: {opts.input}: {e}", file=sys.stderr)
+        return 1
+    print(f"{opts.out}: {n} conversations from {opts.input} ({opts.layout}); next: python -m higgs_min.prepare "
+          f"--data {opts.out} --out PREPARED.jsonl --codec-weights PATH")
+    return 0

@@ -184,6 +184,7 @@ def prepare(data: Path, out: Path, codec_weights=None, random_seed=None, audio_t
 # "module:function"; the function takes argv (the words after the subcommand) and
 # returns an exit code. Imported only when asked for, so `prepare --help` stays fast.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("higgs_min.convert:main", "ljspeech / wav folder / ShareGPT / OpenAI chat -> the project's JSONL"),
     "convert-audio-tokenizer": ("higgs_min.audio_tokenizer:convert_main",
                                 "released Higgs audio tokenizer model.pth -> model.safetensors, once"),
     "pack": ("higgs_min.pack:pack_main", "JSONL with codes -> a packed, memory-mapped corpus folder"),
