@@ -49,6 +49,24 @@ def detect_layout(obj) -> str | None:
                 return "openai"
     return None
 
+
+def file_hint(path: Path, first_line: bytes) -> str:
+    """'; this looks like ...: python -m higgs_min.prepare convert ...' for a --data file that is not JSONL
+    at all (an LJSpeech metadata.csv, a JSON list, a folder of wavs), else ''."""
+    cmd = "; this looks like {}: python -m higgs_min.prepare convert --from {} {} --out OUT.jsonl"
+    if path.is_dir():
+        if (path / "metadata.csv").is_file():
+            return cmd.format("an LJSpeech folder", "ljspeech", path)
+        if any(path.glob("*.wav")):
+            return cmd.format("a folder of wavs", "folder", path)
+        return ""
+    if path.name == "metadata.csv" or (path.suffix == ".csv" and b"|" in first_line):
+        return cmd.format("an LJSpeech metadata.csv", "ljspeech", path.parent)
+    if first_line.lstrip().startswith(b"["):
+        return cmd.format("a JSON list (ShareGPT files often are)", "sharegpt", path)
+    return ""
+
+
 DEFAULT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                  "system": "system", "developer": "system"}
 

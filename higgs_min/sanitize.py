@@ -329,7 +329,8 @@ def read_jsonl(path: str | Path, encoder, max_length: int, skip_bad: bool = Fals
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise DataError(f"{path}: cannot read data file: {e.strerror or e}") from e
+        from higgs_min.convert import file_hint
+        raise DataError(f"{path}: cannot read data file: {e.strerror or e}{file_hint(path, b'')}") from e
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
     plans, report, total = [], RejectReport(), 0
@@ -349,10 +350,14 @@ def read_jsonl(path: str | Path, encoder, max_length: int, skip_bad: bool = Fals
     where = f" (all of them in {report_path})" if report_path is not None and len(report) else ""
     bad = report.bad
     if bad and not skip_bad:
+        hint = ""
+        if len(bad) == total:  # not one good line: perhaps not this project's format at all
+            from higgs_min.convert import file_hint
+            hint = file_hint(path, raw.split(b"\n", 1)[0])
         first = "\n  ".join(r.message() for r in bad[:20])
         more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
         raise DataError(f"{path}: {len(bad)} bad line(s) of {total}{where}; nothing was trained "
-                        f"(--skip-bad-samples leaves them out):\n  {first}{more}")
+                        f"(--skip-bad-samples leaves them out){hint}:\n  {first}{more}")
     if report.rows:
         report.log_first(20)
         log.warning("%s: %d of %d lines rejected (%s)%s", path, len(report), total, report.summary(), where)

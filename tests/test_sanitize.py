@@ -258,3 +258,17 @@ def test_trainer_skip_mode_writes_run_rejected_jsonl(tmp_path):
     (row,) = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
     assert row["line"] == 4 and row["reason"] == "not a conversation"
     assert run(tmp_path / "run2", "--data", data, "--audio-root", ROOT / "data", "--max-steps", "1") == 1
+
+
+def test_data_not_in_the_project_format_gets_a_convert_hint(tmp_path, encoder):
+    (tmp_path / "metadata.csv").write_text("LJ001|Hello.|Hello.\nLJ002|Hi.|Hi.\n")
+    with pytest.raises(DataError, match=r"(?s)2 bad line\(s\) of 2.*LJSpeech metadata.csv: python -m higgs_min.prepare "
+                                        r"convert --from ljspeech"):
+        load_jsonl(tmp_path / "metadata.csv", encoder, 1000)
+    (tmp_path / "s.json").write_text(json.dumps([{"conversations": [{"from": "human", "value": "hi"}]}], indent=1))
+    with pytest.raises(DataError, match=r"--from sharegpt"):
+        load_jsonl(tmp_path / "s.json", encoder, 1000)
+    (tmp_path / "wavs").mkdir()
+    (tmp_path / "wavs" / "a.wav").write_bytes(b"RIFF")
+    with pytest.raises(DataError, match=r"cannot read data file.*--from folder"):
+        load_jsonl(tmp_path / "wavs", encoder, 1000)
