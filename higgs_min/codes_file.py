@@ -63,14 +63,20 @@ def _stat_codes(path: Path, field: str) -> os.stat_result:
     return st
 
 
+def _open(path: Path, field: str):
+    # O_NONBLOCK: should the path become a FIFO after the stat, open() must not wait for a writer.
+    try:
+        return os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
+    except OSError as e:
+        raise Refused(field, "codes file unreadable", f"cannot read {path}: {e.strerror}") from None
+
+
 def read_codes_header(path: Path, field: str, K: int) -> CodesHeader:
     """Read only the header of a .npy / .safetensors codes file and check it against the file's size."""
     if path.suffix not in (".npy", ".safetensors"):
         raise Refused(field, "codes format", f"{path} is neither .npy nor .safetensors")
     size = _stat_codes(path, field).st_size
-    # O_NONBLOCK: should the path become a FIFO after the stat, open() must not wait for a writer.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as f:
+    with _open(path, field) as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise Refused(field, "codes not a regular file", f"{path} is not a regular file")
         head = f.read(8)
@@ -140,8 +146,7 @@ def _safetensors_entry(header, path: Path, field: str, n: int):
 def read_codes(h: CodesHeader, field: str, C: int) -> np.ndarray:
     """The data of a checked header -> (K, T) int16, every value in [0, C)."""
     nbytes = h.shape[0] * h.shape[1] * h.dtype.itemsize
-    fd = os.open(h.path, os.O_RDONLY | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as f:
+    with _open(h.path, field) as f:
         f.seek(h.offset)
         buf = f.read(nbytes)
     if len(buf) != nbytes:  # the file changed since its header was read
