@@ -39,7 +39,7 @@ ALLOWED = frozenset({
     "max_steps", "epochs", "save_steps", "log_every", "eval_every", "keep_last", "backup_dir",
     "on_save_error", "num_workers", "workers", "output_dir", "resume", "config", "tensorboard",
     "log_samples", "dist_timeout", "strict_space", "device", "text_loss_chunk", "debug",
-    "allow_changed_settings", "activation_checkpointing", "eval_data", "eval_batch_size",
+    "allow_changed_settings", "activation_checkpointing", "eval_data", "eval_batch_size", "max_bad_fraction",
 })
 # A checkpoint trained with other values of these cannot even load into the new model.
 SHAPE = frozenset({"preset", "lora_rank", "lora_targets"})
