@@ -16,7 +16,6 @@ label at position i + 1, for text and audio alike.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
