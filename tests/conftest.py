@@ -41,3 +41,16 @@ def random_batch(cfg, B=2, L=24, seed=0, pad=True):
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog):
     caplog.set_level(logging.INFO)
+
+
+@pytest.fixture(autouse=True)
+def _drop_trainer_log_handlers():
+    """train.main attaches a StreamHandler (this test's captured stderr) and a FileHandler to the "higgs_min"
+    logger and leaves them after returning; a later test would then log into a closed capture stream
+    ("--- Logging error ---" on its stderr). Remove whatever a test added."""
+    logger = logging.getLogger("higgs_min")
+    before = list(logger.handlers)
+    yield
+    for h in [h for h in logger.handlers if h not in before]:
+        logger.removeHandler(h)
+        h.close()

@@ -284,16 +284,8 @@ def test_prepare_with_the_tokenizer_then_train_the_demo_a_few_steps(released, tm
     from higgs_min.train import DATA
     assert pack_main(["--data", str(out), "--tokenizer", str(DATA / "tokenizer.json"), "--out",
                       str(tmp_path / "corpus"), "--workers", "1"]) == 0
-    import logging
-    logger = logging.getLogger("higgs_min")
-    before = list(logger.handlers)
-    try:
-        with caplog.at_level("INFO", logger="higgs_min.train"):
-            assert run(tmp_path / "out", "--data", tmp_path / "corpus", "--max-steps", 3, "--batch-size", 2) == 0
-    finally:  # train.main leaves its stream/file handlers on "higgs_min"; later tests' stderr must not get them
-        for h in [h for h in logger.handlers if h not in before]:
-            logger.removeHandler(h)
-            h.close()
+    with caplog.at_level("INFO", logger="higgs_min.train"):
+        assert run(tmp_path / "out", "--data", tmp_path / "corpus", "--max-steps", 3, "--batch-size", 2) == 0
     assert f"codec {ident}" in caplog.text  # named when training starts
     rows = metrics(tmp_path / "out")
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["audio_loss"]) for r in rows)
