@@ -8,8 +8,8 @@ bytes whatever --workers is, and packing twice gives byte-identical shards. Ever
 is renamed to CORPUS: a pack killed at any moment leaves nothing that looks like a corpus, and the next
 run removes the partial folder and starts over.
 
-Every line is checked in the one pass; the rejected ones go to CORPUS.rejected.jsonl ({file, line, field,
-reason} each; the first 20 logged, counts per reason). Strict (default): any rejected line -> exit 1, no
+Every line is checked in the one pass; the rejected ones go to CORPUS.rejected.jsonl ({file, line, field, reason,
+detail} each, as the trainer writes them; the first 20 logged, counts per reason). Strict (default): any rejected line -> exit 1, no
 corpus. --skip-bad-samples publishes the good ones with the counts in the manifest, unless more than
 --max-bad-fraction of the lines are bad (a wrong codes folder or tokenizer makes most lines bad).
 """
@@ -17,16 +17,14 @@ corpus. --skip-bad-samples publishes the good ones with the counts in the manife
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import multiprocessing
 import os
-import re
 import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -34,24 +32,10 @@ import numpy as np
 from higgs_min.checkpoint import fsync_dir, json_bytes, sha256_file, write_file
 from higgs_min.corpus import FORMAT, MANIFEST, VERSION, CorpusError, shard_bytes
 from higgs_min.data import ChatEncoder, DataError
-from higgs_min.sanitize import Rejection as LineRejection, line_to_plan
+from higgs_min.sanitize import RejectReport, Rejection, line_to_plan
 
 log = logging.getLogger("higgs_min.pack")
 SHARD_NAME = "shard-{:05d}.safetensors"
-
-
-@dataclass
-class Rejection:
-    file: str
-    line: int
-    field: str
-    reason: str
-
-
-def reason_kind(r: Rejection) -> str:
-    """A reason without its particulars (paths, numbers), for the counts per reason."""
-    kind = re.sub(r"\S*/\S*|\d+", "N", r.reason.split(" (")[0])
-    return kind[:80]
 
 
 # ----------------------------------------------------------------------------- one shard
@@ -77,12 +61,13 @@ def pack_shard(task: dict) -> dict:
         line_no = task["line_start"] + k
         if not line.strip():
             continue
-        plan = line_to_plan(line, line_no, path, enc, 2**31 - 1)  # the one per-line boundary; lengths cut at open
-        if isinstance(plan, LineRejection):
+        # the one per-line boundary (sanitize); no length limit here: --max-length is applied when training opens it
+        plan = line_to_plan(line, line_no, path, enc, 2**31 - 1, task["audio_root"] and Path(task["audio_root"]))
+        if isinstance(plan, Rejection):  # {file, line, field, reason (short, counted), detail}
             if plan.filtered:
                 skipped[plan.reason] += 1
             else:
-                rejected.append(Rejection(plan.file, line_no, plan.field, plan.detail))
+                rejected.append(plan)
             continue
         for c in plan.codecs:
             codecs[c or ""] += 1
@@ -133,7 +118,7 @@ def line_ranges(path: Path, shard_lines: int):
 
 def pack(sources: list[Path], tokenizer: Path, out: Path, num_codebooks: int = 8, codebook_size: int = 1024,
          skip_bad: bool = False, max_bad_fraction: float = 0.01, workers: int = 1, shard_lines: int = 16384,
-         overwrite: bool = False) -> dict:
+         overwrite: bool = False, audio_root: Path | None = None) -> dict:
     """Pack `sources` into `out`; returns the manifest. Raises CorpusError (nothing published) on failure."""
     out = Path(out)
     staging = out.parent / f".{out.name}.partial"
@@ -158,7 +143,8 @@ def pack(sources: list[Path], tokenizer: Path, out: Path, num_codebooks: int = 8
                                    "lines": n_lines})
             for a, b, s0, s1 in ranges:
                 tasks.append({"path": str(src), "source": i, "line_start": a, "line_end": b, "byte_start": s0,
-                              "byte_end": s1, "shard": len(tasks), "staging": str(staging)})
+                              "byte_end": s1, "shard": len(tasks), "staging": str(staging),
+                              "audio_root": str(audio_root) if audio_root else None})
         args = (str(tokenizer), num_codebooks, codebook_size)
         if workers > 1 and len(tasks) > 1:
             with multiprocessing.get_context("fork").Pool(min(workers, len(tasks)), _init_worker, args) as pool:
@@ -167,9 +153,12 @@ def pack(sources: list[Path], tokenizer: Path, out: Path, num_codebooks: int = 8
             _init_worker(*args)
             records = [pack_shard(t) for t in tasks]
         manifest = _manifest(records, source_records, enc, tokenizer, num_codebooks, codebook_size, shard_lines)
-        rejected = [r for rec in records for r in rec["rejected"]]
-        _write_report(report_path, rejected)
-        _check(manifest, rejected, records, report_path, skip_bad, max_bad_fraction)
+        report = RejectReport()  # the same rows, counts and log lines as the trainer's JSONL path
+        for rec in records:
+            for r in rec["rejected"]:
+                report.add(Rejection(**r))
+        report.write(report_path)
+        _check(manifest, report, records, report_path, skip_bad, max_bad_fraction)
         write_file(staging / MANIFEST, json_bytes(manifest))
         fsync_dir(staging)
         if out.exists():  # --overwrite (or an empty folder): swap, then remove the old one
@@ -197,7 +186,7 @@ def _manifest(records, source_records, enc, tokenizer, K, C, shard_lines) -> dic
     codecs = Counter()
     for rec in records:
         codecs.update(rec["codecs"])
-    rejected = Counter(reason_kind(Rejection(**r)) for rec in records for r in rec["rejected"])
+    rejected = Counter(r["reason"] for rec in records for r in rec["rejected"])
     skipped = Counter()
     for rec in records:
         skipped.update(rec["skipped"])
@@ -217,29 +206,21 @@ def _manifest(records, source_records, enc, tokenizer, K, C, shard_lines) -> dic
     }
 
 
-def _write_report(path: Path, rejected: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write_file(tmp, b"".join((json.dumps(r, ensure_ascii=False) + "\n").encode() for r in rejected))
-    os.replace(tmp, path)
-
-
-def _check(manifest, rejected, records, report_path, skip_bad, max_bad_fraction) -> None:
+def _check(manifest, report: RejectReport, records, report_path, skip_bad, max_bad_fraction) -> None:
     """Log the first 20 rejected lines and the counts; raise CorpusError when the pack must not be published."""
     c = manifest["counts"]
-    for r in rejected[:20]:
-        log.error("%s:%d: %s%s", r["file"], r["line"], f"{r['field']}: " if r["field"] else "", r["reason"])
-    if rejected:
-        log.error("rejected %d line(s): %s; all in %s", len(rejected),
-                  ", ".join(f"{k}: {n}" for k, n in c["rejected"].items()), report_path)
-    nonempty = c["packed"] + len(rejected) + sum(c["skipped"].values())
-    if rejected and not skip_bad:
-        raise CorpusError(f"{len(rejected)} of {nonempty} lines rejected (the first: {rejected[0]['file']}:"
-                          f"{rejected[0]['line']}); every one is in {report_path}. Nothing was published; fix them, "
-                          f"or pass --skip-bad-samples to pack the good ones")
-    if nonempty and len(rejected) / nonempty > max_bad_fraction:
-        raise CorpusError(f"{len(rejected)} of {nonempty} lines rejected ({100 * len(rejected) / nonempty:.1f}% > "
-                          f"--max-bad-fraction {max_bad_fraction}): a wrong codes folder or tokenizer? The report is "
-                          f"{report_path}; nothing was published")
+    bad = report.rows  # the filtered reasons (no supervised token) are counted skips, not in the report
+    report.log_first(20, logging.ERROR)
+    if bad:
+        log.error("rejected %d line(s): %s; all in %s", len(bad), report.summary(), report_path)
+    nonempty = c["packed"] + len(bad) + sum(c["skipped"].values())
+    if bad and not skip_bad:
+        raise CorpusError(f"{len(bad)} of {nonempty} lines rejected (the first: {bad[0].file}:{bad[0].line}); "
+                          f"every one is in {report_path}. Nothing was published; fix them, or pass "
+                          f"--skip-bad-samples to pack the good ones")
+    too_many = report.check_fraction(nonempty, max_bad_fraction)
+    if too_many:
+        raise CorpusError(f"{too_many}; the report is {report_path}; nothing was published")
     codec = manifest["audio"]["codec"]
     if isinstance(codec, list):
         firsts = {}
@@ -267,13 +248,14 @@ def pack_main(argv=None) -> int:
     ap.add_argument("--max-bad-fraction", type=float, default=0.01, help="fail when more of the lines are bad, "
                     "even with --skip-bad-samples")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing corpus folder")
+    ap.add_argument("--audio-root", type=Path, help="folder the codes paths are relative to (default: each JSONL's)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.shard_lines < 1 or args.workers < 1:
         ap.error("--shard-lines and --workers must be >= 1")
     try:
         pack(args.data, args.tokenizer, args.out, args.num_codebooks, args.codebook_size, args.skip_bad_samples,
-             args.max_bad_fraction, args.workers, args.shard_lines, args.overwrite)
+             args.max_bad_fraction, args.workers, args.shard_lines, args.overwrite, args.audio_root)
     except (CorpusError, DataError) as e:
         log.error("%s", e)
         return 1

@@ -101,16 +101,16 @@ def test_every_bad_line_in_one_report_strict_and_skip(tmp_path):
     assert [(r["line"], r["field"]) for r in report] == [
         (2, ""), (4, "messages[2].content[1].codes"), (5, "messages[0].role"), (6, "messages[2].content[1].codes")]
     assert all(r["file"] == str(data.resolve()) for r in report)
-    assert "malformed JSON" in report[0]["reason"] and "unknown role 'robot'" in report[2]["reason"]
-    assert "shape [3, 5], expected [4, T]" in report[3]["reason"]
+    assert "unknown role 'robot'" in report[2]["detail"] and "shape [3, 5], expected [4, T]" in report[3]["detail"]
 
     m = pack([data], tok, out, num_codebooks=K, codebook_size=C, shard_lines=3, skip_bad=True, max_bad_fraction=0.05)
     assert m["counts"]["packed"] == 302 and sum(m["counts"]["rejected"].values()) == 4
+    assert m["counts"]["rejected"] == {r: sum(x["reason"] == r for x in report) for r in {x["reason"] for x in report}}
     assert m["counts"]["skipped"] == {"no supervised token": 1}
     enc = ChatEncoder(tok, K, C, V)
     ds = open_dataset(out, enc, 1000)
     assert len(ds) == 302 and "rejected at pack" in ds.report and "no supervised token: 1" in ds.report
-    with pytest.raises(CorpusError, match=r"4 of 307 lines rejected \(1\.3% > --max-bad-fraction 0\.01\)"):
+    with pytest.raises(CorpusError, match=r"4 of 307 lines rejected \(1\.30%\) is more than --max-bad-fraction 0\.01"):
         pack([data], tok, tmp_path / "c2", num_codebooks=K, codebook_size=C, skip_bad=True)
     assert not (tmp_path / "c2").exists()
 
@@ -213,3 +213,14 @@ def test_sigkill_mid_pack_leaves_no_corpus_and_a_rerun_succeeds(tmp_path):
     assert rerun.returncode == 0, rerun.stdout
     assert "left by a pack that did not finish" in rerun.stdout and not staging.exists()
     assert verify(out)["samples"] == 1000
+
+
+def test_audio_root_for_codes_paths(tmp_path):
+    (tmp_path / "a").mkdir()
+    data, tok = small_set(tmp_path / "a")
+    moved = tmp_path / "elsewhere.jsonl"
+    data.rename(moved)
+    with pytest.raises(CorpusError, match="6 of 6 lines rejected"):
+        pack([moved], tok, tmp_path / "c", num_codebooks=K, codebook_size=C)
+    m = pack([moved], tok, tmp_path / "c", num_codebooks=K, codebook_size=C, audio_root=tmp_path / "a")
+    assert m["counts"]["packed"] == 6
