@@ -199,6 +199,9 @@ class ChatEncoder:
             self.tok = Tokenizer.from_file(str(tokenizer_path))
         except Exception as e:  # tokenizers raises a bare Exception on bad files
             raise DataError(f"{tokenizer_path}: cannot load tokenizer: {e}") from e
+        if self.tok.get_vocab_size() > vocab_size:  # checked first: it names both sizes
+            raise DataError(f"{tokenizer_path}: tokenizer has {self.tok.get_vocab_size()} tokens, "
+                            f"model vocab_size is {vocab_size}")
         self.ids = {}
         for key, name in SPECIAL_TOKENS.items():
             tid = self.tok.token_to_id(name)
@@ -207,9 +210,6 @@ class ChatEncoder:
             if tid >= vocab_size:
                 raise DataError(f"{tokenizer_path}: {name} has id {tid} >= model vocab_size {vocab_size}")
             self.ids[key] = tid
-        if self.tok.get_vocab_size() > vocab_size:
-            raise DataError(f"{tokenizer_path}: tokenizer has {self.tok.get_vocab_size()} tokens, "
-                            f"model vocab_size is {vocab_size}")
         if codebook_size + 2 > np.iinfo(np.int16).max:
             raise DataError(f"codebook size {codebook_size}: plans store codes as int16")
         self.K, self.C = num_codebooks, codebook_size

@@ -1,22 +1,32 @@
-"""Merge a LoRA adapter into base weights and write full weights.
+"""Merge a LoRA adapter into base weights: a complete base folder that `train --base-weights` reads.
 
     python -m higgs_min.export --adapter output/checkpoint-300 --base-weights BASE --out merged/
+    python -m higgs_min.export --adapter output/checkpoint-300 --out merged/    # run on a preset: base rebuilt
     python -m higgs_min.export --format transformers output/checkpoint-300 --out hf/ [--adapter-only]
 
-The second form writes a folder that transformers' HiggsAudioV2ForConditionalGeneration loads
+The last form writes a folder that transformers' HiggsAudioV2ForConditionalGeneration loads
 (`from_pretrained(DIR, use_text_head=True)`), or with --adapter-only a PEFT adapter for that
-model; the format itself lives in transformers_format.py.
+model; the format itself lives in transformers_format.py. The rest of this docstring is the
+higgs_min format.
 
-BASE is a `.safetensors` file or a folder (sharded with `model.safetensors.index.json`,
-or holding `model.safetensors`). The output keeps the base's tensor names, shard
-file names and index, so `higgs_min.model.load_pretrained` (and the released
-loader) read it. Each merged tensor is W + scale·B@A computed in fp32 and cast
-once to W's dtype. Works shard by shard; the output folder appears only when
-complete (written to a temporary sibling, then renamed).
+merged/ holds
+    *.safetensors + model.safetensors.index.json   W + scale·B@A computed in fp32 and cast once to W's dtype;
+                                                   the base's tensor names and shard files (one shard for a
+                                                   rebuilt preset base)
+    config.json                                    the base's (released format); for a preset run, the preset's
+    tokenizer.json (+ tokenizer_config.json, special_tokens_map.json when the base has them)
+                                                   --tokenizer, else the base folder's, else the run's recorded one
+
+BASE is a folder (sharded with `model.safetensors.index.json`, or holding `model.safetensors`) or a
+`.safetensors` file with config.json beside it. Without --base-weights the base is the run's seeded
+preset, rebuilt by `runs.build_base` from the settings the checkpoint recorded. Works shard by shard;
+the output folder appears only when complete (written to a temporary sibling, then renamed).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 import shutil
@@ -33,11 +43,26 @@ from higgs_min.lora import PEFT_PREFIX, merge_lora, read_adapter
 from higgs_min.model import HiggsAudioModel, load_pretrained, weight_files
 from higgs_min.runs import load_trained, read_settings
 
+log = logging.getLogger(__name__)
+INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
-def merge_into_weights(adapter_dir: str | Path, base: str | Path, out: str | Path) -> Path:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
+def released_config(cfg: ModelConfig) -> dict:
+    """ModelConfig -> the released config.json layout (Llama fields in text_config, audio fields on top);
+    `ModelConfig.from_pretrained_config` reads it back to the same ModelConfig."""
+    text = {k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                         "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+                                         "rope_theta", "rope_scaling", "initializer_range")}
+    audio = {k: getattr(cfg, k) for k in ("audio_num_codebooks", "audio_codebook_size", "audio_stream_bos_id",
+                                          "audio_stream_eos_id", "audio_dual_ffn_layers",
+                                          "audio_ffn_intermediate_size", "use_delay_pattern")}
+    return {"model_type": "higgs_audio", "architectures": ["HiggsAudioModel"],
+            "text_config": {"model_type": "llama", **text}, **audio, "audio_ffn_hidden_size": cfg.hidden_size}
+
+
+def lora_deltas(adapter_dir) -> tuple[dict, float, dict]:
+    """(weight name -> (A, B), scale, adapter config) from a PEFT-format adapter folder."""
     cfg, tensors = read_adapter(adapter_dir)
     r, alpha = cfg["r"], cfg["lora_alpha"]
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
@@ -50,11 +75,23 @@ def merge_into_weights(adapter_dir: str | Path, base: str | Path, out: str | Pat
         if b_key not in tensors:
             raise KeyError(f"{adapter_dir}: {key!r} has no matching {b_key!r}")
         pairs[f"{module}.weight"] = (tensors[key], tensors[b_key])
-    name_to_file, index = weight_files(base)
-    unknown = sorted(set(pairs) - set(name_to_file))
-    if unknown:
-        raise KeyError(f"{adapter_dir}: adapter modules not in the base weights {base}: {unknown[:3]}")
+    return pairs, scale, cfg
 
+
+def merged(name: str, w: torch.Tensor, pairs: dict, scale: float) -> torch.Tensor:
+    if name not in pairs:
+        return w.contiguous()
+    a, b = pairs[name]
+    delta = (b.float() @ a.float()) * scale  # (out, in)
+    if delta.shape != w.shape:
+        raise ValueError(f"{name}: LoRA update {tuple(delta.shape)} != weight {tuple(w.shape)}")
+    if not torch.isfinite(delta).all():
+        raise ValueError(f"{name}: LoRA update is not finite; refusing to merge")
+    return (w.float() + delta).to(w.dtype).contiguous()
+
+
+def _commit(out: Path, fill) -> Path:
+    """Run fill(tmp_folder), fsync every file, rename to `out`; remove the temporary folder on any failure."""
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out}: already exists; choose a new output folder")
@@ -62,27 +99,7 @@ def merge_into_weights(adapter_dir: str | Path, base: str | Path, out: str | Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     committed = False
     try:
-        by_file: dict[Path, list[str]] = {}
-        for name, file in name_to_file.items():
-            by_file.setdefault(file, []).append(name)
-        for file, names in sorted(by_file.items()):
-            shard = {}
-            with safe_open(str(file), framework="pt") as f:
-                metadata = f.metadata()
-                for name in names:
-                    w = f.get_tensor(name)
-                    if name in pairs:
-                        a, b = pairs[name]
-                        delta = (b.float() @ a.float()) * scale  # (out, in)
-                        if delta.shape != w.shape:
-                            raise ValueError(f"{name}: LoRA update {tuple(delta.shape)} != weight {tuple(w.shape)}")
-                        if not torch.isfinite(delta).all():
-                            raise ValueError(f"{name}: LoRA update is not finite; refusing to merge")
-                        w = (w.float() + delta).to(w.dtype)
-                    shard[name] = w.contiguous()
-            save_file(shard, str(tmp / file.name), metadata=metadata)
-        if index is not None:
-            shutil.copyfile(index, tmp / index.name)
+        fill(tmp)
         for p in tmp.iterdir():
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -92,6 +109,107 @@ def merge_into_weights(adapter_dir: str | Path, base: str | Path, out: str | Pat
         if not committed:  # never leave a half-written folder behind
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _write_index(tmp: Path, weight_map: dict[str, str]) -> None:
+    total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))  # an upper bound, as HF writes it
+    (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def _tokenizer_files(tmp: Path, tokenizer, vocab_size: int) -> None:
+    """Copy the tokenizer (and its sibling config files) after checking its vocabulary fits the model."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Path(tokenizer)
+    try:
+        size = Tokenizer.from_file(str(tokenizer)).get_vocab_size()
+    except Exception as e:  # tokenizers raises a bare Exception on a bad file
+        raise ValueError(f"--tokenizer {tokenizer}: cannot load: {e}") from e
+    if size > vocab_size:
+        raise ValueError(f"--tokenizer {tokenizer} has {size} tokens, the model's vocabulary is {vocab_size}: "
+                         f"use the tokenizer the base was trained with")
+    shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+    for name in TOKENIZER_FILES[1:]:
+        if (tokenizer.parent / name).is_file():
+            shutil.copyfile(tokenizer.parent / name, tmp / name)
+
+
+def _recorded_tokenizer(adapter_dir) -> Path | None:
+    path = read_settings(Path(adapter_dir)).get("tokenizer")
+    return Path(path) if path and Path(path).is_file() else None
+
+
+def merge_into_weights(adapter_dir, base, out, tokenizer=None) -> Path:
+    """Adapter + released-format base -> `out`, a base folder (see the module docstring)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    pairs, scale, _ = lora_deltas(adapter_dir)
+    name_to_file, index = weight_files(base)
+    unknown = sorted(set(pairs) - set(name_to_file))
+    if unknown:
+        raise KeyError(f"{adapter_dir}: adapter modules not in the base weights {base}: {unknown[:3]}")
+    folder = Path(base) if Path(base).is_dir() else Path(base).parent
+    config = folder / "config.json"
+    if tokenizer is None and (folder / "tokenizer.json").is_file():
+        tokenizer = folder / "tokenizer.json"
+
+    def fill(tmp: Path) -> None:
+        by_file: dict[Path, list[str]] = {}
+        for name, file in name_to_file.items():
+            by_file.setdefault(file, []).append(name)
+        for file, names in sorted(by_file.items()):
+            with safe_open(str(file), framework="pt") as f:
+                metadata = f.metadata()
+                shard = {name: merged(name, f.get_tensor(name), pairs, scale) for name in names}
+            save_file(shard, str(tmp / file.name), metadata=metadata)
+        if index is not None:
+            shutil.copyfile(index, tmp / index.name)
+        else:
+            _write_index(tmp, {name: file.name for name, file in name_to_file.items()})
+        if config.is_file():
+            shutil.copyfile(config, tmp / "config.json")
+        if tokenizer is not None:
+            vocab = ModelConfig.from_pretrained_config(config).vocab_size if config.is_file() else math.inf
+            _tokenizer_files(tmp, tokenizer, vocab)
+
+    out = _commit(out, fill)
+    missing = [n for n in ("config.json", "tokenizer.json") if not (out / n).exists()]
+    if missing:
+        log.warning("%s has no %s (the base %s had none): `--base-weights %s` needs both", out, missing, base, out)
+    return out
+
+
+def export_rebuilt(adapter_dir, out, tokenizer=None) -> Path:
+    """A run trained on a preset: rebuild its seeded base from the checkpoint's record, merge, write a base folder."""
+    from safetensors.torch import save_file
+
+    from higgs_min.runs import RunError, build_base
+
+    settings = read_settings(Path(adapter_dir))
+    if not settings:
+        raise RunError(f"{adapter_dir}: no trainer_state.json records the base; pass --base-weights BASE")
+    if settings.get("base_weights"):
+        raise RunError(f"{adapter_dir}: the run trained on --base-weights {settings['base_weights']}; "
+                       f"pass --base-weights with that folder")
+    tokenizer = tokenizer or _recorded_tokenizer(adapter_dir)
+    if tokenizer is None:
+        raise RunError(f"{adapter_dir}: the run's tokenizer {settings.get('tokenizer')} is gone; pass --tokenizer")
+    pairs, scale, _ = lora_deltas(adapter_dir)
+    model, cfg, base_name = build_base(settings.get("preset", "tiny"), None, int(settings.get("seed", 0)))
+    state = model.state_dict()
+    unknown = sorted(set(pairs) - set(state))
+    if unknown:
+        raise KeyError(f"{adapter_dir}: adapter modules not in {base_name}: {unknown[:3]}")
+
+    def fill(tmp: Path) -> None:
+        save_file({n: merged(n, w, pairs, scale) for n, w in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        _write_index(tmp, {n: "model.safetensors" for n in state})
+        (tmp / "config.json").write_text(json.dumps(released_config(cfg), indent=2))
+        _tokenizer_files(tmp, tokenizer, cfg.vocab_size)
+
+    return _commit(out, fill)
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -158,27 +276,31 @@ def export_transformers(source: str | Path, out: str | Path, base_weights: str |
 
 def main(argv=None) -> int:
     # Every exception merge raises on its own names the file and the problem (bad adapter, missing
-    # shard, existing output): reported in one line; --debug shows the traceback.
+    # shard, existing output, tokenizer too large): one line; --debug shows the traceback.
     return guard(_main, argv, "python -m higgs_min.export", runtime=(ValueError, KeyError, OSError))
 
 
 def _main(argv) -> int:
     ap = Parser(prog="python -m higgs_min.export", description=__doc__.split("\n\n")[0])
-    ap.add_argument("source", nargs="?", help="--format transformers: checkpoint, adapter or base folder")
-    ap.add_argument("--adapter", help="folder with adapter_config.json + adapter_model.safetensors")
-    ap.add_argument("--base-weights", help="base .safetensors file or folder of shards")
-    ap.add_argument("--out", required=True, help="new folder for the merged weights")
+    ap.add_argument("source", nargs="?", help="a checkpoint or adapter folder (= --adapter); with --format "
+                                              "transformers also a base folder")
+    ap.add_argument("--adapter", help="a checkpoint, or a folder with adapter_config.json + "
+                                      "adapter_model.safetensors")
+    ap.add_argument("--base-weights", help="base folder (or .safetensors file with config.json beside it); "
+                                           "default: the run's recorded base, or its seeded preset rebuilt")
+    ap.add_argument("--tokenizer", help="tokenizer.json to ship (default: the base folder's, else the run's)")
+    ap.add_argument("--out", required=True, help="new folder for the merged base")
     ap.add_argument("--format", default="higgs_min", choices=["higgs_min", "transformers"],
                     help="higgs_min: the base's names and shards; transformers: HiggsAudioV2ForConditionalGeneration's")
     ap.add_argument("--adapter-only", action="store_true",
                     help="--format transformers: write only the adapter, for peft.PeftModel.from_pretrained")
     ap.add_argument("--base-only", action="store_true",
                     help="--format transformers: write the run's base model without its LoRA")
-    ap.add_argument("--tokenizer", help="--format transformers: tokenizer.json (default: the run's)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                     help="--format transformers: dtype of the written weights (default: the base's)")
     ap.add_argument("--debug", action="store_true", help="show the traceback of a reported error")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.format == "transformers":
         if not args.source and not args.adapter:
             ap.error("--format transformers needs a checkpoint, adapter or base folder")
@@ -188,11 +310,22 @@ def _main(argv) -> int:
                                   args.adapter_only, args.base_only, getattr(torch, args.dtype) if args.dtype else None)
         print(f"transformers-format {'adapter' if args.adapter_only else 'model'} written to {out.resolve()}")
         return 0
-    if not (args.adapter or args.source) or not args.base_weights:
-        ap.error("the higgs_min format needs --adapter (or a positional folder) and --base-weights")
-    out = merge_into_weights(args.adapter or args.source, args.base_weights, args.out)
-    print(f"merged weights written to {out.resolve()}")
+    adapter = args.adapter or args.source
+    if not adapter:
+        ap.error("needs --adapter (a checkpoint such as output/checkpoint-300, or an adapter folder)")
+    base = args.base_weights or read_settings(Path(adapter)).get("base_weights")
+    if base:
+        out = merge_into_weights(adapter, base, args.out, args.tokenizer or _base_or_recorded_tokenizer(adapter, base))
+    else:
+        out = export_rebuilt(adapter, args.out, args.tokenizer)
+    print(f"merged base written to {out.resolve()} (train on it with --base-weights {out})")
     return 0
+
+
+def _base_or_recorded_tokenizer(adapter, base):
+    base = Path(base)
+    folder = base if base.is_dir() else base.parent
+    return None if (folder / "tokenizer.json").is_file() else _recorded_tokenizer(adapter)
 
 
 if __name__ == "__main__":

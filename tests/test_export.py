@@ -1,0 +1,54 @@
+"""export writes a complete base folder: `--base-weights merged/` trains, and merged logits == base + adapter."""
+import json
+
+import torch
+
+from higgs_min.config import ModelConfig
+from higgs_min.export import INDEX, main as export_main, released_config
+from higgs_min.model import HiggsAudioModel, load_pretrained
+from higgs_min.runs import build_base, load_trained
+from tests.conftest import micro_config, random_batch
+from tests.helpers import make_tokenizer
+from tests.trainutil import run
+
+
+def test_released_config_round_trips(tmp_path):
+    for cfg in (micro_config(), ModelConfig.from_preset("higgs-v2-3b")):
+        (tmp_path / "config.json").write_text(json.dumps(released_config(cfg)))
+        assert ModelConfig.from_pretrained_config(tmp_path) == cfg
+
+
+def test_export_of_a_preset_run_is_a_base_folder_that_trains(tmp_path, caplog, capsys):
+    assert run(tmp_path / "run", "--max-steps", 2, "--lr", "1e-2") == 0
+    ck, merged = tmp_path / "run" / "checkpoint-2", tmp_path / "merged"
+    assert export_main(["--adapter", str(ck), "--out", str(merged)]) == 0
+    assert {"config.json", "tokenizer.json", "model.safetensors", INDEX} <= {p.name for p in merged.iterdir()}
+
+    trained = load_trained(ck)
+    cfg = ModelConfig.from_pretrained_config(merged)
+    assert cfg == trained.cfg
+    with torch.device("meta"):
+        base = HiggsAudioModel(cfg)
+    load_pretrained(base, merged)
+    batch = random_batch(cfg, B=2, L=24)
+    with torch.no_grad():
+        h_merged, h_lora = base(*batch), trained.model(*batch)
+        assert not torch.allclose(build_base("tiny", None, 0)[0](*batch), h_merged)  # the adapter did something
+        # W + scale·B@A folded in fp32 vs applied on the side: equal to 1e-5 of the logits' scale
+        for ours, ref in ((base.text_logits(h_merged), trained.model.text_logits(h_lora)),
+                          (base.audio_logits(h_merged), trained.model.audio_logits(h_lora))):
+            assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max(), (ours - ref).abs().max()
+
+    # the merged folder trains, with its own tokenizer by default
+    assert run(tmp_path / "run2", "--max-steps", 1, "--base-weights", merged) == 0
+    recorded = json.loads((tmp_path / "run2" / "run_config.json").read_text())["train"]
+    assert recorded["tokenizer"] == str(merged / "tokenizer.json")
+
+    # a tokenizer larger than the model's vocabulary is refused, naming both sizes
+    big = make_tokenizer(tmp_path / "big.json", special_base=2000)
+    caplog.clear()
+    assert run(tmp_path / "run3", "--max-steps", 1, "--base-weights", merged, "--tokenizer", big) == 1
+    assert "has 2010 tokens" in caplog.text and "1024" in caplog.text
+    assert export_main(["--adapter", str(ck), "--out", str(tmp_path / "m2"), "--tokenizer", str(big)]) == 1
+    err = capsys.readouterr().err
+    assert "2010 tokens" in err and "1024" in err and not (tmp_path / "m2").exists()
