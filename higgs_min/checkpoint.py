@@ -9,6 +9,7 @@ exists under that name only after all of it was written, fsynced and re-read:
                                        re-read every file, compare with the manifest
     rename -> checkpoint-{step}/       fsync output_dir
     latest  (temp file + rename)       names the newest checkpoint
+    best    (the same way)             names the lowest held-out loss (kept by --keep-last)
 
 A folder is a checkpoint if and only if its manifest verifies. Only safetensors
 and JSON are written; loading never unpickles anything.
@@ -207,6 +208,39 @@ def write_latest(output_dir: Path, name: str) -> None:
     fsync_dir(output_dir)
 
 
+def read_pointer(output_dir: str | Path, name: str = "latest") -> str | None:
+    """The checkpoint folder name held by output_dir/latest or output_dir/best (None when absent)."""
+    try:
+        return (Path(output_dir) / name).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def eval_loss_of(folder: Path) -> float | None:
+    """The held-out loss recorded in a checkpoint's trainer_state.json (None when it has none)."""
+    try:
+        ev = json.loads((folder / "trainer_state.json").read_text()).get("eval")
+    except (OSError, ValueError):
+        return None
+    return ev.get("loss") if isinstance(ev, dict) else None
+
+
+def update_best(output_dir: str | Path, name: str, loss: float) -> bool:
+    """Point output_dir/best at `name` when its eval loss is lower than the current best's.
+    Same atomic update as `latest` (temp file + rename + fsync). Returns whether it moved."""
+    output_dir = Path(output_dir)
+    current = read_pointer(output_dir, "best")
+    if current and current != name and (output_dir / current).is_dir():
+        previous = eval_loss_of(output_dir / current)
+        if previous is not None and not loss < previous:
+            return False
+    tmp = output_dir / f".best.tmp-{secrets.token_hex(4)}"
+    write_file(tmp, (name + "\n").encode())
+    os.replace(tmp, output_dir / "best")
+    fsync_dir(output_dir)
+    return True
+
+
 def scan(output_dir: str | Path) -> list[dict]:
     """Every checkpoint-N folder, newest first: {step, path, ok, reason, bytes}."""
     output_dir = Path(output_dir)
@@ -246,11 +280,13 @@ def remove_stale_tmp(output_dir: str | Path) -> list[Path]:
 
 
 def rotate(output_dir: str | Path, keep_last: int) -> list[Path]:
-    """Delete valid checkpoints beyond the newest `keep_last` valid ones. Broken ones are left alone."""
+    """Delete valid checkpoints beyond the newest `keep_last` valid ones. Broken ones are left alone,
+    and so is the one `best` names (the lowest eval loss)."""
     if keep_last <= 0:
         return []
     valid = [c["path"] for c in scan(output_dir) if c["ok"]]
-    doomed = valid[keep_last:]
+    best = read_pointer(output_dir, "best")
+    doomed = [p for p in valid[keep_last:] if p.name != best]
     for p in doomed:
         log.info("keep-last %d: deleting %s", keep_last, p)
         shutil.rmtree(p)

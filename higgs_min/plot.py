@@ -1,6 +1,7 @@
 """Plot a run's losses: python -m higgs_min.plot OUTPUT_DIR  ->  OUTPUT_DIR/loss.png
 
-Reads OUTPUT_DIR/metrics.jsonl (one JSON line per log step). matplotlib arrives
+Reads OUTPUT_DIR/metrics.jsonl (one JSON line per log step; rows with "split": "eval" are the
+held-out evaluations, drawn as dashed lines with markers). matplotlib arrives
 with descript-audio-codec's dependencies; it is imported only here.
 """
 
@@ -21,20 +22,23 @@ def plot(output_dir: Path) -> Path:
     path = output_dir / "metrics.jsonl"
     if not path.exists():
         raise SystemExit(f"{path}: no metrics to plot (is {output_dir} a training output folder?)")
-    rows = {}
+    rows = {"train": {}, "eval": {}}
     for n, line in enumerate(path.read_text().splitlines(), 1):
         try:
             r = json.loads(line)
         except json.JSONDecodeError as e:
             raise SystemExit(f"{path}:{n}: malformed JSON: {e.msg}")
-        rows[r["step"]] = r  # a resumed run may log a step twice: keep the last
-    steps = sorted(rows)
+        # a resumed run may log a step twice: keep the last
+        rows["eval" if r.get("split") == "eval" else "train"][r["step"]] = r
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for key, label in (("loss", "total"), ("text_loss", "text"), ("audio_loss", "audio")):
-        ax.plot(steps, [rows[s][key] for s in steps], label=label)
+    for split, style in (("train", "-"), ("eval", "o--")):
+        steps = sorted(rows[split])
+        for key, label, color in (("loss", "total", "C0"), ("text_loss", "text", "C1"), ("audio_loss", "audio", "C2")):
+            if steps:
+                ax.plot(steps, [rows[split][s][key] for s in steps], style, color=color, label=f"{split} {label}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats)")
-    ax.set_title(f"{output_dir.name}: training loss")
+    ax.set_title(f"{output_dir.name}: training" + (" and held-out" if rows["eval"] else "") + " loss")
     ax.grid(alpha=0.3)
     ax.legend()
     out = output_dir / "loss.png"

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from higgs_min import checkpoint, distributed, runconfig
+from higgs_min import checkpoint, distributed, evaluate, runconfig, runlog
 from higgs_min.batches import BatchStream, padding_fraction
 from higgs_min.config import PRESETS, ModelConfig
 from higgs_min.corpus import open_dataset, verify as verify_corpus
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--base-weights", type=Path, help="released-format weights (folder with config.json and shards)")
     a("--output-dir", type=Path, default=Path("output"), help="where checkpoints and logs go")
     a("--max-steps", type=int, default=300, help="optimizer steps to train")
+    a("--epochs", type=int, help="train N passes over the data instead (sets --max-steps)")
     a("--save-steps", type=int, default=100, help="save every N steps (and always at the last step)")
     a("--batch-size", type=int, default=8, help="samples per micro-batch per rank")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -91,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--audio-root", type=Path, help="folder the codes paths are relative to (default: the JSONL's folder)")
     a("--data-workers", type=int, help="DataLoader worker processes building batches (default: 0 on CPU, 2 on CUDA)")
     a("--no-verify-data", action="store_true", help="skip the sha256 check of a packed corpus's shards at start")
+    a("--eval-data", type=Path, help="held-out conversations (JSONL), scored at --eval-every and at the end")
+    a("--eval-split", type=float, default=0.0,
+      help="without --eval-data: hold out this share of --data for evaluation (e.g. 0.1; 0: no eval)")
+    a("--eval-every", type=int, default=0, help="evaluate every N steps (0: at every save) and at the end")
     a("--log-every", type=int, default=25, help="log metrics every N steps")
     a("--log-samples", type=int, default=3, help="log the label statistics of the first N samples")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
@@ -145,6 +150,8 @@ def check_inputs(args) -> None:
                                                               if args.tokenizer.is_dir() else "no such file"))
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise UsageError(f"--output-dir {args.output_dir} is a file; give a folder (it is created if missing)")
+    if args.epochs is not None and args.epochs < 1:
+        raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
     for name in ("max_steps", "batch_size", "grad_accum", "lora_rank", "max_length", "log_every"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -164,10 +171,15 @@ class Scorer(nn.Module):
     def __init__(self, model: HiggsAudioModel, text_chunk: int):
         super().__init__()
         self.model, self.text_chunk = model, text_chunk
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
 
     def forward(self, batch):
         audio_mask = batch["audio_in_mask"] | batch["audio_out_mask"]
         hidden = self.model(batch["input_ids"], batch["attention_mask"], batch["audio_codes"], audio_mask)
+        # A batch without audio rows leaves audio_mlp's LoRA out of the graph. A zero-weighted term keeps
+        # every trainable parameter in every step's graph (its gradient gains exactly 0), so DDP runs
+        # with find_unused_parameters=False: no extra graph walk, no warning.
+        hidden = hidden + 0.0 * sum(p.sum() for p in self.trainable).to(hidden.dtype)
         text = text_scores(hidden, batch["text_labels"], self.model.audio_decoder_proj.text_lm_head, self.text_chunk)
         audio = audio_scores(hidden, batch["audio_labels"], batch["audio_out_mask"], self.model.audio_logits)
         return text, audio
@@ -196,22 +208,6 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def setup_logging(is_main: bool, output_dir: Path | None = None):
-    """Log to stderr (and output_dir/train.log on rank 0) through the package's logger."""
-    logger = logging.getLogger("higgs_min")
-    for h in list(logger.handlers):
-        logger.removeHandler(h)
-        h.close()
-    logger.setLevel(logging.INFO if is_main else logging.WARNING)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    handlers = [logging.StreamHandler(sys.stderr)]
-    if output_dir is not None and is_main:
-        handlers.append(logging.FileHandler(output_dir / "train.log"))
-    for h in handlers:
-        h.setFormatter(fmt)
-        logger.addHandler(h)
-
-
 def save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base_name):
     """Rank 0 writes; all ranks get the same outcome; no rank hangs on a failed save."""
     outcome = "ok"
@@ -226,6 +222,9 @@ def save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base
                 path = checkpoint.save(target, step, files)
                 log.info("saved %s (%.2f MB, manifest verified)", path.resolve(),
                          sum(f.stat().st_size for f in path.iterdir()) / 1e6)
+                ev = trainer_state.get("eval")
+                if ev and math.isfinite(ev["loss"]) and checkpoint.update_best(target, path.name, ev["loss"]):
+                    log.info("best: %s (eval loss %.4f)", path.name, ev["loss"])
                 if args.keep_last:
                     checkpoint.rotate(target, args.keep_last)
                 break
@@ -347,7 +346,7 @@ def train(args) -> dict:
         dist_info = distributed.init(args.device, args.dist_timeout)
     except RuntimeError as e:  # no CUDA device, or the process group could not form
         raise RunError(str(e)) from e
-    setup_logging(dist_info.is_main)
+    runlog.setup(dist_info.is_main)
     args.output_dir = Path(args.output_dir).resolve()
     run = runconfig.decide(args, dist_info.is_main)  # refuses a resume whose settings changed
     torch.manual_seed(args.seed)
@@ -357,12 +356,17 @@ def train(args) -> dict:
         torch.use_deterministic_algorithms(True)
 
     encoder, dataset = open_data(args, dist_info, model_config(args))  # all validated before the model is built
+    dataset, eval_samples = evaluate.open_eval(args, encoder, dataset)
     model, cfg, base_name = build_model(args, dist_info.device)
     cuda = dist_info.device.type == "cuda"
     stream = BatchStream(dataset, args.batch_size, dist_info.world_size, dist_info.rank, args.seed,
                          encoder.ids["end_of_text"], args.group_by_length,
                          workers=args.data_workers if args.data_workers is not None else (2 if cuda else 0),
                          pin_memory=cuda)
+    if args.epochs:
+        args.max_steps = math.ceil(args.epochs * stream.batches_per_epoch() / args.grad_accum)
+        log.info("--epochs %d: %d steps of %d micro-batches (%d batches per epoch per rank)",
+                 args.epochs, args.max_steps, args.grad_accum, stream.batches_per_epoch())
     log.info("padding: %.1f%% of positions in the first epoch's batches%s",
              100 * padding_fraction(stream.lengths, stream.epoch_order(0), args.batch_size),
              "" if args.group_by_length else " (--group-by-length lowers it)")
@@ -370,7 +374,8 @@ def train(args) -> dict:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
 
     prepare_output(args, dist_info, sum(p.numel() for p in params))
-    setup_logging(dist_info.is_main, args.output_dir)
+    if dist_info.is_main:
+        runlog.attach_file(args.output_dir / "train.log")  # with every line logged so far
     resolved = runconfig.settings_of(args)
     if dist_info.is_main:
         log.info("resolved config: %s", json.dumps(resolved, sort_keys=True))
@@ -378,21 +383,26 @@ def train(args) -> dict:
     start_step = step = resume(run.resume_from, args, model, optimizer, stream, dist_info)
 
     scorer = Scorer(model, args.text_loss_chunk)
-    ddp = DDP(scorer, find_unused_parameters=True) if dist_info.enabled else scorer
+    ddp = DDP(scorer) if dist_info.enabled else scorer
     diag = Diagnostics(cfg.vocab_size, cfg.audio_num_classes, args.warmup_steps, encoder.decode)
     K = cfg.audio_num_codebooks
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dist_info.device.type == "cuda"
                 else contextlib.nullcontext())
+    evaluator = evaluate.Evaluator(scorer, eval_samples, args.batch_size, encoder.ids["end_of_text"], dist_info,
+                                   autocast, args) if eval_samples else None
     metrics_path = args.output_dir / "metrics.jsonl"
     tb = bar = None
     if dist_info.is_main:
         from tqdm import tqdm
-        # disable=None: a bar on a terminal, none in a piped log (the log lines say the same)
+        # disable=None: a bar (with ETA) on a terminal, none in a piped log (the log lines carry the ETA);
+        # log records go through the bar's write() while it is shown
         bar = tqdm(total=args.max_steps, initial=start_step, desc="train", unit="step", mininterval=2.0,
-                   disable=None)
+                   disable=None, dynamic_ncols=True)
+        runlog.set_bar(bar)
         if args.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             tb = SummaryWriter(str(args.output_dir / "tensorboard"))
+    steps_log = runlog.StepReport(diag, start_step, args.max_steps)
     stop = StopFlag()
     t0, tokens_seen, last = time.time(), 0, {}
     try:
@@ -422,7 +432,7 @@ def train(args) -> dict:
             optimizer.zero_grad(set_to_none=True)
             # 5: log, save
             elapsed = time.time() - t0
-            last = {"step": step, **step_losses(distributed.all_reduce_sum(sums), counts, K, args),
+            last = {"split": "train", "step": step, **step_losses(distributed.all_reduce_sum(sums), counts, K, args),
                     "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
                     "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "elapsed_s": elapsed}
             if bar is not None:
@@ -433,15 +443,19 @@ def train(args) -> dict:
                 if tb is not None:
                     for k in ("loss", "text_loss", "audio_loss", "lr", "grad_norm"):
                         tb.add_scalar(k, last[k], step)
-                for line in diag.report(step, {"text": last["text_loss"], "audio": last["audio_loss"]}, text, audio):
-                    log.info("%s", line)
                 next_save = min(args.max_steps, (step // args.save_steps + 1) * args.save_steps
                                 if args.save_steps > 0 else args.max_steps)
-                log.info("step %d/%d: loss %.4f, lr %.2e, grad norm %.3f, %.0f tokens/s; next checkpoint at step %d",
-                         step, args.max_steps, last["loss"], last["lr"], last["grad_norm"], last["tokens_per_s"],
-                         next_save)
+                for line in steps_log.lines(last, text, audio, next_save):
+                    log.info("%s", line)
             stopping = distributed.any_rank(stop.raised is not None, dist_info.device)
-            if (args.save_steps > 0 and step % args.save_steps == 0) or step == args.max_steps or stopping:
+            saving = (args.save_steps > 0 and step % args.save_steps == 0) or step == args.max_steps or stopping
+            evaluated = None
+            if evaluator is not None and not stopping and evaluator.due(step, saving, step == args.max_steps):
+                evaluated = evaluator.run(step)
+                if dist_info.is_main:
+                    append_metrics(metrics_path, evaluated)
+                    evaluate.report(evaluated, tb)
+            if saving:
                 trainer_state = {
                     "step": step, "epoch": stream.epoch, "batch_in_epoch": stream.position,
                     "samples_seen": step * args.grad_accum * args.batch_size * dist_info.world_size,
@@ -449,17 +463,18 @@ def train(args) -> dict:
                     "scheduler": {"type": "linear_warmup_cosine", "warmup_steps": args.warmup_steps,
                                   "max_steps": args.max_steps, "lr": args.lr, "min_lr_ratio": args.min_lr_ratio,
                                   "last_lr": optimizer.param_groups[0]["lr"]},
-                    "config": resolved, "identity": run.identity, "data": dataset.report,
+                    "config": resolved, "identity": run.identity, "data": dataset.report, "eval": evaluated,
                     "rng": distributed.gather_objects(checkpoint.rng_state()),  # every rank's, in rank order
                 }
                 save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base_name)
             if stopping:
-                log.warning("stopping at step %d on %s (checkpoint saved)", step,
-                            stop.raised or "a signal on another rank")
+                log.warning("stopped at step %d by %s: saved checkpoint-%d; rerun the same command to continue",
+                            step, stop.raised or "a signal on another rank", step)
                 break
     finally:
         stop.restore()
         stream.close()
+        runlog.set_bar(None)
         if bar is not None:
             bar.close()
         if tb is not None:
@@ -467,12 +482,25 @@ def train(args) -> dict:
     if dist_info.is_main:
         if step == start_step:
             log.info("nothing to do: the checkpoint is already at step %d of --max-steps %d", step, args.max_steps)
+        plot_losses(args.output_dir)
         latest = args.output_dir / "latest"
         log.info("done at step %d. checkpoints: %s (latest: %s); metrics: %s; log: %s", step, args.output_dir,
                  latest.read_text().strip() if latest.exists() else "none", metrics_path,
                  args.output_dir / "train.log")
     distributed.barrier()
     return last
+
+
+def plot_losses(output_dir: Path) -> None:
+    """loss.png at the end of every run (train and eval curves); a plotting failure only warns."""
+    from higgs_min import plot
+
+    if not (output_dir / "metrics.jsonl").exists():
+        return
+    try:
+        log.info("loss curves: %s", plot.plot(output_dir))
+    except (ImportError, OSError, ValueError, KeyError, SystemExit) as e:
+        log.warning("could not draw loss.png: %s", e)
 
 
 def _main(argv) -> int:

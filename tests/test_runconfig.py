@@ -70,3 +70,15 @@ def test_compare_classifies_each_setting():
         ident, {"seed": 0, "save_steps": 20, "data": "/b", "brand_new_option": 2},
         {"data": {"path": "/b", "sha256": "x"}})
     assert set(allowed) == {"save_steps", "data"} and set(refused) == {"brand_new_option"}
+
+
+def test_epochs_sets_max_steps(tmp_path):
+    out = tmp_path / "out"  # (the test helper also passes --max-steps 4: --epochs wins)
+    assert run(out, "--epochs", 1, "--batch-size", 16) == 0  # 32 demo conversations / 16 = 2 steps
+    assert (out / "checkpoint-2").is_dir() and not (out / "checkpoint-4").exists()
+    recorded = json.loads((out / "run_config.json").read_text())["train"]
+    assert recorded["epochs"] == 1 and recorded["max_steps"] == 2
+    log = (out / "train.log").read_text()
+    assert "loaded 32" in log.split("resolved config")[0]  # the data-loading lines reach train.log too
+    steps = [line for line in log.splitlines() if " higgs_min.train: step " in line]
+    assert len(steps) == 2  # one line per log step (--log-every 1)

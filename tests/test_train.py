@@ -150,7 +150,7 @@ def test_sigterm_saves_and_exits_zero_then_resumes_to_the_same_weights(tmp_path)
     assert p.returncode == 0, log[-3000:]
     saved = checkpoint.latest_valid(out)
     assert saved is not None and 3 <= int(saved.name.split("-")[1]) < 40, log[-2000:]
-    assert "stopping at step" in log
+    assert "rerun the same command to continue" in log
     # Same thread count as the interrupted run: float sums depend on it.
     for folder in (out, ref):
         done = run_cli(folder, "--max-steps", 40, "--save-steps", 1000)

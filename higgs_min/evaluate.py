@@ -1,0 +1,145 @@
+"""Held-out evaluation: exact loss and top-1 accuracy over every eval sample, summed across ranks.
+
+    holdout(n, fraction, seed) -> (train indices, eval indices)     deterministic given n, fraction, seed
+    open_eval(args, encoder, samples) -> (train samples, eval samples or None)
+    Evaluator(scorer, samples, ...).run(step) -> metrics row {"split": "eval", "step", ...}
+
+Rank r of N scores samples r, r+N, r+2N, ... of the eval set, each exactly once (no sampler
+padding: a duplicated sample would change the mean). Per rank, in float64:
+
+    text:  Σ CE over scored text targets, their count, the top-1 hits           (3,)
+    audio: per codebook Σ CE, count, top-1 hits                                 (3K,)
+
+one all-reduce of that vector, then the same reductions as training:
+    text_loss = Σ text CE / text count; audio_loss = loss.reduce_codebooks(sums, counts, --audio-reduction);
+    loss = --text-weight · text_loss + --audio-weight · audio_loss.
+So 1 rank and N ranks give the same figures (up to float32 batch-composition noise).
+The model runs in eval mode (LoRA dropout off) under no_grad, then goes back to train mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+
+import numpy as np
+import torch
+
+from higgs_min import distributed
+from higgs_min.batches import lengths_of
+from higgs_min.corpus import open_dataset
+from higgs_min.data import collate
+from higgs_min.errors import UsageError
+from higgs_min.loss import reduce_codebooks
+
+log = logging.getLogger(__name__)
+
+
+def holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A deterministic share of n samples held out for evaluation: (train, eval), both sorted."""
+    if not 0 < fraction < 1:
+        raise UsageError(f"--eval-split {fraction}: expected a fraction between 0 and 1, e.g. 0.1")
+    k = max(1, round(n * fraction))
+    if k >= n:
+        raise UsageError(f"--eval-split {fraction} of {n} samples leaves none to train on")
+    held = sorted(random.Random(f"higgs_min eval split {seed}").sample(range(n), k))
+    keep = set(held)
+    return [i for i in range(n) if i not in keep], held
+
+
+class Subset:
+    """Some samples of a dataset (a list, or corpus.open_dataset's), with the same interface."""
+
+    def __init__(self, dataset, indices: list[int], what: str):
+        self.dataset, self.indices = dataset, list(indices)
+        self.lengths = np.asarray(lengths_of(dataset))[self.indices]
+        self.report = f"{getattr(dataset, 'report', f'{len(dataset)} samples')}; {len(self.indices)} {what}"
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[self.indices[i]]
+
+
+def open_eval(args, encoder, dataset):
+    """(training dataset, eval dataset or None) from --eval-data (JSONL or packed corpus) or --eval-split."""
+    if args.eval_data is not None and args.eval_split:
+        raise UsageError("--eval-data and --eval-split both given; choose one")
+    if args.eval_data is not None:
+        if not args.eval_data.exists():
+            raise UsageError(f"--eval-data {args.eval_data}: no such file or folder")
+        held = open_dataset(args.eval_data, encoder, args.max_length, args.skip_bad_samples)
+        log.info("eval data: %s", held.report)
+        return dataset, held
+    if args.eval_split:
+        train_idx, eval_idx = holdout(len(dataset), args.eval_split, args.seed)
+        log.info("--eval-split %g: %d samples held out for evaluation, %d to train on",
+                 args.eval_split, len(eval_idx), len(train_idx))
+        return Subset(dataset, train_idx, "to train on"), Subset(dataset, eval_idx, "held out for eval")
+    return dataset, None
+
+
+class Evaluator:
+    def __init__(self, scorer, samples, batch_size: int, pad_id: int, dist_info, autocast, args):
+        self.scorer, self.samples, self.batch_size, self.pad_id = scorer, samples, batch_size, pad_id
+        self.dist_info, self.autocast, self.args = dist_info, autocast, args
+
+    def due(self, step: int, saving: bool, last: bool) -> bool:
+        every = self.args.eval_every
+        return last or (step % every == 0 if every > 0 else saving)
+
+    @torch.no_grad()
+    def sums(self) -> torch.Tensor:
+        """This rank's (3 + 3K,) float64 sums (see the module docstring)."""
+        K = self.scorer.model.config.audio_num_codebooks
+        mine = list(range(self.dist_info.rank, len(self.samples), self.dist_info.world_size))
+        out = torch.zeros(3 + 3 * K, dtype=torch.float64)
+        for i in range(0, len(mine), self.batch_size):
+            batch = collate([self.samples[j] for j in mine[i:i + self.batch_size]], self.pad_id)
+            batch = {k: v.to(self.dist_info.device) for k, v in batch.items()}
+            with self.autocast or contextlib.nullcontext():
+                text, audio = self.scorer(batch)
+            out[0] += float(text.loss_sum)
+            out[1] += text.count
+            out[2] += int((text.pred == text.target).sum())
+            out[3:3 + K] += audio.loss_sums.detach().double().cpu()
+            out[3 + K:3 + 2 * K] += audio.counts.double().cpu()
+            out[3 + 2 * K:] += audio.correct.double().cpu()
+        return out
+
+    def run(self, step: int) -> dict:
+        was_training = self.scorer.training
+        self.scorer.eval()
+        try:
+            s = self.sums()
+        finally:
+            self.scorer.train(was_training)
+        s = distributed.all_reduce_sum(s.to(self.dist_info.device)).cpu()
+        return figures(s, self.scorer.model.config.audio_num_codebooks, self.args, step, len(self.samples))
+
+
+def figures(s: torch.Tensor, K: int, args, step: int, n: int) -> dict:
+    """The metrics row from the summed (3 + 3K,) vector."""
+    text_sum, text_n, text_hits = s[0].item(), s[1].item(), s[2].item()
+    a_sums, a_counts, a_hits = s[3:3 + K], s[3 + K:3 + 2 * K], s[3 + 2 * K:]
+    text = text_sum / max(text_n, 1)
+    audio, per_cb = reduce_codebooks(a_sums, a_counts, args.audio_reduction)
+    audio = audio.item() if a_counts.any() else float("nan")
+    return {"split": "eval", "step": step, "loss": args.text_weight * text + args.audio_weight * audio,
+            "text_loss": text, "audio_loss": audio, "audio_loss_per_codebook": per_cb.tolist(),
+            "text_accuracy": text_hits / max(text_n, 1),
+            "audio_accuracy_per_codebook": (a_hits / a_counts.clamp(min=1)).tolist(),
+            "samples": n, "text_targets": int(text_n), "audio_targets": int(a_counts.sum())}
+
+
+def report(row: dict, tb=None) -> None:
+    """One log line (and TensorBoard scalars under eval/) for an eval row."""
+    acc = row["audio_accuracy_per_codebook"]
+    log.info("eval at step %d: loss %.4f (text %.4f, audio %.4f), text accuracy %.3f, audio accuracy %.3f "
+             "(mean of %d codebooks), %d samples", row["step"], row["loss"], row["text_loss"], row["audio_loss"],
+             row["text_accuracy"], sum(acc) / max(len(acc), 1), len(acc), row["samples"])
+    if tb is not None:
+        for k in ("loss", "text_loss", "audio_loss", "text_accuracy"):
+            tb.add_scalar(f"eval/{k}", row[k], row["step"])
