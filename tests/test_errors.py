@@ -80,3 +80,11 @@ def test_as_a_user_sees_it_no_traceback(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) <= 2 and str(empty) in p.stderr, p.stderr
+
+
+def test_cuda_without_a_device_is_one_line_exit_1(tmp_path, caplog, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is valid here")
+    assert main(["--device", "cuda", "--output-dir", str(tmp_path / "o")]) == 1
+    assert "no CUDA device is available" in _error(caplog, capsys)
