@@ -46,9 +46,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def _say(prog: str, message: str) -> None:
-    logger = logging.getLogger("higgs_min")
-    if logger.handlers:  # a run's logging is set up: the line also goes to its train.log
-        logger.error("%s", message)
+    from higgs_min import runlog
+
+    if runlog.live():  # a run's logging: the line goes to the console and to its train.log
+        logging.getLogger("higgs_min").error("%s", message)
+        runlog.detach()
     else:
         print(f"{prog}: error: {message}", file=sys.stderr)
 

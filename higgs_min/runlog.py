@@ -23,16 +23,18 @@ WINDOW = 4  # log steps of evidence before "at chance" is said
 class _Console(logging.Handler):
     """stderr, or tqdm.write while a progress bar is on screen (so a line never lands inside the bar)."""
 
-    bar = None
+    def __init__(self):
+        super().__init__()
+        self.bar, self.stream = None, sys.stderr  # the stderr of when the run started, as StreamHandler does
 
     def emit(self, record):
         try:
             msg = self.format(record)
             if self.bar is not None and not self.bar.disable:
-                self.bar.write(msg, file=sys.stderr)
+                self.bar.write(msg, file=self.stream)
             else:
-                sys.stderr.write(msg + "\n")
-                sys.stderr.flush()
+                self.stream.write(msg + "\n")
+                self.stream.flush()
         except Exception:  # logging's own contract: a failing handler reports, never raises
             self.handleError(record)
 
@@ -83,6 +85,21 @@ def setup(is_main: bool) -> None:
 def attach_file(path) -> None:
     if _buffer in logging.getLogger("higgs_min").handlers:
         _buffer.attach(path)
+
+
+def live() -> bool:
+    """Whether a run's logging is set up (and not yet detached)."""
+    return _console in logging.getLogger("higgs_min").handlers
+
+
+def detach() -> None:
+    """The run is over: close train.log and take the run's handlers off the package logger, so that
+    later in-process use (tests, notebooks) logs as if no run had happened."""
+    logger = logging.getLogger("higgs_min")
+    for h in (_console, _buffer):
+        if h in logger.handlers:
+            logger.removeHandler(h)
+            h.close()
 
 
 def set_bar(bar) -> None:

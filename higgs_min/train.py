@@ -509,6 +509,7 @@ def _main(argv) -> int:
         train(args)
     finally:
         distributed.shutdown()
+    runlog.detach()
     return 0
 
 

@@ -46,9 +46,10 @@ def test_export_of_a_preset_run_is_a_base_folder_that_trains(tmp_path, caplog, c
 
     # a tokenizer larger than the model's vocabulary is refused, naming both sizes
     big = make_tokenizer(tmp_path / "big.json", special_base=2000)
-    caplog.clear()
+    capsys.readouterr()
     assert run(tmp_path / "run3", "--max-steps", 1, "--base-weights", merged, "--tokenizer", big) == 1
-    assert "has 2010 tokens" in caplog.text and "1024" in caplog.text
+    err = capsys.readouterr().err
+    assert "has 2010 tokens" in err and "1024" in err
     assert export_main(["--adapter", str(ck), "--out", str(tmp_path / "m2"), "--tokenizer", str(big)]) == 1
     err = capsys.readouterr().err
     assert "2010 tokens" in err and "1024" in err and not (tmp_path / "m2").exists()

@@ -7,29 +7,31 @@ from higgs_min.train import DATA, parse_args
 from tests.trainutil import run
 
 
-def _error_lines(caplog) -> str:
-    return "\n".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+def _error_lines(capsys) -> str:
+    return capsys.readouterr().err
 
 
-def test_resume_refuses_changed_settings_and_allows_schedule_changes(tmp_path, caplog):
+def test_resume_refuses_changed_settings_and_allows_schedule_changes(tmp_path, caplog, capsys):
     out = tmp_path / "out"
     assert run(out, "--max-steps", 2) == 0
     record = (out / "run_config.json").read_bytes()
 
     caplog.clear()
     assert run(out, "--max-steps", 2, "--seed", 1) == 2
-    assert "seed: 0 -> 1" in _error_lines(caplog) and "--allow-changed-settings" in _error_lines(caplog)
+    err = _error_lines(capsys)
+    assert "seed: 0 -> 1" in err and "--allow-changed-settings" in err
 
     data = tmp_path / "data.jsonl"  # same name, other content: refused by content hash
     data.write_text("\n".join((DATA / "demo.jsonl").read_text().splitlines()[:20]) + "\n")
     (tmp_path / "codes").symlink_to(DATA / "codes")
     caplog.clear()
     assert run(out, "--max-steps", 2, "--data", data) == 2
-    assert "data: " in _error_lines(caplog) and "sha256" in _error_lines(caplog)
+    err = _error_lines(capsys)
+    assert "data: " in err and "sha256" in err
 
     caplog.clear()  # a shape change cannot be overridden at all
     assert run(out, "--max-steps", 2, "--lora-rank", 8, "--allow-changed-settings") == 2
-    assert "lora_rank: 4 -> 8" in _error_lines(caplog)
+    assert "lora_rank: 4 -> 8" in _error_lines(capsys)
 
     caplog.clear()  # extending the run continues and logs the change
     assert run(out, "--max-steps", 3) == 0
@@ -45,7 +47,7 @@ def test_resume_refuses_changed_settings_and_allows_schedule_changes(tmp_path, c
     assert (out / "run_config.json").read_bytes() == record
 
 
-def test_run_config_round_trips_through_config(tmp_path, caplog):
+def test_run_config_round_trips_through_config(tmp_path, caplog, capsys):
     out = tmp_path / "out"
     assert run(out, "--max-steps", 2, "--lora-alpha", 4, "--seed", 3, "--text-weight", 0.5) == 0
     rc = out / "run_config.json"
@@ -59,7 +61,7 @@ def test_run_config_round_trips_through_config(tmp_path, caplog):
     (tmp_path / "codes").symlink_to(DATA / "codes")
     from higgs_min.train import main
     caplog.clear()
-    assert main(["--config", str(rc), "--max-steps", "3", "--data", str(moved)]) == 0, _error_lines(caplog)
+    assert main(["--config", str(rc), "--max-steps", "3", "--data", str(moved)]) == 0, _error_lines(capsys)
     assert "(same content)" in caplog.text
 
 
