@@ -45,7 +45,11 @@ class ModelConfig:
     audio_stream_eos_id: int = 1025
     audio_dual_ffn_layers: list[int] = field(default_factory=lambda: list(range(28)))
     audio_ffn_intermediate_size: int = 8192
-    use_delay_pattern: bool = True
+    # "dual_ffn": layers not in audio_dual_ffn_layers are plain Llama layers for every row;
+    # "dual_ffn_fast_forward" (the release): audio rows skip those layers (see model.py).
+    audio_adapter_type: str = "dual_ffn_fast_forward"
+    audio_embed_avg: bool = False  # True: an audio frame embeds as the mean of its K codebook rows, not the sum
+    use_delay_pattern: bool = True  # False: each stream is [BOS | codes | EOS] with no codebook delay
 
     @property
     def audio_num_classes(self) -> int:
@@ -63,6 +67,9 @@ class ModelConfig:
             problems.append(f"audio_stream_bos_id={self.audio_stream_bos_id} != audio_codebook_size")
         if self.audio_stream_eos_id != self.audio_codebook_size + 1:
             problems.append(f"audio_stream_eos_id={self.audio_stream_eos_id} != audio_codebook_size + 1")
+        if self.audio_adapter_type not in ADAPTER_TYPES:
+            problems.append(f"audio_adapter_type={self.audio_adapter_type!r} is not supported "
+                            f"(supported: {', '.join(ADAPTER_TYPES)})")
         bad = [i for i in self.audio_dual_ffn_layers if not 0 <= i < self.num_hidden_layers]
         if bad:
             problems.append(f"audio_dual_ffn_layers {bad} outside [0, {self.num_hidden_layers})")
@@ -109,9 +116,29 @@ class ModelConfig:
             if name not in raw:
                 raise ValueError(f"{path}: top-level field {name!r} is missing")
             kw[name] = raw[name]
-        kw["use_delay_pattern"] = raw.get("use_delay_pattern", True)
-        if raw.get("audio_ffn_hidden_size", kw["hidden_size"]) != kw["hidden_size"]:
-            raise ValueError(f"{path}: audio_ffn_hidden_size != hidden_size is not supported")
+        # The official HiggsAudioConfig defaults (configuration_higgs_audio.py __init__) are NOT the release's
+        # (adapter "stack", no delay): a field missing from the file takes the official default, as there.
+        kw["audio_adapter_type"] = raw.get("audio_adapter_type", "stack")
+        kw["audio_embed_avg"] = raw.get("audio_embed_avg", False)
+        kw["use_delay_pattern"] = raw.get("use_delay_pattern", False)
+        for name, value in (("audio_adapter_type", kw["audio_adapter_type"]), ("audio_embed_avg", kw["audio_embed_avg"]),
+                            ("use_delay_pattern", kw["use_delay_pattern"])):
+            if not isinstance(value, str if name == "audio_adapter_type" else bool):
+                raise ValueError(f"{path}: {name}={value!r} has the wrong type")
+        if kw["audio_adapter_type"] not in ADAPTER_TYPES:
+            raise ValueError(f"{path}: audio_adapter_type={kw['audio_adapter_type']!r} is not supported "
+                             f"(supported: {', '.join(ADAPTER_TYPES)})")
+        for name, official_default, why in REFUSED_FIELDS:
+            value = raw.get(name, official_default)
+            if value != official_default and not (name == "audio_ffn_hidden_size" and value == kw["hidden_size"]):
+                raise ValueError(f"{path}: {name}={value!r} is not supported: {why}")
+        # Official HiggsAudioDualFFNDecoderLayer builds audio_mlp = LlamaMLP(text_config): its width is
+        # text_config.intermediate_size whatever audio_ffn_intermediate_size says. We refuse a mismatch rather
+        # than build a shape the released code would not.
+        if kw["audio_ffn_intermediate_size"] != kw["intermediate_size"]:
+            raise ValueError(f"{path}: audio_ffn_intermediate_size={kw['audio_ffn_intermediate_size']} != "
+                             f"text_config.intermediate_size={kw['intermediate_size']}: the official model sizes "
+                             f"audio_mlp by intermediate_size and ignores this field; refusing the ambiguity")
         cfg = cls(**kw)
         cfg.validate()
         return cfg
@@ -119,6 +146,23 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+ADAPTER_TYPES = ("dual_ffn", "dual_ffn_fast_forward")
+
+# Released-format fields higgs_min does not implement: (name, the value we honour, why). Any other value is
+# refused at load, naming the field (official defaults from configuration_higgs_audio.py; the release's values
+# in shared/reference/config.json are these ones).
+REFUSED_FIELDS = (
+    ("skip_audio_tower", True, "the Whisper audio tower (audio_tower / audio_encoder_proj) is not implemented; "
+                               "audio input is read as codec codes only"),
+    ("encode_whisper_embed", False, "Whisper features for audio input need the audio tower (not implemented)"),
+    ("encode_audio_in_tokens", True, "audio input is always embedded from its codec codes"),
+    ("use_audio_out_embed_projector", False, "the audio-out embedding projector is not implemented"),
+    ("use_audio_out_self_attention", False, "the separate audio self-attention (audio_attn) is not implemented"),
+    ("audio_decoder_proj_num_layers", 0, "extra decoder-projector layers are not implemented"),
+    ("use_rq_transformer", False, "the RQ-transformer head is not implemented"),
+    ("audio_ffn_hidden_size", None, "the audio FFN width must equal hidden_size"),
+)
 
 PRESETS: dict[str, dict] = {
     # The released bosonai/higgs-audio-v2-generation-3B-base backbone + DualFFN.

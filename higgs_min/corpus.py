@@ -171,6 +171,9 @@ class PackedDataset:
         self.folder = folder = Path(folder)
         m = self.manifest = read_manifest(folder)
         check_identity(m, folder, encoder, tokenizer_sha256 or sha256_file(encoder.tokenizer_path))
+        if not encoder.delay:  # its stored lengths assume the delay pattern (T + K + 1 per stream)
+            raise DataError(f"{folder}: a packed corpus with use_delay_pattern false is not supported; "
+                            "train on the JSONL file instead")
         self.K, self.C = encoder.K, encoder.C
         self.shards = []
         for s in m["shards"]:
@@ -228,12 +231,12 @@ class JsonlDataset:
     def __init__(self, path: str | Path, encoder: ChatEncoder, max_length: int, skip_bad: bool = False,
                  audio_root: Path | None = None, max_bad_fraction: float = 0.01, report_path: Path | None = None):
         self.path = path = Path(path)
-        self.K, self.C = encoder.K, encoder.C
+        self.K, self.C, self.delay = encoder.K, encoder.C, encoder.delay
         # sanitize.read_jsonl: every line through the one per-line boundary, all bad lines in one report
         self.plans, rejected = read_jsonl(path, encoder, max_length, skip_bad, audio_root, max_bad_fraction,
                                           report_path)
         skipped = rejected.counts()
-        self.lengths = np.array([p.length(self.K) for p in self.plans], dtype=np.int32)
+        self.lengths = np.array([p.length(self.K, self.delay) for p in self.plans], dtype=np.int32)
         self.load_report = LoadReport(len(self.plans), skipped)
         codec = one_codec(self.plans, path)
         self.report = f"{path}: {self.load_report.summary()}, codec {codec or 'not recorded'}"
@@ -247,7 +250,7 @@ class JsonlDataset:
         return self.plans[i]
 
     def __getitem__(self, i: int):
-        return materialize(self.plans[i], self.K, self.C)
+        return materialize(self.plans[i], self.K, self.C, self.delay)
 
     def where(self, i: int) -> str:
         return f"{self.path}:{self.plans[i].index}"

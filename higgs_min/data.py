@@ -9,7 +9,7 @@ the same positions as the text, so one rule scores both streams:
     audio_codes  ·            ·                 ·               delay([BOS|codes|EOS])  (K columns each)
     audio_labels -100         -100              -100            delay([-100|codes|EOS])
 
-S = T + K + 1 for codes (K, T). THE NEXT-TOKEN RULE (`next_token_targets`, the
+S = T + K + 1 for codes (K, T) (T + 2 when use_delay_pattern is false). THE NEXT-TOKEN RULE (`next_token_targets`, the
 only place it is written): the logits at position i are scored against the
 label at position i + 1, for text and audio alike.
 """
@@ -39,6 +39,9 @@ SPECIAL_TOKENS = {
     "audio_bos": "<|audio_bos|>",
     "audio_in": "<|AUDIO|>",
 }
+# Needed only by a conversation with an assistant message followed by another one (looked up then, so a
+# tokenizer without it still serves every other conversation).
+EOM = "<|eom_id|>"
 
 
 def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -74,17 +77,28 @@ def revert_delay_pattern(delayed: torch.Tensor) -> torch.Tensor:
     return torch.stack([delayed[k, k:k + T] for k in range(K)])
 
 
-def audio_stream(codes: torch.Tensor, bos: int, eos: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """codes (K, T) -> (input, labels), each (K, T + K + 1).
+def stream_length(T: int, K: int, delay: bool = True):
+    """Positions of one audio stream of T frames: T + K + 1 with the delay pattern, T + 2 without."""
+    return T + (K + 1 if delay else 2)
+
+
+def audio_stream(codes: torch.Tensor, bos: int, eos: int, delay: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes (K, T) -> (input, labels), each (K, stream_length(T, K, delay)).
 
     input  = delay([BOS | codes | EOS]) with BOS in front and EOS in the tail;
     labels = delay([-100 | codes | EOS]) with -100 in front and in the tail.
+    Without `delay` (use_delay_pattern false) the same columns, unshifted: official
+    HiggsAudioSampleCollator.__call__ (data_collator/higgs_audio_collator.py) applies
+    build_delay_pattern_mask only `if self.use_delay_pattern`.
     """
     K = codes.shape[0]
     col = lambda v: codes.new_full((K, 1), v)  # noqa: E731
-    inp = delay_pattern(torch.cat([col(bos), codes, col(eos)], 1), bos=bos, pad=eos)
-    lab = delay_pattern(torch.cat([col(IGNORE_INDEX), codes, col(eos)], 1), bos=IGNORE_INDEX, pad=IGNORE_INDEX)
-    return inp, lab
+    inp = torch.cat([col(bos), codes, col(eos)], 1)
+    lab = torch.cat([col(IGNORE_INDEX), codes, col(eos)], 1)
+    if not delay:
+        return inp, lab
+    return (delay_pattern(inp, bos=bos, pad=eos),
+            delay_pattern(lab, bos=IGNORE_INDEX, pad=IGNORE_INDEX))
 
 
 class DataError(ValueError):
@@ -139,25 +153,26 @@ class Plan:
     segments: np.ndarray
     codecs: tuple = ()
 
-    def length(self, num_codebooks: int) -> int:
-        """Positions after materialize: each placeholder becomes T + K + 1."""
+    def length(self, num_codebooks: int, delay: bool = True) -> int:
+        """Positions after materialize: each placeholder becomes stream_length(T, K, delay)."""
         return len(self.tokens) - len(self.segments) + int(self.segments[:, 0].sum()) + len(self.segments) * (
-            num_codebooks + 1)
+            stream_length(0, num_codebooks, delay))
 
 
-def materialize(plan: Plan, num_codebooks: int, codebook_size: int) -> Sample:
-    """Expand a Plan into a Sample: each placeholder becomes S = T + K + 1 positions carrying
-    delay([BOS | codes | EOS]) (labels delay([-100 | codes | EOS]) for assistant streams).
+def materialize(plan: Plan, num_codebooks: int, codebook_size: int, delay: bool = True) -> Sample:
+    """Expand a Plan into a Sample: each placeholder becomes S = stream_length(T, K, delay) positions carrying
+    delay([BOS | codes | EOS]) (labels delay([-100 | codes | EOS]) for assistant streams); no delay if not `delay`.
 
     The delay is computed by index arithmetic, position-major: at stream position s, codebook k reads
     frame s - k of [BOS | codes | EOS] (BOS before it, EOS/-100 after it) -- `audio_stream`'s definition,
-    which the tests check this against, vectorized because this runs once per sample per epoch."""
+    which the tests check this against, vectorized because this runs once per sample per epoch. Without the
+    delay, codebook k reads frame s."""
     K, bos, eos = num_codebooks, codebook_size, codebook_size + 1
     tokens = plan.tokens.astype(np.int64)
     is_audio = (plan.flags & AUDIO) != 0
     T, role = plan.segments[:, 0].astype(np.int64), plan.segments[:, 1]
     reps = np.ones(len(tokens), dtype=np.int64)
-    reps[is_audio] = T + K + 1
+    reps[is_audio] = stream_length(T, K, delay)
     input_ids = np.repeat(tokens, reps)
     sup = np.repeat((plan.flags & SUPERVISED) != 0, reps)
     text_labels = np.where(sup, input_ids, IGNORE_INDEX)
@@ -171,12 +186,13 @@ def materialize(plan: Plan, num_codebooks: int, codebook_size: int) -> Sample:
     k = np.arange(K)[None, :]
     shapes = []
     for s, (start, t, r) in enumerate(zip(starts.tolist(), T.tolist(), role.tolist())):
-        src = np.arange(t + K + 1)[:, None] - k  # frame of [BOS | codes | EOS] at (position, codebook)
+        S = stream_length(t, K, delay)
+        src = np.arange(S)[:, None] - (k if delay else 0)  # frame of [BOS | codes | EOS] at (position, codebook)
         inside = (src >= 0) & (src <= t + 1)
         frames = np.empty((t + 2, K), dtype=np.int64)
         frames[0], frames[1:t + 1], frames[t + 1] = bos, plan.codes[frame0[s]:frame0[s] + t], eos
         got = frames[np.clip(src, 0, t + 1), k]
-        span = slice(start, start + t + K + 1)
+        span = slice(start, start + S)
         audio_codes[span] = np.where(inside, got, np.where(src < 0, bos, eos))
         out = ROLES[r] == "assistant"
         if out:
@@ -191,7 +207,8 @@ def materialize(plan: Plan, num_codebooks: int, codebook_size: int) -> Sample:
 class ChatEncoder:
     """Turns one parsed conversation into a Plan (and a Sample). Special-token ids are looked up by name."""
 
-    def __init__(self, tokenizer_path: str | Path, num_codebooks: int, codebook_size: int, vocab_size: int):
+    def __init__(self, tokenizer_path: str | Path, num_codebooks: int, codebook_size: int, vocab_size: int,
+                 delay: bool = True):
         from tokenizers import Tokenizer
 
         self.tokenizer_path = Path(tokenizer_path)
@@ -212,8 +229,11 @@ class ChatEncoder:
             self.ids[key] = tid
         if codebook_size + 2 > np.iinfo(np.int16).max:
             raise DataError(f"codebook size {codebook_size}: plans store codes as int16")
-        self.K, self.C = num_codebooks, codebook_size
+        self.K, self.C, self.delay = num_codebooks, codebook_size, delay
         self._headers = {}  # role -> its header ids, tokenized once (the same ids every turn)
+        self.eom = self.tok.token_to_id(EOM)  # None: refused when a conversation needs it
+        if self.eom is not None and self.eom >= vocab_size:
+            raise DataError(f"{tokenizer_path}: {EOM} has id {self.eom} >= model vocab_size {vocab_size}")
         # The longest token, in characters: a text of n characters is at least n / this many tokens,
         # a bound checked before tokenizing (a 300,000-character line is refused without encoding it).
         self.max_token_chars = max(1, max(len(t) for t in self.tok.get_vocab(with_added_tokens=False)))
@@ -269,7 +289,16 @@ class ChatEncoder:
                     add([sp["audio_eos"]], sup)
                 else:
                     raise DataError(f"{iw}.type: expected 'text' or 'audio', got {kind!r}")
-            add([sp["eot"]], sup)
+            # Official prepare_chatml_sample (dataset/chatml_dataset.py, eom_postfix): an assistant message
+            # followed by another assistant message ends with <|eom_id|> (supervised like <|eot_id|>).
+            nxt = messages[m_i + 1] if m_i + 1 < len(messages) else None
+            if sup and isinstance(nxt, dict) and nxt.get("role") == "assistant":
+                if self.eom is None:
+                    raise DataError(f"{mw}: an assistant message followed by another one ends with {EOM}, "
+                                    f"which {self.tokenizer_path} does not have")
+                add([self.eom], sup)
+            else:
+                add([sp["eot"]], sup)
         return Plan(index, np.asarray(tokens, dtype=np.int32), np.asarray(flags, dtype=np.uint8),
                     np.concatenate(streams) if streams else np.zeros((0, self.K), dtype=np.int16),
                     np.asarray(segments, dtype=np.int32).reshape(-1, 2), tuple(codecs))
@@ -289,11 +318,11 @@ class ChatEncoder:
         tail = self.header("assistant") + ([self.ids["audio_out_bos"]] if force_audio else [])
         plan.tokens = np.concatenate([plan.tokens, np.asarray(tail, dtype=np.int32)])
         plan.flags = np.concatenate([plan.flags, np.zeros(len(tail), dtype=np.uint8)])
-        return materialize(plan, self.K, self.C)
+        return materialize(plan, self.K, self.C, self.delay)
 
     def encode(self, messages: list[dict], codes_of, where: str, index: int) -> Sample:
         """materialize(plan(...)): the one path from a conversation to a Sample."""
-        return materialize(self.plan(messages, codes_of, where, index), self.K, self.C)
+        return materialize(self.plan(messages, codes_of, where, index), self.K, self.C, self.delay)
 
 
 def load_codes(path: Path, where: str, K: int, C: int) -> torch.Tensor:

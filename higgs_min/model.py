@@ -2,12 +2,15 @@
 
     input_ids (B, L) ──embed_tokens──┐
                                       ├─ x (B, L, H): audio positions take the sum of
-    audio_codes (B, L, K) ──codebook──┘   their K codebook embeddings instead
+    audio_codes (B, L, K) ──codebook──┘   their K codebook embeddings instead (mean if audio_embed_avg)
     for each layer:
         text rows:  x += attn(input_layernorm(x));        x += mlp(post_attention_layernorm(x))
         audio rows: x += attn(audio_input_layernorm(x));  x += audio_mlp(audio_post_attention_layernorm(x))
         (attention is one shared self-attention over all rows; the DualFFN split
-         only applies in layers listed in `audio_dual_ffn_layers`)
+         only applies in layers listed in `audio_dual_ffn_layers`. Other layers are
+         plain Llama layers for every row (audio_adapter_type "dual_ffn"), or, for
+         "dual_ffn_fast_forward" (the release), "fast-forward" layers: audio rows
+         pass through unchanged and text rows attend to text keys only.)
     hidden = norm(x)                                          (B, L, H)
     text logits  = audio_decoder_proj.text_lm_head(hidden rows)   (N, V)
     audio logits = audio_decoder_proj.audio_lm_head(hidden rows)  (N, K, C + 2)
@@ -89,6 +92,8 @@ class KVCache:
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.max_len, self.length = max_len, 0
+        # which positions hold audio: fast-forward layers hide those keys from text queries (see DecoderLayer)
+        self.audio = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
 
     def layer(self, i: int) -> "_LayerKV":
         return _LayerKV(self, i)
@@ -153,7 +158,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dual_ffn: bool):
+    def __init__(self, cfg: ModelConfig, dual_ffn: bool, fast_forward: bool = False):
         super().__init__()
         H = cfg.hidden_size
         self.self_attn = Attention(cfg)
@@ -161,14 +166,24 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(H, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps)
         self.dual_ffn = dual_ffn
+        self.fast_forward = fast_forward and not dual_ffn
         if dual_ffn:
             self.audio_mlp = MLP(H, cfg.audio_ffn_intermediate_size)
             self.audio_input_layernorm = RMSNorm(H, cfg.rms_norm_eps)
             self.audio_post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn_mask, audio_mask, audio_rows, text_rows, kv=None):
+    def forward(self, x, cos, sin, attn_mask, audio_mask, audio_rows, text_rows, kv=None, ff_attn_mask=None):
         """x (B, L, H); audio_mask (B, L, 1) bool; audio_rows / text_rows: flat indices into (B*L,); or all None.
-        kv: this layer's KVCache slot, or None."""
+        kv: this layer's KVCache slot, or None. ff_attn_mask (B, 1, L, P + L) bool: the fast-forward layers' mask
+        (HiggsAudioModel.fast_forward_mask), given when audio is among the queries or the cached keys."""
+        if self.fast_forward and ff_attn_mask is not None:
+            # Official HiggsAudioDualFFNDecoderLayer(fast_forward=True).forward (modeling_higgs_audio.py): a plain
+            # Llama layer under the mask that hides audio keys, then audio rows restored to the layer's input.
+            # INVARIANT: audio rows leave unchanged (bitwise); text rows get exactly a Llama layer run on the
+            # sequence with the audio positions removed (RoPE positions kept). Proven in tests/test_options.py.
+            y = x + self.self_attn(self.input_layernorm(x), cos, sin, ff_attn_mask, kv)
+            y = y + self.mlp(self.post_attention_layernorm(y))
+            return y if audio_rows is None else torch.where(audio_mask, x, y)
         if not self.dual_ffn or audio_rows is None:
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv)
             return x + self.mlp(self.post_attention_layernorm(x))
@@ -203,7 +218,10 @@ class HiggsAudioModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, H)
         self.audio_codebook_embeddings = nn.Embedding(K * cfg.audio_num_classes, H)
         dual = set(cfg.audio_dual_ffn_layers)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i in dual) for i in range(cfg.num_hidden_layers))
+        # Official HiggsAudioModel.__init__ (modeling_higgs_audio.py, the audio_adapter_type branches): layers
+        # outside audio_dual_ffn_layers are LlamaDecoderLayer ("dual_ffn") or fast-forward DualFFN layers.
+        ff = cfg.audio_adapter_type == "dual_ffn_fast_forward"
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i in dual, fast_forward=ff) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
         self.audio_decoder_proj = AudioDecoderProjector(cfg)
         # Not in the state dict: the released checkpoint has no buffers.
@@ -235,7 +253,9 @@ class HiggsAudioModel(nn.Module):
             return x
         b, l = audio_mask.nonzero(as_tuple=True)
         ids = audio_codes[b, l] + self.codebook_offsets  # (N, K), codebook k offset by k*(C+2)
-        a = self.audio_codebook_embeddings(ids).sum(dim=1)  # (N, H)
+        a = self.audio_codebook_embeddings(ids)  # (N, K, H)
+        # Official HiggsAudioModel._embed_audio_ids: mean over codebooks if config.audio_embed_avg, else sum.
+        a = a.mean(dim=1) if self.config.audio_embed_avg else a.sum(dim=1)  # (N, H)
         return x.index_put((b, l), a.to(x.dtype))
 
     def forward(self, input_ids, attention_mask=None, audio_codes=None, audio_mask=None, cache=None):
@@ -275,12 +295,46 @@ class HiggsAudioModel(nn.Module):
             audio_rows = flat.nonzero().squeeze(1)
             text_rows = (~flat).nonzero().squeeze(1)
             audio_mask = audio_mask.view(B, L, 1)
+        ff_attn_mask = None
+        if any(layer.fast_forward for layer in self.layers):
+            now = audio_mask.view(B, L) if audio_rows is not None else torch.zeros(B, L, dtype=torch.bool,
+                                                                                   device=x.device)
+            keys = now
+            if cache is not None:  # which cached positions are audio: their keys are hidden in these layers too
+                cache.audio[:, P:P + L] = now
+                keys = cache.audio[:, :P + L]
+            if keys.any():
+                ff_attn_mask = self.fast_forward_mask(now, attention_mask if cache is None else None, keys)
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else cache.layer(i)
-            x = layer(x, cos, sin, attn_mask, audio_mask, audio_rows, text_rows, kv)
+            x = layer(x, cos, sin, attn_mask, audio_mask, audio_rows, text_rows, kv, ff_attn_mask)
         if cache is not None:
             cache.length = P + L
         return self.norm(x)
+
+    @staticmethod
+    def fast_forward_mask(audio_mask, attention_mask=None, key_audio=None):
+        """audio_mask (B, L) bool for the queries, attention_mask (B, L) or None, key_audio (B, P + L) bool for
+        every key (the P cached ones first; default audio_mask) -> (B, 1, L, P + L) bool, True = may attend.
+        Query i sits at position P + i.
+
+        Official `fast_forward_attention_mask` (modeling_higgs_audio.py, HiggsAudioDualFFNDecoderLayer.forward and
+        _prepare_all_static_kv_cache_masks): the causal+padding mask with every (query audio) or (key audio)
+        entry masked. For text queries ours is that exactly. Audio query rows are discarded by the layer, so
+        there we keep only the diagonal instead of masking the whole row: a fully masked row would give NaN in SDPA
+        (the official code needs `_unmask_unattended` on CUDA for the same reason), and NaN * 0 in backward.
+        """
+        B, L = audio_mask.shape
+        key_audio = audio_mask if key_audio is None else key_audio
+        S = key_audio.shape[1]
+        keys = ~key_audio  # (B, S)
+        if attention_mask is not None:
+            keys = keys & attention_mask.bool()
+        dev = audio_mask.device
+        causal = torch.ones(L, S, dtype=torch.bool, device=dev).tril(diagonal=S - L)  # (L, S), bottom-right
+        eye = torch.arange(S, device=dev)[None, :] == torch.arange(S - L, S, device=dev)[:, None]  # key = query
+        q_audio = audio_mask[:, None, :, None]  # (B, 1, L, 1)
+        return torch.where(q_audio, eye[None, None], causal[None, None] & keys[:, None, None, :])
 
     def text_logits(self, hidden_rows):
         """hidden_rows (N, H) -> (N, V)."""

@@ -254,7 +254,8 @@ def model_config(args) -> ModelConfig:
 def open_data(args, dist_info, cfg: ModelConfig):
     """Tokenizer + training data, every line or shard checked before the model is built. A packed corpus
     is hashed against its manifest on each node's local rank 0 (unless --no-verify-data); all ranks agree."""
-    encoder = ChatEncoder(args.tokenizer, cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size)
+    encoder = ChatEncoder(args.tokenizer, cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size,
+                          delay=cfg.use_delay_pattern)
     problem = ""
     if Path(args.data).is_dir() and not args.no_verify_data and dist_info.local_rank == 0:
         t = time.time()

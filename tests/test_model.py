@@ -27,6 +27,7 @@ def test_from_pretrained_config_reads_released_format(tmp_path):
         "audio_num_codebooks": 8, "audio_codebook_size": 1024, "audio_stream_bos_id": 1024,
         "audio_stream_eos_id": 1025, "audio_dual_ffn_layers": list(range(28)),
         "audio_ffn_hidden_size": 3072, "audio_ffn_intermediate_size": 8192, "use_delay_pattern": True,
+        "audio_adapter_type": "dual_ffn_fast_forward",
         "text_config": {
             "vocab_size": 128256, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
             "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-5,
