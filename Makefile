@@ -4,7 +4,7 @@ PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 TEST_STAMP := .venv/.installed-test
 
-.PHONY: test train bench faults fuzz clean-venv
+.PHONY: test train bench faults fuzz gpu-check clean-venv
 
 $(VENV_STAMP): requirements.txt pyproject.toml
 	python3 -m venv .venv
@@ -24,6 +24,11 @@ train: $(VENV_STAMP)
 
 bench: $(TEST_STAMP)
 	$(PY) -m higgs_min.bench
+
+# CUDA only (exit 2 without a GPU): 3B-shape LoRA step MFU/memory with and without activation checkpointing,
+# then a few trainer steps under torchrun (nccl, bf16 autocast, fused AdamW). Not part of `make test`.
+gpu-check: $(VENV_STAMP)
+	$(PY) -m higgs_min.gpu_check
 
 faults: $(VENV_STAMP)
 	$(PY) -m tests.faults

@@ -154,29 +154,6 @@ MID = dict(vocab_size=128256, hidden_size=1024, intermediate_size=2816, num_hidd
 LABEL_DENSITY = 233 / (8 * 504)
 
 
-def matmul_flops_per_s(n=2048, repeats=5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    t = median_time(lambda: a @ b, repeats, 2)
-    return 2 * n ** 3 / t
-
-
-def lora_step_flops(cfg, B, L, n_text, n_audio_rows, r, with_audio) -> float:
-    """Useful FLOPs of one LoRA step: forward (2·m·n·k per matmul) + input-gradient backward (same again)
-    + LoRA weight gradients; frozen weights get no weight gradient. Heads only at scored rows."""
-    H, I, nh, nkv, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
-                         cfg.num_key_value_heads, cfg.head_dim)
-    T = B * L
-    proj = H * nh * hd * 2 + H * nkv * hd * 2 + 3 * H * I  # q, o, k, v, mlp weights per layer
-    lora = r * ((H + nh * hd) * 2 + (H + nkv * hd) * 2 + 3 * (H + I))  # A and B of each target
-    attn = 2 * 2 * B * nh * L * L * hd / 2  # QK^T and AV, causal half
-    per_layer_fwd = 2 * T * (proj + lora) + attn
-    fwd = cfg.num_hidden_layers * per_layer_fwd + 2 * n_text * H * cfg.vocab_size
-    if with_audio:
-        fwd += 2 * n_audio_rows * H * cfg.audio_num_codebooks * cfg.audio_num_classes
-    lora_wgrad = cfg.num_hidden_layers * 2 * T * lora
-    return 2 * fwd + lora_wgrad
-
-
 def _text_batch(cfg, B, L, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (B, L), generator=g)
@@ -221,41 +198,18 @@ def _tiny_step():
 
 
 def bench_train_step(quick=False):
-    from higgs_min.config import ModelConfig
-    from higgs_min.lora import apply_lora
-    from higgs_min.loss import text_scores
-    from higgs_min.model import HiggsAudioModel
+    from higgs_min.bench_speed import peak_matmul_flops, step_flops
 
-    peak = matmul_flops_per_s()
+    peak = peak_matmul_flops()
     rows = []
     tiny_step, cfg, batch, info, _ = _tiny_step()  # tiny preset on the demo set (text + audio)
     dt = median_time(tiny_step, 3 if quick else 10, 2)
     B, L = batch["input_ids"].shape
-    flops = lora_step_flops(cfg, B, L, info["n_text"], info["n_audio"], 16, True)
-    rows.append(row("training step, tiny preset, demo batch (MFU vs fp32 matmul)", flops / dt / 1e9,
+    flops = step_flops(cfg, B, L, info["n_text"], info["n_audio"], 16)
+    rows.append(row("training step, tiny preset, demo batch (MFU vs best fp32 matmul)", flops / dt / 1e9,
                     peak / 1e9, "GFLOP/s", f"B={B} L={L} H={cfg.hidden_size} layers={cfg.num_hidden_layers}",
                     target="ratio >= 0.70", better="higher", tokens_per_s=B * L / dt))
-    # mid-size, text only, the seed's label density
-    cfg = ModelConfig(**MID)
-    B, L = 2, 512
-    torch.manual_seed(0)
-    model = HiggsAudioModel(cfg)
-    apply_lora(model, r=16, alpha=32)
-    ids, labels, n = _text_batch(cfg, B, L)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def mid_step():
-        h = model(ids)
-        t = text_scores(h, labels, model.audio_decoder_proj.text_lm_head)
-        (t.loss_sum / t.count).backward()
-        opt.step()
-        opt.zero_grad()
-
-    dt = median_time(mid_step, 2 if quick else 4, 1)
-    flops = lora_step_flops(cfg, B, L, n, 0, 16, False)
-    rows.append(row("training step, mid-size text-only (MFU vs fp32 matmul)", flops / dt / 1e9, peak / 1e9,
-                    "GFLOP/s", f"B={B} L={L} H=1024 layers=8 V=128256, {n} text targets", target="ratio >= 0.70",
-                    better="higher", tokens_per_s=B * L / dt))
+    # the mid-size row, with audio routing and a plain-stack comparison: bench_speed.bench_mfu (--only mfu)
     return rows
 
 
@@ -323,77 +277,7 @@ def bench_peer(quick=False):
     ]
 
 
-# --------------------------------------------------------------------------- 5. checkpoint
-
-def _adapter_like_3b():
-    """LoRA r=16 on every default target of higgs-v2-3b, plus AdamW's two moments: ~39M params, ~470 MB."""
-    from higgs_min.config import ModelConfig
-    cfg = ModelConfig.from_preset("higgs-v2-3b")
-    H, I, q, kv, r = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim, \
-        cfg.num_key_value_heads * cfg.head_dim, 16
-    shapes = {"self_attn.q_proj": (q, H), "self_attn.k_proj": (kv, H), "self_attn.v_proj": (kv, H),
-              "self_attn.o_proj": (H, q), "mlp.gate_proj": (I, H), "mlp.up_proj": (I, H), "mlp.down_proj": (H, I),
-              "audio_mlp.gate_proj": (I, H), "audio_mlp.up_proj": (I, H), "audio_mlp.down_proj": (H, I)}
-    t = {}
-    for layer in range(cfg.num_hidden_layers):
-        for name, (o, i) in shapes.items():
-            base = f"base_model.model.layers.{layer}.{name}"
-            for part, shape in (("lora_A", (r, i)), ("lora_B", (o, r))):
-                for suffix in ("weight", "exp_avg", "exp_avg_sq"):
-                    t[f"{base}.{part}.{suffix}"] = torch.randn(shape)
-    return t
-
-
-def bench_checkpoint(quick=False):
-    from safetensors.torch import load_file, save_file
-
-    from higgs_min import checkpoint
-
-    tensors = _adapter_like_3b()
-    files = {"adapter_model.safetensors": {k: v for k, v in tensors.items() if k.endswith(".weight")},
-             "optimizer.safetensors": {k: v for k, v in tensors.items() if not k.endswith(".weight")}}
-    n_params = sum(v.numel() for v in files["adapter_model.safetensors"].values())
-    nbytes = sum(v.numel() * 4 for v in tensors.values())
-    reps = 2 if quick else 3
-    with tempfile.TemporaryDirectory(dir=ROOT) as d:
-        d = Path(d)
-        (d / "ours").mkdir()
-        (d / "plain").mkdir()
-        step = [0]
-
-        def ours_save():
-            step[0] += 1
-            checkpoint.save(d / "ours", step[0], files)
-
-        def plain_save():
-            for name, t in files.items():
-                save_file(t, str(d / "plain" / name))
-
-        def plain_durable():
-            plain_save()
-            for name in files:
-                with open(d / "plain" / name, "rb") as f:
-                    os.fsync(f.fileno())
-
-        t_plain = median_time(plain_save, reps, 1)
-        t_plain_fsync = median_time(plain_durable, reps, 1)
-        t_ours = median_time(ours_save, reps, 1)
-        latest = d / "ours" / f"checkpoint-{step[0]}"
-
-        def load(folder, check):
-            if check:
-                checkpoint.verify(folder)
-            loaded = [load_file(str(folder / name)) for name in files]
-            return sum(float(t.sum()) for part in loaded for t in part.values())  # touch every byte, as a resume does
-
-        t_load_ours = median_time(lambda: load(latest, True), reps, 1)
-        t_load_plain = median_time(lambda: load(d / "plain", False), reps, 1)
-        t_lazy = median_time(lambda: [load_file(str(d / "plain" / n)) for n in files], reps, 1)
-    shapes = f"{n_params / 1e6:.1f}M LoRA params + AdamW moments, {nbytes / 1e6:.0f} MB in 2 files"
-    return [row("checkpoint save (atomic: fsync, sha256, re-read verify) vs plain save_file", t_ours, t_plain,
-                "s", shapes, target="ratio <= 1.3", plain_save_plus_fsync_s=t_plain_fsync),
-            row("checkpoint load + sha256 verify vs plain load_file (both read every tensor)", t_load_ours,
-                t_load_plain, "s", shapes, target="ratio <= 1.5", lazy_mmap_load_s=t_lazy)]
+# --------------------------------------------------------------------------- 5. checkpoint: bench_speed.bench_checkpoint
 
 
 # --------------------------------------------------------------------------- 6. data: see bench_data_rows
@@ -475,16 +359,17 @@ def bench_corpus_rows(quick=False):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m higgs_min.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json", help="where to write the rows")
-    ap.add_argument("--only", default="", help="comma-separated subset: audio_loss,text_memory,train_step,peer,"
-                                               "checkpoint,data,audio_tokenizer,generate,corpus")
+    ap.add_argument("--only", default="", help="comma-separated subset: audio_loss,text_memory,train_step,mfu,"
+                                               "act_ckpt,peer,checkpoint,data,audio_tokenizer,generate,corpus")
     ap.add_argument("--quick", action="store_true", help="fewer repeats (for a smoke run)")
     args = ap.parse_args(argv)
     import logging
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
+    from higgs_min.bench_speed import bench_act_ckpt, bench_checkpoint, bench_mfu
     suites = {"audio_loss": bench_audio_loss, "text_memory": bench_text_memory, "train_step": bench_train_step,
-              "peer": bench_peer, "checkpoint": bench_checkpoint, "data": bench_data_rows,
-              "audio_tokenizer": bench_audio_tokenizer, "generate": bench_generate,
+              "mfu": bench_mfu, "act_ckpt": bench_act_ckpt, "peer": bench_peer, "checkpoint": bench_checkpoint,
+              "data": bench_data_rows, "audio_tokenizer": bench_audio_tokenizer, "generate": bench_generate,
               "corpus": bench_corpus_rows}
     chosen = [s for s in (args.only.split(",") if args.only else suites) if s]
     rows = []
@@ -598,7 +483,8 @@ def format_table(rows, machine) -> str:
         lines.append(f"{'':<6}shapes: {r['shapes']}" + (f"; max abs diff {r['max_abs_diff']:.2e}"
                                                           if "max_abs_diff" in r else "")
                      + (f"; {r['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in r else "")
-                     + (f"; real-time factor {r['rtf']:.2f}" if "rtf" in r else ""))
+                     + (f"; real-time factor {r['rtf']:.2f}" if "rtf" in r else "")
+                     + (f"; load average {r['load_avg'][0]:.2f} -> {r['load_avg'][1]:.2f}" if "load_avg" in r else ""))
     return "\n".join(lines)
 
 

@@ -4,15 +4,20 @@ A checkpoint is the folder `output_dir/checkpoint-{step}/` whose `manifest.json`
 (written last) lists every other file with its sha256 and size. The folder
 exists under that name only after all of it was written, fsynced and re-read:
 
-    .tmp-checkpoint-{step}-{random}/   write each file, flush, fsync
+    .tmp-checkpoint-{step}-{random}/   write each file (sha256 of the very buffers written, hashed in a
+                                       second thread while the main thread writes), flush, fsync
                                        write manifest.json, fsync; fsync the folder
-                                       re-read every file, compare with the manifest
+                                       check names and sizes against the manifest (no re-read: a read-back
+                                       right after writing comes from the page cache and proves nothing
+                                       about the disk; the hashes catch later damage at load and in verify)
     rename -> checkpoint-{step}/       fsync output_dir
     latest  (temp file + rename)       names the newest checkpoint
     best    (the same way)             names the lowest held-out loss (kept by --keep-last)
 
 A folder is a checkpoint if and only if its manifest verifies. Only safetensors
-and JSON are written; loading never unpickles anything.
+and JSON are written; loading never unpickles anything. Loading reads each file
+once into memory, hashing it as it is read, and builds the tensors from those
+verified bytes (`read_verified`), so a resume hashes every byte exactly once.
 
     python -m higgs_min.checkpoint verify DIR
     python -m higgs_min.checkpoint list OUTPUT_DIR
@@ -113,8 +118,11 @@ def json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
-def verify(folder: str | Path) -> dict:
-    """Check a checkpoint folder against its manifest. Returns the manifest; raises CheckpointError."""
+def verify(folder: str | Path, hashes: bool = True) -> dict:
+    """Check a checkpoint folder against its manifest. Returns the manifest; raises CheckpointError.
+
+    hashes=False checks everything but the sha256 of each file (manifest form, step, names, sizes, no extra file).
+    """
     folder = Path(folder)
     mpath = folder / MANIFEST
     if not folder.is_dir():
@@ -143,15 +151,76 @@ def verify(folder: str | Path) -> dict:
         size = p.stat().st_size
         if size != meta["bytes"]:
             raise CheckpointError(f"{folder}: {name} has {size} bytes, manifest says {meta['bytes']}")
-    with ThreadPoolExecutor(min(4, len(files))) as pool:  # one file per thread: sha256 releases the GIL
-        digests = dict(zip(files, pool.map(lambda n: sha256_file(folder / n), files)))
-    for name, meta in files.items():
-        if digests[name] != meta["sha256"]:
-            raise CheckpointError(f"{folder}: {name} does not match its sha256 in the manifest")
     extra = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST and p.name not in files)
     if extra:
         raise CheckpointError(f"{folder}: files not in the manifest: {extra}")
+    if hashes:
+        with ThreadPoolExecutor(min(4, len(files))) as pool:  # one file per thread: sha256 releases the GIL
+            digests = dict(zip(files, pool.map(lambda n: sha256_file(folder / n), files)))
+        for name, meta in files.items():
+            if digests[name] != meta["sha256"]:
+                raise CheckpointError(f"{folder}: {name} does not match its sha256 in the manifest")
     return manifest
+
+
+def _read_hashed(path: Path, nbytes: int) -> tuple[bytearray, str]:
+    """The whole file in memory and its sha256, in one pass (each chunk hashed right after it is read)."""
+    buf = bytearray(nbytes)
+    view = memoryview(buf)
+    h = hashlib.sha256()
+    pos = 0
+    with open(path, "rb", buffering=0) as f:
+        while pos < nbytes:
+            n = f.readinto(view[pos:pos + (1 << 23)])
+            if not n:
+                break
+            h.update(view[pos:pos + n])  # releases the GIL: files are read in parallel threads
+            pos += n
+        if pos != nbytes or f.read(1):
+            raise CheckpointError(f"{path}: size changed while reading (manifest says {nbytes} bytes)")
+    return buf, h.hexdigest()
+
+
+def read_verified(folder: str | Path) -> dict[str, bytearray]:
+    """Every file of a checkpoint, read once and checked against the manifest: name -> bytes.
+
+    Nothing is returned unless all files match, so a caller restores state only from a whole, verified
+    checkpoint. Raises CheckpointError.
+    """
+    folder = Path(folder)
+    files = verify(folder, hashes=False)["files"]
+    with ThreadPoolExecutor(min(4, len(files))) as pool:
+        read = dict(zip(files, pool.map(lambda n: _read_hashed(folder / n, files[n]["bytes"]), files)))
+    for name, (_, digest) in read.items():
+        if digest != files[name]["sha256"]:
+            raise CheckpointError(f"{folder}: {name} does not match its sha256 in the manifest")
+    return {name: buf for name, (buf, _) in read.items()}
+
+
+def tensors_from_safetensors(buf: bytearray, source: str) -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes (the layout `safetensors_chunks` writes) into tensors that share `buf`."""
+    by_code = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    try:
+        (n,) = struct.unpack_from("<Q", buf, 0)
+        header = json.loads(bytes(buf[8:8 + n]))
+        base, out = 8 + n, {}
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape, (start, end) = by_code[meta["dtype"]], meta["shape"], meta["data_offsets"]
+            count = end - start
+            numel = 1
+            for d in shape:
+                numel *= d
+            item = torch.empty((), dtype=dtype).element_size()
+            if not 0 <= start <= end <= len(buf) - base or count != numel * item:
+                raise ValueError(f"tensor {name!r}: offsets {start}..{end} do not fit shape {shape}")
+            t = torch.frombuffer(buf, dtype=dtype, count=numel, offset=base + start) if numel else \
+                torch.empty(0, dtype=dtype)
+            out[name] = t.view(shape)
+    except (struct.error, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{source}: not a safetensors file we can read: {e}") from e
+    return out
 
 
 def save(output_dir: str | Path, step: int, files: dict) -> Path:
@@ -174,7 +243,7 @@ def save(output_dir: str | Path, step: int, files: dict) -> Path:
             manifest["files"][name] = {"sha256": digest, "bytes": (tmp / name).stat().st_size}
         write_file(tmp / MANIFEST, json_bytes(manifest))
         fsync_dir(tmp)
-        verify(tmp)  # re-read from disk: what we rename is what we meant to write
+        verify(tmp, hashes=False)  # names, sizes and the manifest's canonical form; see the module docstring
         if final.exists():
             # Never delete what was there: a broken folder is kept for inspection,
             # a valid one is removed only once the new one is in place.
@@ -381,18 +450,26 @@ def training_files(model, optimizer, adapter_cfg: dict, trainer_state: dict) -> 
 
 
 def load_training_state(folder: str | Path, model, optimizer) -> dict:
-    """Verify `folder`, restore adapter weights and optimizer state; return trainer_state."""
+    """Verify `folder`, restore adapter weights and optimizer state; return trainer_state.
+
+    One pass: each file is read once, hashed while it is read, and restored from those bytes (`read_verified`).
+    """
+    folder = Path(folder)
+    data = read_verified(folder)
+    return restore_training_state(folder, model, optimizer, {
+        name: tensors_from_safetensors(buf, str(folder / name)) if name.endswith(".safetensors") else bytes(buf)
+        for name, buf in data.items()})
+
+
+def restore_training_state(folder: Path, model, optimizer, files: dict) -> dict:
+    """files: name -> tensors (safetensors files) or bytes (JSON files), as `training_files` wrote them."""
     import torch
-    from safetensors.torch import load_file
 
     from higgs_min.lora import load_adapter_tensors
 
-    folder = Path(folder)
-    verify(folder)
-    load_adapter_tensors(model, load_file(str(folder / "adapter_model.safetensors")),
-                         source=str(folder / "adapter_model.safetensors"))
-    moments = load_file(str(folder / "optimizer.safetensors"))
-    meta = json.loads((folder / "optimizer.json").read_text())
+    load_adapter_tensors(model, files["adapter_model.safetensors"], source=str(folder / "adapter_model.safetensors"))
+    moments = files["optimizer.safetensors"]
+    meta = json.loads(files["optimizer.json"])
     names = {p: n for n, p in model.named_parameters() if p.requires_grad}
     state, groups, index = {}, [], 0
     for g, saved in zip(optimizer.param_groups, meta["param_groups"]):
@@ -414,7 +491,7 @@ def load_training_state(folder: str | Path, model, optimizer) -> dict:
             group["betas"] = tuple(group["betas"])
         groups.append({**group, "params": ids})
     optimizer.load_state_dict({"state": state, "param_groups": groups})
-    return json.loads((folder / "trainer_state.json").read_text())
+    return json.loads(files["trainer_state.json"])
 
 
 def main(argv=None) -> int:

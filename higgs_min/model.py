@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from higgs_min import transformers_format
 from higgs_min.config import ModelConfig
@@ -224,6 +225,7 @@ class HiggsAudioModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i in dual, fast_forward=ff) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
         self.audio_decoder_proj = AudioDecoderProjector(cfg)
+        self.activation_checkpointing = False  # True: recompute each decoder layer in backward (less memory)
         # Not in the state dict: the released checkpoint has no buffers.
         self.register_buffer(
             "codebook_offsets", torch.arange(K) * cfg.audio_num_classes, persistent=False
@@ -306,8 +308,14 @@ class HiggsAudioModel(nn.Module):
             if keys.any():
                 ff_attn_mask = self.fast_forward_mask(now, attention_mask if cache is None else None, keys)
         for i, layer in enumerate(self.layers):
-            kv = None if cache is None else cache.layer(i)
-            x = layer(x, cos, sin, attn_mask, audio_mask, audio_rows, text_rows, kv, ff_attn_mask)
+            if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
+                # Keep only each layer's input; recompute the layer (LoRA and DualFFN included) in backward.
+                # Non-reentrant: works with frozen inputs and DDP, and gives the same grads (RNG state restored).
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn_mask, audio_mask, audio_rows,
+                                                      text_rows, None, ff_attn_mask, use_reentrant=False)
+            else:
+                kv = None if cache is None else cache.layer(i)
+                x = layer(x, cos, sin, attn_mask, audio_mask, audio_rows, text_rows, kv, ff_attn_mask)
         if cache is not None:
             cache.length = P + L
         return self.norm(x)

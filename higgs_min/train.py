@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--allow-changed-settings", action="store_true",
       help="resume even though settings that change what is trained differ from the run's record (recorded)")
     a("--debug", action="store_true", help="show the traceback of a reported error")
+    a("--activation-checkpointing", action="store_true",
+      help="recompute each decoder layer in backward: less activation memory, about one more forward of time")
     return ap
 
 
@@ -287,6 +289,7 @@ def build_model(args, device) -> tuple[HiggsAudioModel, ModelConfig, str]:
             raise
         raise UsageError(f"--base-weights {args.base_weights}: {e.args[0] if e.args else e}") from e
     apply_lora(model, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout, args.rslora)
+    model.activation_checkpointing = args.activation_checkpointing
     return model.to(device), cfg, base_name
 
 
@@ -372,7 +375,9 @@ def train(args) -> dict:
              100 * padding_fraction(stream.lengths, stream.epoch_order(0), args.batch_size),
              "" if args.group_by_length else " (--group-by-length lowers it)")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    # fused: one kernel for all LoRA tensors on CUDA; the CPU keeps the default (bitwise resume tests run there)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999),
+                                  fused=True if dist_info.device.type == "cuda" else None)
 
     prepare_output(args, dist_info, sum(p.numel() for p in params))
     if dist_info.is_main:

@@ -1,0 +1,326 @@
+"""Bench rows for issue #18: mid-preset MFU with audio routing, activation checkpointing, checkpoint save/load.
+
+    python -m higgs_min.bench --only mfu,act_ckpt,checkpoint
+
+Each timed figure alternates its two contestants (ours, theirs, ours, theirs, ...), takes the MINIMUM of the
+repeats (the least disturbed run on a shared machine), and prints the 1-minute load average beside it.
+Saves and loads are preceded by os.sync(), so one run's dirty pages are not written back in the next one's time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+MID = dict(vocab_size=128256, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+           num_attention_heads=16, num_key_value_heads=4, head_dim=64, audio_dual_ffn_layers=list(range(8)),
+           audio_ffn_intermediate_size=2816, rope_scaling=None, rope_theta=500000.0)
+TEXT_TARGET_DENSITY = 233 / (8 * 504)  # share of text positions with a text target in the seed's data
+
+
+def load_avg() -> float:
+    return os.getloadavg()[0]
+
+
+def alternate(contestants: dict, repeats: int, before=None) -> dict:
+    """name -> fn. Runs them in turn `repeats` times (after one warm-up each); returns name -> min seconds."""
+    best = {}
+    for r in range(repeats + 1):
+        for name, fn in contestants.items():
+            if before:
+                before()
+            t = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t
+            if r:  # round 0 is the warm-up
+                best[name] = min(best.get(name, dt), dt)
+    return best
+
+
+def peak_matmul_flops(repeats=3) -> float:
+    """The best of a few large fp32 matmuls (FLOP/s): the peak an MFU figure is measured against."""
+    best = 0.0
+    for m, k, n in ((2048, 2048, 2048), (4096, 1024, 2816), (1024, 4096, 4096)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            best = max(best, 2 * m * k * n / (time.perf_counter() - t))
+    return best
+
+
+def step_flops(cfg, B, L, n_text, n_audio, r) -> float:
+    """FLOPs of one LoRA step with frozen base weights (r=0: no LoRA).
+
+    Matmuls: forward 2·m·n·k; backward needs only the input gradient of a frozen weight (1× forward), plus the
+    weight gradient of LoRA A and B (1× their forward). Attention (causal half of QKᵀ and AV): backward is 2×
+    forward (dQ and dK, dA and dV). Heads only at scored rows: text head at n_text rows, audio head at n_audio.
+    DualFFN routes each row through one FFN of the same width, so it adds no FLOPs.
+    """
+    H, I, nh, nkv, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                         cfg.num_key_value_heads, cfg.head_dim)
+    T = B * L
+    proj = H * nh * hd * 2 + H * nkv * hd * 2 + 3 * H * I
+    lora = r * ((H + nh * hd) * 2 + (H + nkv * hd) * 2 + 3 * (H + I))
+    attn_fwd = 2 * 2 * B * nh * L * L * hd / 2
+    per_layer = 2 * (2 * T * (proj + lora)) + 2 * T * lora + 3 * attn_fwd
+    heads = 2 * (2 * n_text * H * cfg.vocab_size + 2 * n_audio * H * cfg.audio_num_codebooks * cfg.audio_num_classes)
+    return cfg.num_hidden_layers * per_layer + heads
+
+
+def audio_batch(cfg, B, L, audio_share=0.5, seed=0):
+    """A batch shaped like the trainer's, with about `audio_share` of positions audio-out (two streams per row)."""
+    g = torch.Generator().manual_seed(seed)
+    K = cfg.audio_num_codebooks
+    ids = torch.randint(0, cfg.vocab_size, (B, L), generator=g)
+    audio = torch.zeros(B, L, dtype=torch.bool)
+    span = int(L * audio_share / 2)
+    for s in (L // 8, L // 2 + L // 8):
+        audio[:, s:s + span] = True
+    codes = torch.randint(0, cfg.audio_codebook_size, (B, L, K), generator=g)
+    text_labels = torch.full((B, L), -100)
+    text_pos = (~audio).nonzero(as_tuple=True)
+    pick = torch.rand(len(text_pos[0]), generator=g) < TEXT_TARGET_DENSITY / (1 - audio_share)
+    text_labels[text_pos[0][pick], text_pos[1][pick]] = ids[text_pos[0][pick], text_pos[1][pick]]
+    audio_labels = torch.where(audio[..., None], codes, torch.full_like(codes, -100))
+    return {"input_ids": ids, "attention_mask": torch.ones(B, L, dtype=torch.long), "text_labels": text_labels,
+            "audio_codes": codes, "audio_labels": audio_labels, "audio_in_mask": torch.zeros_like(audio),
+            "audio_out_mask": audio}
+
+
+def our_step(cfg, batch, r=16, activation_checkpointing=False):
+    """The trainer's own step (Scorer + objective + AdamW), LoRA r on the default targets."""
+    from argparse import Namespace
+
+    from higgs_min.lora import apply_lora
+    from higgs_min.loss import target_counts
+    from higgs_min.model import HiggsAudioModel
+    from higgs_min.train import Scorer, objective
+
+    torch.manual_seed(0)
+    model = HiggsAudioModel(cfg)
+    apply_lora(model, r=r, alpha=2 * r)
+    model.activation_checkpointing = activation_checkpointing
+    scorer = Scorer(model, text_chunk=128)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    args = Namespace(text_weight=1.0, audio_weight=1.0, audio_reduction="codebook_mean")
+    counts = target_counts(batch["text_labels"], batch["audio_labels"], batch["audio_out_mask"])
+    info = {}
+
+    def step():
+        text, audio = scorer(batch)
+        objective(text, audio, counts, args).backward()
+        opt.step()
+        opt.zero_grad()
+        info.update(n_text=int(text.count), n_audio=audio.logits_shape[0])
+
+    return step, info
+
+
+class PlainBlock(nn.Module):
+    """A Llama block in plain PyTorch (F.rms_norm, SDPA causal, SwiGLU): the reference stack."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        H, I = cfg.hidden_size, cfg.intermediate_size
+        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.qkv = nn.Linear(H, (self.nh + 2 * self.nkv) * self.hd, bias=False)
+        self.o = nn.Linear(self.nh * self.hd, H, bias=False)
+        self.gate_up = nn.Linear(H, 2 * I, bias=False)
+        self.down = nn.Linear(I, H, bias=False)
+        self.n1, self.n2 = nn.RMSNorm(H, eps=1e-5), nn.RMSNorm(H, eps=1e-5)
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        q, k, v = self.qkv(self.n1(x)).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], -1)
+        q = q.view(B, L, self.nh, self.hd).transpose(1, 2)
+        k = k.view(B, L, self.nkv, self.hd).transpose(1, 2)
+        v = v.view(B, L, self.nkv, self.hd).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        x = x + self.o(y.transpose(1, 2).reshape(B, L, -1))
+        g, u = self.gate_up(self.n2(x)).chunk(2, -1)
+        return x + self.down(F.silu(g) * u)
+
+
+def plain_step(cfg, batch, n_text, n_audio):
+    """Same shapes, frozen weights, no LoRA, no routing: input gradients through every layer, same heads."""
+    torch.manual_seed(0)
+    blocks = nn.Sequential(*[PlainBlock(cfg) for _ in range(cfg.num_hidden_layers)]).requires_grad_(False)
+    emb = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+    text_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False).requires_grad_(False)
+    audio_head = nn.Linear(cfg.hidden_size, cfg.audio_num_codebooks * cfg.audio_num_classes,
+                           bias=False).requires_grad_(False)
+    B, L = batch["input_ids"].shape
+    g = torch.Generator().manual_seed(1)
+    text_rows = torch.randperm(B * L, generator=g)[:n_text]
+    audio_rows = torch.randperm(B * L, generator=g)[:n_audio]
+    text_t = torch.randint(0, cfg.vocab_size, (n_text,), generator=g)
+    audio_t = torch.randint(0, cfg.audio_num_classes, (n_audio * cfg.audio_num_codebooks,), generator=g)
+
+    def step():
+        x = emb(batch["input_ids"]).detach().requires_grad_(True)
+        h = blocks(x).reshape(B * L, -1)
+        loss = F.cross_entropy(text_head(h[text_rows]), text_t) + F.cross_entropy(
+            audio_head(h[audio_rows]).view(-1, cfg.audio_num_classes), audio_t)
+        loss.backward()
+
+    return step
+
+
+def bench_mfu(quick=False):
+    from higgs_min.bench import row
+    from higgs_min.config import ModelConfig
+
+    cfg = ModelConfig(**MID)
+    B, L = 2, 512
+    batch = audio_batch(cfg, B, L)
+    ours, info = our_step(cfg, batch)
+    ours()  # fills info
+    plain = plain_step(cfg, batch, info["n_text"], info["n_audio"])
+    load0 = load_avg()
+    peak = peak_matmul_flops()
+    t = alternate({"ours": ours, "plain": plain}, 2 if quick else 4)
+    peak = max(peak, peak_matmul_flops())
+    f_ours = step_flops(cfg, B, L, info["n_text"], info["n_audio"], 16)
+    f_plain = step_flops(cfg, B, L, info["n_text"], info["n_audio"], 0)
+    audio_share = float(batch["audio_out_mask"].float().mean())
+    shapes = (f"B={B} L={L} H=1024 layers=8 V=128256, {audio_share:.0%} audio positions (DualFFN routing), "
+              f"{info['n_text']} text / {info['n_audio']} audio targets; peak {peak / 1e9:.0f} GFLOP/s")
+    return [row("LoRA step mid preset with audio: MFU ours vs plain PyTorch stack (no LoRA, no routing)",
+                f_ours / t["ours"] / peak, f_plain / t["plain"] / peak, "MFU", shapes,
+                target="ratio >= 0.85", better="higher", time_ratio=t["plain"] / t["ours"],
+                ours_s=t["ours"], plain_s=t["plain"], tokens_per_s=B * L / t["ours"],
+                load_avg=(load0, load_avg()))]
+
+
+ACT_SNIPPET = r"""
+import sys, time, torch
+from higgs_min.config import ModelConfig
+from higgs_min.bench_speed import MID, audio_batch, our_step
+from higgs_min.bench import reset_peak_rss, peak_rss_bytes, rss_bytes
+ckpt, B, L, reps = sys.argv[1] == "1", int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+cfg = ModelConfig(**MID)
+step, _ = our_step(cfg, audio_batch(cfg, B, L), activation_checkpointing=ckpt)
+best = float("inf")
+for i in range(reps + 1):
+    reset_peak_rss(); base = rss_bytes()
+    t = time.perf_counter(); step(); dt = time.perf_counter() - t
+    if i == 0:
+        peak = peak_rss_bytes() - base  # the first step allocates the AdamW state as well: measure it too
+    else:
+        best = min(best, dt); peak = max(peak, peak_rss_bytes() - base)
+print(peak, best)
+"""
+
+
+def bench_act_ckpt(quick=False):
+    from higgs_min.bench import _run_snippet, row
+
+    rows = []
+    for B, L in ((2, 512), (1, 2048 if quick else 4096)):
+        load0 = load_avg()
+        res = {}
+        for ckpt in ("0", "1", "0", "1") if not quick else ("0", "1"):  # alternated, each a fresh process
+            peak, t = map(float, _run_snippet(ACT_SNIPPET, ckpt, B, L, 1 if L > 1024 else 2).split())
+            p0, t0 = res.get(ckpt, (0, float("inf")))
+            res[ckpt] = (max(p0, peak), min(t0, t))
+        (p_off, t_off), (p_on, t_on) = res["0"], res["1"]
+        rows.append(row(f"activation checkpointing, mid preset B={B} L={L}: peak step memory on vs off",
+                        p_on / 2**20, p_off / 2**20, "MiB", f"H=1024 layers=8, half audio; time on {t_on:.2f} s "
+                        f"vs off {t_off:.2f} s ({t_on / t_off:.2f}x)", target="memory down, time <= 1.4x",
+                        time_ratio=t_on / t_off, load_avg=(load0, load_avg())))
+    return rows
+
+
+def _adapter_like_3b():
+    """LoRA r=16 on every default target of higgs-v2-3b, plus AdamW's two moments: ~39M params, ~470 MB."""
+    from higgs_min.config import ModelConfig
+    cfg = ModelConfig.from_preset("higgs-v2-3b")
+    H, I, q, kv, r = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim, \
+        cfg.num_key_value_heads * cfg.head_dim, 16
+    shapes = {"self_attn.q_proj": (q, H), "self_attn.k_proj": (kv, H), "self_attn.v_proj": (kv, H),
+              "self_attn.o_proj": (H, q), "mlp.gate_proj": (I, H), "mlp.up_proj": (I, H), "mlp.down_proj": (H, I),
+              "audio_mlp.gate_proj": (I, H), "audio_mlp.up_proj": (I, H), "audio_mlp.down_proj": (H, I)}
+    t = {}
+    for layer in range(cfg.num_hidden_layers):
+        for name, (o, i) in shapes.items():
+            base = f"base_model.model.layers.{layer}.{name}"
+            for part, shape in (("lora_A", (r, i)), ("lora_B", (o, r))):
+                for suffix in ("weight", "exp_avg", "exp_avg_sq"):
+                    t[f"{base}.{part}.{suffix}"] = torch.randn(shape)
+    return t
+
+
+def bench_checkpoint(quick=False):
+    """Save: ours (atomic, hashed while writing, fsync, rename) vs the durability floor (save_file + fsync of
+    each file and the folder) and vs a bare save_file. Load: one-pass verified read vs load_file, both then
+    touching every byte, as a resume does."""
+    from safetensors.torch import load_file, save_file
+
+    from higgs_min import checkpoint
+    from higgs_min.bench import row
+
+    tensors = _adapter_like_3b()
+    files = {"adapter_model.safetensors": {k: v for k, v in tensors.items() if k.endswith(".weight")},
+             "optimizer.safetensors": {k: v for k, v in tensors.items() if not k.endswith(".weight")}}
+    n_params = sum(v.numel() for v in files["adapter_model.safetensors"].values())
+    nbytes = sum(v.numel() * 4 for v in tensors.values())
+    reps = 2 if quick else 4
+    load0 = load_avg()
+    with tempfile.TemporaryDirectory(dir=ROOT) as d:
+        d = Path(d)
+        for sub in ("ours", "floor", "bare"):
+            (d / sub).mkdir()
+        step = [0]
+
+        def ours_save():
+            step[0] += 1
+            checkpoint.save(d / "ours", step[0], files)
+
+        def before():  # untimed: keep one checkpoint (the disk must not fill), flush dirty pages
+            for old in (d / "ours").glob("checkpoint-*"):
+                if old.name != f"checkpoint-{step[0]}":
+                    shutil.rmtree(old)
+            os.sync()
+
+        def floor_save():
+            for name, t in files.items():
+                save_file(t, str(d / "floor" / name))
+                fd = os.open(d / "floor" / name, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+            checkpoint.fsync_dir(d / "floor")
+
+        def bare_save():
+            for name, t in files.items():
+                save_file(t, str(d / "bare" / name))
+
+        ts = alternate({"ours": ours_save, "floor": floor_save, "bare": bare_save}, reps, before=before)
+        latest = d / "ours" / f"checkpoint-{step[0]}"
+
+        def touch(parts):
+            return sum(float(t.sum()) for part in parts for t in part.values())
+
+        def ours_load():
+            data = checkpoint.read_verified(latest)
+            touch([checkpoint.tensors_from_safetensors(data[n], n) for n in files])
+
+        def plain_load():
+            touch([load_file(str(latest / n)) for n in files])
+
+        tl = alternate({"ours": ours_load, "plain": plain_load}, reps, before=os.sync)
+    shapes = f"{n_params / 1e6:.1f}M LoRA params + AdamW moments, {nbytes / 1e6:.0f} MB in 2 files"
+    return [row("checkpoint save (atomic, sha256 while writing, fsync, rename) vs durability floor "
+                "(save_file + fsync files and folder)", ts["ours"], ts["floor"], "s", shapes, target="ratio <= 1.1",
+                bare_save_file_s=ts["bare"], ratio_to_bare=ts["ours"] / ts["bare"], load_avg=(load0, load_avg())),
+            row("checkpoint load with sha256 verification (one pass) vs plain load_file, both touching every byte",
+                tl["ours"], tl["plain"], "s", shapes, target="ratio <= 1.2", load_avg=(load0, load_avg()))]

@@ -1,0 +1,69 @@
+"""One-pass verified checkpoint reads (issue #18): what read_verified / tensors_from_safetensors return equals
+safetensors' own load_file; damage is refused before anything is restored; resume takes the previous checkpoint."""
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from higgs_min import checkpoint
+from higgs_min.checkpoint import CheckpointError
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return {"a.weight": torch.randn(3, 5, generator=g), "b": torch.randint(0, 9, (4,), generator=g),
+            "c": torch.randn(2, 2, generator=g).bfloat16(), "empty": torch.zeros(0, 3), "scalar": torch.tensor(2.5)}
+
+
+def test_verified_read_equals_load_file(tmp_path):
+    t = _tensors()
+    path = checkpoint.save(tmp_path, 3, {"x.safetensors": t, "meta.json": b'{"k": 1}\n'})
+    data = checkpoint.read_verified(path)
+    assert bytes(data["meta.json"]) == b'{"k": 1}\n'
+    ours = checkpoint.tensors_from_safetensors(data["x.safetensors"], "x")
+    theirs = load_file(str(path / "x.safetensors"))  # the reference reader
+    assert set(ours) == set(theirs) == set(t)
+    for k in t:
+        assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) and torch.equal(ours[k], t[k])
+    # and a file written by safetensors itself (with __metadata__) reads the same
+    save_file(t, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    ref = checkpoint.tensors_from_safetensors(bytearray((tmp_path / "ref.safetensors").read_bytes()), "ref")
+    assert all(torch.equal(ref[k], t[k]) for k in t)
+
+
+def test_bad_header_is_named(tmp_path):
+    buf = bytearray(b"\x10\x00\x00\x00\x00\x00\x00\x00" + b'{"x":{"dtype":"F32","shape":[9],"data_offsets":[0,36]}}')
+    with pytest.raises(CheckpointError, match="bad.safetensors: not a safetensors file"):
+        checkpoint.tensors_from_safetensors(buf, "bad.safetensors")
+
+
+def test_damage_is_refused_before_restore_and_the_previous_one_restores(tmp_path):
+    from higgs_min.lora import apply_lora
+    from higgs_min.model import HiggsAudioModel
+    from tests.conftest import micro_config
+
+    def fresh():
+        torch.manual_seed(0)
+        m = HiggsAudioModel(micro_config())
+        apply_lora(m, r=2, alpha=4)
+        return m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.1)
+
+    model, opt = fresh()
+    for step in (1, 2):
+        sum(p.sum() for p in model.parameters() if p.requires_grad).backward()
+        opt.step()
+        opt.zero_grad()
+        checkpoint.save(tmp_path, step, checkpoint.training_files(model, opt, {"r": 2}, {"step": step}))
+        if step == 1:
+            at_1 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    target = tmp_path / "checkpoint-2" / "optimizer.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-3] ^= 0x01
+    target.write_bytes(bytes(data))
+    m2, o2 = fresh()
+    before = {n: p.detach().clone() for n, p in m2.named_parameters() if p.requires_grad}
+    with pytest.raises(CheckpointError, match="optimizer.safetensors does not match its sha256"):
+        checkpoint.load_training_state(tmp_path / "checkpoint-2", m2, o2)
+    assert all(torch.equal(p, before[n]) for n, p in m2.named_parameters() if p.requires_grad)
+    assert checkpoint.latest_valid(tmp_path) == tmp_path / "checkpoint-1"
+    assert checkpoint.load_training_state(tmp_path / "checkpoint-1", m2, o2) == {"step": 1}
+    assert all(torch.equal(p, at_1[n]) for n, p in m2.named_parameters() if p.requires_grad)
