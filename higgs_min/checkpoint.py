@@ -15,9 +15,10 @@ exists under that name only after all of it was written, fsynced and re-read:
     best    (the same way)             names the lowest held-out loss (kept by --keep-last)
 
 A folder is a checkpoint if and only if its manifest verifies. Only safetensors
-and JSON are written; loading never unpickles anything. Loading reads each file
-once into memory, hashing it as it is read, and builds the tensors from those
-verified bytes (`read_verified`), so a resume hashes every byte exactly once.
+and JSON are written; loading never unpickles anything. Loading maps each file
+(copy-on-write), hashes it page by page, and builds the tensors on that same
+mapping once every hash matches (`read_verified`): each byte is read from the
+disk once and hashed once, and nothing is restored from an unverified checkpoint.
 
     python -m higgs_min.checkpoint verify DIR
     python -m higgs_min.checkpoint list OUTPUT_DIR
@@ -29,6 +30,7 @@ import errno
 import hashlib
 import json
 import logging
+import mmap
 import os
 import re
 import secrets
@@ -163,26 +165,27 @@ def verify(folder: str | Path, hashes: bool = True) -> dict:
     return manifest
 
 
-def _read_hashed(path: Path, nbytes: int) -> tuple[bytearray, str]:
-    """The whole file in memory and its sha256, in one pass (each chunk hashed right after it is read)."""
-    buf = bytearray(nbytes)
-    view = memoryview(buf)
-    h = hashlib.sha256()
-    pos = 0
-    with open(path, "rb", buffering=0) as f:
-        while pos < nbytes:
-            n = f.readinto(view[pos:pos + (1 << 23)])
-            if not n:
-                break
-            h.update(view[pos:pos + n])  # releases the GIL: files are read in parallel threads
-            pos += n
-        if pos != nbytes or f.read(1):
-            raise CheckpointError(f"{path}: size changed while reading (manifest says {nbytes} bytes)")
-    return buf, h.hexdigest()
+def _read_hashed(path: Path, nbytes: int):
+    """The file mapped into memory (copy-on-write) and its sha256: each page is read from the disk once, by
+    the hashing, and the tensors built on the mapping see those same pages (no second read, no copy)."""
+    if nbytes == 0:
+        return bytearray(), hashlib.sha256().hexdigest()
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: in-place updates never reach the file
+    if len(mm) != nbytes:
+        raise CheckpointError(f"{path}: {len(mm)} bytes, manifest says {nbytes} (changed while reading?)")
+    if hasattr(mm, "madvise"):  # ask for the whole file now: disk reads overlap the hashing below
+        mm.madvise(mmap.MADV_WILLNEED)
+    h, view = hashlib.sha256(), memoryview(mm)
+    for pos in range(0, nbytes, 1 << 23):
+        h.update(view[pos:pos + (1 << 23)])  # releases the GIL: files are hashed in parallel threads
+    view.release()
+    return mm, h.hexdigest()
 
 
-def read_verified(folder: str | Path) -> dict[str, bytearray]:
-    """Every file of a checkpoint, read once and checked against the manifest: name -> bytes.
+def read_verified(folder: str | Path) -> dict:
+    """Every file of a checkpoint, read once and checked against the manifest: name -> buffer (a private
+    memory map; bytes(buffer) for the JSON files).
 
     Nothing is returned unless all files match, so a caller restores state only from a whole, verified
     checkpoint. Raises CheckpointError.
@@ -197,7 +200,7 @@ def read_verified(folder: str | Path) -> dict[str, bytearray]:
     return {name: buf for name, (buf, _) in read.items()}
 
 
-def tensors_from_safetensors(buf: bytearray, source: str) -> dict[str, torch.Tensor]:
+def tensors_from_safetensors(buf, source: str) -> dict[str, torch.Tensor]:
     """Parse safetensors bytes (the layout `safetensors_chunks` writes) into tensors that share `buf`."""
     by_code = {v: k for k, v in SAFETENSORS_DTYPES.items()}
     try:
