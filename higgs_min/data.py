@@ -362,7 +362,7 @@ def load_jsonl(path: str | Path, encoder: ChatEncoder, max_length: int, skip_bad
 
     plans, rejected = sanitize.read_jsonl(path, encoder, max_length, skip_bad, audio_root, max_bad_fraction,
                                           report_path)
-    samples = [materialize(p, encoder.K, encoder.C) for p in plans]
+    samples = [materialize(p, encoder.K, encoder.C, encoder.delay) for p in plans]
     for s in samples[:log_first]:
         log.info("%s", s.stats())
     report = LoadReport(len(samples), rejected.counts())

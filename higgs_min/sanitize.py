@@ -254,7 +254,7 @@ def _line_to_plan(raw, line_no, source, encoder, max_length, audio_root):
         return read_codes(h, f"{iw}.codes", C)
 
     plan = encoder.plan(messages, codes_of, f"{source}:{line_no}", line_no)
-    n = plan.length(K)
+    n = plan.length(K, encoder.delay)
     if n > max_length:
         _too_long(n, max_length, True)
     if not (plan.flags & SUPERVISED).any():
