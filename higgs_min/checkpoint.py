@@ -313,32 +313,37 @@ def update_best(output_dir: str | Path, name: str, loss: float) -> bool:
     return True
 
 
-def scan(output_dir: str | Path) -> list[dict]:
-    """Every checkpoint-N folder, newest first: {step, path, ok, reason, bytes}."""
-    output_dir = Path(output_dir)
-    out = []
+def _checkpoint_folders(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint-N entry, newest first; nothing is read."""
     if not output_dir.is_dir():
-        return out
-    for p in output_dir.iterdir():
-        m = CHECKPOINT_RE.match(p.name)
-        if not m:
-            continue
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
+    return sorted(found, key=lambda c: -c[0])
+
+
+def scan(output_dir: str | Path) -> list[dict]:
+    """Every checkpoint-N folder, newest first, each verified: {step, path, ok, reason, bytes}."""
+    out = []
+    for step, p in _checkpoint_folders(Path(output_dir)):
         try:
             verify(p)
             ok, reason = True, "ok"
         except CheckpointError as e:
             ok, reason = False, str(e)
         size = sum(f.stat().st_size for f in p.iterdir() if f.is_file()) if p.is_dir() else 0
-        out.append({"step": int(m.group(1)), "path": p, "ok": ok, "reason": reason, "bytes": size})
-    return sorted(out, key=lambda c: -c["step"])
+        out.append({"step": step, "path": p, "ok": ok, "reason": reason, "bytes": size})
+    return out
 
 
 def latest_valid(output_dir: str | Path) -> Path | None:
-    """The newest checkpoint whose manifest verifies; broken ones are reported, never deleted."""
-    for c in scan(output_dir):
-        if c["ok"]:
-            return c["path"]
-        log.warning("passing over %s: %s", c["path"], c["reason"])
+    """The newest checkpoint whose manifest verifies; broken ones are reported, never deleted.
+    Verifies newest first and stops at the first good one: a run with 300 checkpoints hashes one at resume."""
+    for _, p in _checkpoint_folders(Path(output_dir)):
+        try:
+            verify(p)
+            return p
+        except CheckpointError as e:
+            log.warning("passing over %s: %s", p, e)
     return None
 
 

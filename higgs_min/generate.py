@@ -228,6 +228,10 @@ def generate(model, prompt: Prompt, *, max_new_tokens: int = 2048, temperature: 
     sp = prompt.special
     param = next(model.parameters())
     dev = param.device
+    if not cfg.use_delay_pattern:
+        # the official sampler (_sample_audio_tokens) is written for the delay pattern; no-delay decoding
+        # is not implemented here, so refuse rather than apply delay rules to a model trained without them
+        raise GenerationError("generation needs use_delay_pattern true; this model's config sets it false")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
     greedy = temperature == 0

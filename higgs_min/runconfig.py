@@ -148,7 +148,8 @@ def _previous(output_dir: Path, folder: Path | None) -> dict | None:
     """The settings to compare with: the folder's run_config.json while it holds a checkpoint,
     else the resumed checkpoint's own record."""
     path = output_dir / RUN_CONFIG
-    has_checkpoint = any(c["ok"] for c in checkpoint.scan(output_dir))
+    # a resumed folder is a verified checkpoint already: do not hash every checkpoint again to learn that
+    has_checkpoint = folder is not None or checkpoint.latest_valid(output_dir) is not None
     if path.exists() and has_checkpoint:
         try:
             raw = json.loads(path.read_text())

@@ -281,3 +281,11 @@ def test_overfit_one_demo_sample_regenerates_it_greedily():
         assert g.text_ids == want_text, (loss.item(), enc.decode(g.text_ids))
         assert torch.equal(g.codes, want_codes)
         assert torch.equal(g.audio[0], s.audio_codes[s.audio_out_mask].T)
+
+
+def test_a_model_without_the_delay_pattern_is_refused():
+    m = ScriptedModel([W1], [])
+    m.config.use_delay_pattern = False
+    with pytest.raises(GenerationError, match="use_delay_pattern"):
+        greedy(m, prompt(False))
+    assert m.fed == []  # refused before any forward
