@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from higgs_min import transformers_format as tf
-from higgs_min.config import ModelConfig
+from higgs_min.config import REFUSED_FIELDS, ModelConfig
 from higgs_min.errors import Parser, guard
 from higgs_min.lora import PEFT_PREFIX, merge_lora, read_adapter
 from higgs_min.model import HiggsAudioModel, load_pretrained, weight_files
@@ -56,9 +56,14 @@ def released_config(cfg: ModelConfig) -> dict:
                                          "rope_theta", "rope_scaling", "initializer_range")}
     audio = {k: getattr(cfg, k) for k in ("audio_num_codebooks", "audio_codebook_size", "audio_stream_bos_id",
                                           "audio_stream_eos_id", "audio_dual_ffn_layers",
-                                          "audio_ffn_intermediate_size", "use_delay_pattern")}
+                                          "audio_ffn_intermediate_size", "use_delay_pattern", "audio_adapter_type",
+                                          "audio_embed_avg")}
+    # Every field the reader would otherwise default: the official defaults are not the release's
+    # (adapter "stack", no delay), so a field left out would read back as another model.
+    honoured = {name: value for name, value, _ in REFUSED_FIELDS}
+    honoured["audio_ffn_hidden_size"] = cfg.hidden_size
     return {"model_type": "higgs_audio", "architectures": ["HiggsAudioModel"],
-            "text_config": {"model_type": "llama", **text}, **audio, "audio_ffn_hidden_size": cfg.hidden_size}
+            "text_config": {"model_type": "llama", **text}, **audio, **honoured}
 
 
 def lora_deltas(adapter_dir) -> tuple[dict, float, dict]:

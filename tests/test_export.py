@@ -13,7 +13,9 @@ from tests.trainutil import run
 
 
 def test_released_config_round_trips(tmp_path):
-    for cfg in (micro_config(), ModelConfig.from_preset("higgs-v2-3b")):
+    for cfg in (micro_config(audio_ffn_intermediate_size=48),
+                micro_config(audio_ffn_intermediate_size=48, audio_adapter_type="dual_ffn", audio_embed_avg=True),
+                ModelConfig.from_preset("higgs-v2-3b")):
         (tmp_path / "config.json").write_text(json.dumps(released_config(cfg)))
         assert ModelConfig.from_pretrained_config(tmp_path) == cfg
 
