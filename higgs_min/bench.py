@@ -165,35 +165,15 @@ def _text_batch(cfg, B, L, seed=0):
 
 def _tiny_step():
     """The trainer's own step (Scorer + objective + AdamW) on a demo batch of 8, tiny preset."""
-    from argparse import Namespace
-
+    from higgs_min.bench_speed import our_step
     from higgs_min.config import ModelConfig
     from higgs_min.data import ChatEncoder, collate, load_jsonl
-    from higgs_min.lora import apply_lora
-    from higgs_min.model import HiggsAudioModel
-    from higgs_min.loss import target_counts
-    from higgs_min.train import Scorer, objective
 
-    torch.manual_seed(0)
     cfg = ModelConfig.from_preset("tiny")
-    model = HiggsAudioModel(cfg)
-    apply_lora(model, r=16, alpha=32)
     enc = ChatEncoder(ROOT / "data" / "tokenizer.json", 8, 1024, cfg.vocab_size)
     samples, _ = load_jsonl(ROOT / "data" / "demo.jsonl", enc, 2048)
     batch = collate(samples[:8], enc.ids["end_of_text"])
-    scorer = Scorer(model, text_chunk=128)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    args = Namespace(text_weight=1.0, audio_weight=1.0, audio_reduction="codebook_mean")
-    counts = target_counts(batch["text_labels"], batch["audio_labels"], batch["audio_out_mask"])
-    info = {}
-
-    def step():
-        text, audio = scorer(batch)
-        objective(text, audio, counts, args).backward()
-        opt.step()
-        opt.zero_grad()
-        info.update(n_text=text.count, n_audio=audio.logits_shape[0])
-
+    step, info = our_step(cfg, batch, r=16)
     return step, cfg, batch, info, samples
 
 

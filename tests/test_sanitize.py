@@ -247,18 +247,7 @@ def test_foreign_layout_gets_a_convert_hint(tmp_path, encoder):
     rejected(one(tmp_path, encoder, row), "unknown item type", detail="--from openai")
 
 
-@pytest.fixture
-def trainer_log_handlers_removed():
-    """train.main leaves its stream/file handlers on "higgs_min"; later tests' stderr must not get them."""
-    logger = logging.getLogger("higgs_min")
-    before = list(logger.handlers)
-    yield
-    for h in [h for h in logger.handlers if h not in before]:
-        logger.removeHandler(h)
-        h.close()
-
-
-def test_trainer_skip_mode_writes_run_rejected_jsonl(tmp_path, trainer_log_handlers_removed):
+def test_trainer_skip_mode_writes_run_rejected_jsonl(tmp_path):  # conftest drops the run's log handlers
     """Through the trainer: RUN/rejected.jsonl holds the bad line, the run trains on the others."""
     good = (ROOT / "data" / "demo.jsonl").read_text().splitlines()
     data = tmp_path / "d.jsonl"
