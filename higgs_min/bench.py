@@ -167,7 +167,8 @@ def _tiny_step():
     """The trainer's own step (Scorer + objective + AdamW) on a demo batch of 8, tiny preset."""
     from higgs_min.bench_speed import our_step
     from higgs_min.config import ModelConfig
-    from higgs_min.data import ChatEncoder, collate, load_jsonl
+    from higgs_min.data import ChatEncoder, collate
+    from higgs_min.sanitize import load_jsonl
 
     cfg = ModelConfig.from_preset("tiny")
     enc = ChatEncoder(ROOT / "data" / "tokenizer.json", 8, 1024, cfg.vocab_size)
@@ -370,7 +371,8 @@ def main(argv=None) -> int:
 
 
 def bench_data_rows(quick=False):
-    from higgs_min.data import ChatEncoder, collate, load_jsonl
+    from higgs_min.data import ChatEncoder, collate
+    from higgs_min.sanitize import load_jsonl
 
     step, cfg, _, _, samples = _tiny_step()
     enc = ChatEncoder(ROOT / "data" / "tokenizer.json", 8, 1024, cfg.vocab_size)

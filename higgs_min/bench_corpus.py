@@ -140,7 +140,8 @@ def step_consumption(dataset) -> float:
 def bench_corpus(quick=False):
     from higgs_min.bench import row
     from higgs_min.corpus import open_dataset
-    from higgs_min.data import ChatEncoder, load_jsonl
+    from higgs_min.data import ChatEncoder
+    from higgs_min.sanitize import load_jsonl
     from higgs_min.pack import pack
 
     small, large = (2_000, 20_000) if quick else (10_000, 100_000)

@@ -348,28 +348,6 @@ class LoadReport:
         return f"loaded {self.loaded}, skipped {total} ({reasons})"
 
 
-def load_jsonl(path: str | Path, encoder: ChatEncoder, max_length: int, skip_bad: bool = False,
-               log_first: int = 0, audio_root: Path | None = None, max_bad_fraction: float = 0.01,
-               report_path: Path | None = None) -> tuple[list[Sample], LoadReport]:
-    """Read and encode every conversation of a JSONL file, validating all of it up front, in one pass.
-
-    Each line goes through `sanitize.line_to_plan` (the one exception boundary per line), then `materialize`.
-    Strict: any bad line -> DataError listing them (all in `report_path`). `skip_bad`: bad lines are left out
-    and reported; more than `max_bad_fraction` bad -> DataError. Samples with no supervised token and samples
-    longer than `max_length` are always skipped and counted.
-    """
-    from higgs_min import sanitize  # imported here: sanitize builds on this module's Plan and encoder
-
-    plans, rejected = sanitize.read_jsonl(path, encoder, max_length, skip_bad, audio_root, max_bad_fraction,
-                                          report_path)
-    samples = [materialize(p, encoder.K, encoder.C, encoder.delay) for p in plans]
-    for s in samples[:log_first]:
-        log.info("%s", s.stats())
-    report = LoadReport(len(samples), rejected.counts())
-    log.info("%s: %s", path, report.summary())
-    return samples, report
-
-
 def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sample. Returns (B, L) and (B, L, K) tensors."""
     B, L, K = len(samples), max(len(s.input_ids) for s in samples), samples[0].audio_codes.shape[1]

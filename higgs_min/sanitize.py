@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from higgs_min.codes_file import Refused, read_codes, read_codes_header
-from higgs_min.data import ROLES, SUPERVISED, DataError, Plan
+from higgs_min.data import ROLES, SUPERVISED, ChatEncoder, DataError, LoadReport, Plan, Sample, materialize
 
 log = logging.getLogger(__name__)
 
@@ -367,3 +367,23 @@ def read_jsonl(path: str | Path, encoder, max_length: int, skip_bad: bool = Fals
     if not plans:
         raise DataError(f"{path}: no usable sample (loaded 0, skipped {len(report)} ({report.summary()}))")
     return plans, report
+
+
+def load_jsonl(path: str | Path, encoder: ChatEncoder, max_length: int, skip_bad: bool = False,
+               log_first: int = 0, audio_root: Path | None = None, max_bad_fraction: float = 0.01,
+               report_path: Path | None = None) -> tuple[list[Sample], LoadReport]:
+    """Read and encode every conversation of a JSONL file, validating all of it up front, in one pass.
+
+    Each line goes through `line_to_plan` (the one exception boundary per line), then `materialize`.
+    Strict: any bad line -> DataError listing them (all in `report_path`). `skip_bad`: bad lines are left out
+    and reported; more than `max_bad_fraction` bad -> DataError. Samples with no supervised token and samples
+    longer than `max_length` are always skipped and counted.
+    """
+    plans, rejected = read_jsonl(path, encoder, max_length, skip_bad, audio_root, max_bad_fraction,
+                                          report_path)
+    samples = [materialize(p, encoder.K, encoder.C, encoder.delay) for p in plans]
+    for s in samples[:log_first]:
+        log.info("%s", s.stats())
+    report = LoadReport(len(samples), rejected.counts())
+    log.info("%s: %s", path, report.summary())
+    return samples, report

@@ -257,7 +257,8 @@ class Suite:
 
     # 5 ---------------------------------------------------------------------------------
     def bad_data(self, quick: bool):
-        from higgs_min.data import ChatEncoder, DataError, load_jsonl
+        from higgs_min.data import ChatEncoder, DataError
+        from higgs_min.sanitize import load_jsonl
         folder = self.work / "bad"
         corpus = bad_corpus(folder)
         enc = ChatEncoder(ROOT / "data" / "tokenizer.json", K, C, 1024)

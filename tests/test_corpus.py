@@ -11,7 +11,8 @@ import pytest
 
 from higgs_min.config import ModelConfig
 from higgs_min.corpus import CorpusError, JsonlDataset, PackedDataset, open_dataset, verify
-from higgs_min.data import ChatEncoder, load_jsonl
+from higgs_min.data import ChatEncoder
+from higgs_min.sanitize import load_jsonl
 from higgs_min.pack import pack
 from higgs_min.train import DATA
 from tests.helpers import conversation, make_tokenizer, write_codes, write_jsonl

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from higgs_min.data import (IGNORE_INDEX, ChatEncoder, DataError, audio_stream, collate, delay_pattern,
-                            load_jsonl, next_token_targets, revert_delay_pattern)
+                            next_token_targets, revert_delay_pattern)
+from higgs_min.sanitize import load_jsonl
 from tests.helpers import conversation, make_tokenizer, write_codes, write_jsonl
 
 K, C, V = 4, 16, 400

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from higgs_min.data import DataError, load_jsonl
-from higgs_min.sanitize import FILTERED, read_jsonl
+from higgs_min.data import DataError
+from higgs_min.sanitize import FILTERED, load_jsonl, read_jsonl
 from tests import fuzzgen
 
 N, SEED = 1200, 19
