@@ -135,6 +135,7 @@ def pack(sources: list[Path], tokenizer: Path, out: Path, num_codebooks: int = 8
     enc = ChatEncoder(tokenizer, num_codebooks, codebook_size, vocab_size=2**31 - 1)
     t0 = time.time()
     staging.mkdir(parents=True)
+    published = False
     try:
         tasks, source_records = [], []
         for i, src in enumerate(sources):
@@ -171,9 +172,10 @@ def pack(sources: list[Path], tokenizer: Path, out: Path, num_codebooks: int = 8
         else:
             os.replace(staging, out)
         fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        published = True
+    finally:
+        if not published:  # any failure, Ctrl-C included: no staged folder left behind (the error propagates)
+            shutil.rmtree(staging, ignore_errors=True)
     c = manifest["counts"]
     log.info("packed %s: %d samples in %d shards (%.1f MB) from %d lines in %.1f s (%.0f samples/s); "
              "rejected %d, skipped %d", out, c["packed"], len(manifest["shards"]),
