@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from higgs_min import checkpoint, distributed, evaluate, runconfig, runlog
+from higgs_min import checkpoint, distributed, evaluate, runconfig, runlog, train_state
 from higgs_min.batches import BatchStream, padding_fraction
 from higgs_min.config import PRESETS, ModelConfig
 from higgs_min.corpus import open_dataset, verify as verify_corpus
@@ -214,7 +214,7 @@ def save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base
     """Rank 0 writes; all ranks get the same outcome; no rank hangs on a failed save."""
     outcome = "ok"
     if dist_info.is_main:
-        files = checkpoint.training_files(model, optimizer, adapter_config(
+        files = train_state.training_files(model, optimizer, adapter_config(
             model, args.lora_targets.split(","), args.lora_dropout, base_name), trainer_state)
         targets = [args.output_dir] + ([args.backup_dir] if args.backup_dir else [])
         errors = []
@@ -313,7 +313,7 @@ def resume(folder, args, model, optimizer, stream, dist_info) -> int:
     if folder is None:
         return 0
     try:
-        state = checkpoint.load_training_state(folder, model, optimizer)
+        state = train_state.load_training_state(folder, model, optimizer)
     except (KeyError, ValueError) as e:  # tensor names or shapes that do not fit this model
         raise RunError(f"cannot resume from {folder}: {e}") from e
     stream.epoch, stream.position = state["epoch"], state["batch_in_epoch"]
@@ -321,7 +321,7 @@ def resume(folder, args, model, optimizer, stream, dist_info) -> int:
         log.warning("resuming with world_size %d / batch %d; the checkpoint had %d / %d: data order differs",
                     dist_info.world_size, args.batch_size, state["world_size"], state["batch_size"])
     rngs = state["rng"]
-    checkpoint.set_rng_state(rngs[dist_info.rank] if dist_info.rank < len(rngs) else rngs[0])
+    train_state.set_rng_state(rngs[dist_info.rank] if dist_info.rank < len(rngs) else rngs[0])
     log.info("resumed from %s at step %d", folder, state["step"])
     return state["step"]
 
@@ -470,7 +470,7 @@ def train(args) -> dict:
                                   "max_steps": args.max_steps, "lr": args.lr, "min_lr_ratio": args.min_lr_ratio,
                                   "last_lr": optimizer.param_groups[0]["lr"]},
                     "config": resolved, "identity": run.identity, "data": dataset.report, "eval": evaluated,
-                    "rng": distributed.gather_objects(checkpoint.rng_state()),  # every rank's, in rank order
+                    "rng": distributed.gather_objects(train_state.rng_state()),  # every rank's, in rank order
                 }
                 save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base_name)
             if stopping:

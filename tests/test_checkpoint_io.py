@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from higgs_min import checkpoint
+from higgs_min import checkpoint, train_state
 from higgs_min.checkpoint import CheckpointError
 
 
@@ -52,7 +52,7 @@ def test_damage_is_refused_before_restore_and_the_previous_one_restores(tmp_path
         sum(p.sum() for p in model.parameters() if p.requires_grad).backward()
         opt.step()
         opt.zero_grad()
-        checkpoint.save(tmp_path, step, checkpoint.training_files(model, opt, {"r": 2}, {"step": step}))
+        checkpoint.save(tmp_path, step, train_state.training_files(model, opt, {"r": 2}, {"step": step}))
         if step == 1:
             at_1 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     target = tmp_path / "checkpoint-2" / "optimizer.safetensors"
@@ -62,8 +62,8 @@ def test_damage_is_refused_before_restore_and_the_previous_one_restores(tmp_path
     m2, o2 = fresh()
     before = {n: p.detach().clone() for n, p in m2.named_parameters() if p.requires_grad}
     with pytest.raises(CheckpointError, match="optimizer.safetensors does not match its sha256"):
-        checkpoint.load_training_state(tmp_path / "checkpoint-2", m2, o2)
+        train_state.load_training_state(tmp_path / "checkpoint-2", m2, o2)
     assert all(torch.equal(p, before[n]) for n, p in m2.named_parameters() if p.requires_grad)
     assert checkpoint.latest_valid(tmp_path) == tmp_path / "checkpoint-1"
-    assert checkpoint.load_training_state(tmp_path / "checkpoint-1", m2, o2) == {"step": 1}
+    assert train_state.load_training_state(tmp_path / "checkpoint-1", m2, o2) == {"step": 1}
     assert all(torch.equal(p, at_1[n]) for n, p in m2.named_parameters() if p.requires_grad)
