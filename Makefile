@@ -28,7 +28,7 @@ bench: $(TEST_STAMP)
 # CUDA only (exit 2 without a GPU): 3B-shape LoRA step MFU/memory with and without activation checkpointing,
 # then a few trainer steps under torchrun (nccl, bf16 autocast, fused AdamW). Not part of `make test`.
 gpu-check: $(VENV_STAMP)
-	$(PY) -m higgs_min.gpu_check
+	$(PY) -m higgs_min.bench.gpu_check
 
 faults: $(VENV_STAMP)
 	$(PY) -m tests.faults

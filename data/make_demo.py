@@ -4,7 +4,7 @@
     .venv/bin/python data/make_demo.py
 
 Speech is synthesized by espeak-ng (English and Arabic voices) and encoded by a
-seeded random DAC (higgs_min.codec.RANDOM_CODEC_CONFIG): the released codec
+seeded random DAC (higgs_min.audio.codec.RANDOM_CODEC_CONFIG): the released codec
 weights cannot be fetched here. The tokenizer is a byte-level BPE trained on the
 demo text, plus the Llama-3 / Higgs special tokens by name.
 """
@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from higgs_min.data import SPECIAL_TOKENS  # noqa: E402
-from higgs_min.prepare import prepare  # noqa: E402
+from higgs_min.prepare.encode import prepare  # noqa: E402
 
 SYSTEM = "You are a helpful voice assistant. Answer in the language of the question."
 PAIRS = [

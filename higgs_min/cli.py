@@ -16,14 +16,14 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("higgs_min.train:main", "LoRA fine-tuning (one process, or many under torchrun)"),
-    "prepare": ("higgs_min.prepare:main", "wav -> codes, codes -> wav, and the data subcommands"),
-    "export": ("higgs_min.export:main", "merge an adapter into base weights: a complete base folder"),
+    "train": ("higgs_min.train.run:main", "LoRA fine-tuning (one process, or many under torchrun)"),
+    "prepare": ("higgs_min.prepare.encode:main", "wav -> codes, codes -> wav, and the data subcommands"),
+    "export": ("higgs_min.export.merge:main", "merge an adapter into base weights: a complete base folder"),
     "checkpoint": ("higgs_min.checkpoint:main", "verify or list checkpoints"),
-    "plot": ("higgs_min.plot:main", "metrics.jsonl -> loss.png"),
-    "bench": ("higgs_min.bench:main", "the benchmark rows (make bench)"),
-    "generate": ("higgs_min.generate_cli:main", "speech from a trained adapter: text -> codes -> wav"),
-    "pack": ("higgs_min.pack:pack_main", "JSONL with codes -> a packed corpus folder (= prepare pack)"),
+    "plot": ("higgs_min.train.plot:main", "metrics.jsonl -> loss.png"),
+    "bench": ("higgs_min.bench.rows:main", "the benchmark rows (make bench)"),
+    "generate": ("higgs_min.generate.cli:main", "speech from a trained adapter: text -> codes -> wav"),
+    "pack": ("higgs_min.prepare.pack:pack_main", "JSONL with codes -> a packed corpus folder (= prepare pack)"),
 }
 
 

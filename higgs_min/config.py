@@ -12,7 +12,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from higgs_min import transformers_format
 
 
 @dataclass
@@ -95,8 +94,8 @@ class ModelConfig:
             raw = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: cannot read config: {e}") from e
-        if transformers_format.is_transformers_config(raw):  # a folder saved in transformers' format
-            cfg = cls(**transformers_format.config_kwargs(raw, str(path)))
+        if is_transformers_config(raw):  # a folder saved in transformers' format
+            cfg = cls(**transformers_config_kwargs(raw, str(path)))
             cfg.validate()
             return cfg
         text = raw.get("text_config")
@@ -184,3 +183,52 @@ PRESETS: dict[str, dict] = {
         "initializer_range": 0.08,
     },
 }
+
+
+# ----------------------------------------------------------------------------- transformers' config.json
+# transformers (5.x) ships Higgs Audio v2 as HiggsAudioV2ForConditionalGeneration with a flat config.json; a base
+# folder exported in that format (higgs_min/export/transformers_format.py writes it) is read back here.
+
+MODEL_TYPE = "higgs_audio_v2"
+ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def is_transformers_config(raw: dict) -> bool:
+    return isinstance(raw, dict) and raw.get("model_type") == MODEL_TYPE
+
+
+def transformers_config_kwargs(raw: dict, where: str) -> dict:
+    """ModelConfig keyword arguments from transformers' config.json (the reverse of to_transformers_config)."""
+    def need(name):
+        if name not in raw:
+            raise ValueError(f"{where}: field {name!r} is missing (transformers' HiggsAudioV2 format)")
+        return raw[name]
+
+    for name, ours in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if raw.get(name, ours) != ours:
+            raise ValueError(f"{where}: {name}={raw[name]!r} is not supported (higgs_min's model has {ours!r})")
+    rope = raw.get("rope_parameters")
+    if rope is None:  # configs written before rope_parameters existed
+        rope = {**(raw.get("rope_scaling") or {}), "rope_theta": need("rope_theta")}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3") or rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{where}: rope_parameters={rope} is not supported (default or llama3 only)")
+    codebook_size, eos = need("codebook_size"), need("audio_stream_eos_id")
+    if codebook_size != eos + 1:
+        raise ValueError(f"{where}: codebook_size={codebook_size} must be audio_stream_eos_id + 1 = {eos + 1} "
+                         f"(the head scores the codes plus the stream BOS and EOS; the released head has 1026)")
+    L, hidden, heads = need("num_hidden_layers"), need("hidden_size"), need("num_attention_heads")
+    return {
+        "vocab_size": need("vocab_size"), "hidden_size": hidden, "intermediate_size": need("intermediate_size"),
+        "num_hidden_layers": L, "num_attention_heads": heads,
+        "num_key_value_heads": raw.get("num_key_value_heads") or heads,
+        "head_dim": raw.get("head_dim") or hidden // heads,
+        "rms_norm_eps": need("rms_norm_eps"), "initializer_range": raw.get("initializer_range", 0.02),
+        "rope_theta": rope["rope_theta"],
+        "rope_scaling": None if kind == "default" else {"rope_type": "llama3", **{k: rope[k] for k in ROPE_KEYS}},
+        "audio_num_codebooks": need("num_codebooks"), "audio_codebook_size": codebook_size - 2,
+        "audio_stream_bos_id": need("audio_stream_bos_id"), "audio_stream_eos_id": eos,
+        # What transformers' model always is: DualFFN everywhere at the text FFN's width, delay pattern on.
+        "audio_dual_ffn_layers": list(range(L)), "audio_ffn_intermediate_size": need("intermediate_size"),
+        "use_delay_pattern": True,
+    }

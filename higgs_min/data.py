@@ -325,18 +325,6 @@ class ChatEncoder:
         return materialize(self.plan(messages, codes_of, where, index), self.K, self.C, self.delay)
 
 
-def load_codes(path: Path, where: str, K: int, C: int) -> torch.Tensor:
-    """Read integer codes (K, T) from .npy or .safetensors, header first (codes_file), checked; DataError naming
-    `where` otherwise. (Data lines go through sanitize.line_to_plan; this serves single files, e.g. generate.)"""
-    from higgs_min.codes_file import Refused, read_codes, read_codes_header
-
-    try:
-        arr = read_codes(read_codes_header(Path(path), f"{where}.codes", K), f"{where}.codes", C)
-    except Refused as r:
-        raise DataError(f"{r.field}: {r.detail}") from None
-    return torch.from_numpy(arr.astype(np.int64))
-
-
 @dataclass
 class LoadReport:
     loaded: int

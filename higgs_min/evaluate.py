@@ -1,7 +1,5 @@
 """Held-out evaluation: exact loss and top-1 accuracy over every eval sample, summed across ranks.
 
-    holdout(n, fraction, seed) -> (train indices, eval indices)     deterministic given n, fraction, seed
-    open_eval(args, encoder, samples) -> (train samples, eval samples or None)
     Evaluator(scorer, samples, ...).run(step) -> metrics row {"split": "eval", "step", ...}
 
 Rank r of N scores samples r, r+N, r+2N, ... of the eval set, each exactly once (no sampler
@@ -21,64 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
-
-import numpy as np
 import torch
 
 from higgs_min import distributed
-from higgs_min.batches import lengths_of
-from higgs_min.corpus import open_dataset
 from higgs_min.data import collate
-from higgs_min.errors import UsageError
 from higgs_min.loss import reduce_codebooks
 
 log = logging.getLogger(__name__)
-
-
-def holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """A deterministic share of n samples held out for evaluation: (train, eval), both sorted."""
-    if not 0 < fraction < 1:
-        raise UsageError(f"--eval-split {fraction}: expected a fraction between 0 and 1, e.g. 0.1")
-    k = max(1, round(n * fraction))
-    if k >= n:
-        raise UsageError(f"--eval-split {fraction} of {n} samples leaves none to train on")
-    held = sorted(random.Random(f"higgs_min eval split {seed}").sample(range(n), k))
-    keep = set(held)
-    return [i for i in range(n) if i not in keep], held
-
-
-class Subset:
-    """Some samples of a dataset (a list, or corpus.open_dataset's), with the same interface."""
-
-    def __init__(self, dataset, indices: list[int], what: str):
-        self.dataset, self.indices = dataset, list(indices)
-        self.lengths = np.asarray(lengths_of(dataset))[self.indices]
-        self.report = f"{getattr(dataset, 'report', f'{len(dataset)} samples')}; {len(self.indices)} {what}"
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.dataset[self.indices[i]]
-
-
-def open_eval(args, encoder, dataset):
-    """(training dataset, eval dataset or None) from --eval-data (JSONL or packed corpus) or --eval-split."""
-    if args.eval_data is not None and args.eval_split:
-        raise UsageError("--eval-data and --eval-split both given; choose one")
-    if args.eval_data is not None:
-        if not args.eval_data.exists():
-            raise UsageError(f"--eval-data {args.eval_data}: no such file or folder")
-        held = open_dataset(args.eval_data, encoder, args.max_length, args.skip_bad_samples)
-        log.info("eval data: %s", held.report)
-        return dataset, held
-    if args.eval_split:
-        train_idx, eval_idx = holdout(len(dataset), args.eval_split, args.seed)
-        log.info("--eval-split %g: %d samples held out for evaluation, %d to train on",
-                 args.eval_split, len(eval_idx), len(train_idx))
-        return Subset(dataset, train_idx, "to train on"), Subset(dataset, eval_idx, "held out for eval")
-    return dataset, None
 
 
 class Evaluator:

@@ -27,16 +27,13 @@ new keys up to itself (a causal mask aligned to the bottom right).
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from higgs_min import transformers_format
 from higgs_min.config import ModelConfig
 
 
@@ -355,83 +352,3 @@ class HiggsAudioModel(nn.Module):
 
 
 # --------------------------------------------------------------------------- loading
-
-def weight_files(path: str | Path) -> tuple[dict[str, Path], Path | None]:
-    """Map tensor name -> shard file for a .safetensors file or a folder.
-
-    A folder holds `model.safetensors.index.json` (sharded) or `model.safetensors`.
-    Returns (name -> file, index path or None).
-    """
-    from safetensors import safe_open
-
-    path = Path(path)
-    if path.is_dir():
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{index}: not a safetensors index ({e})") from e
-            return {name: path / shard for name, shard in weight_map.items()}, index
-        single = path / "model.safetensors"
-        if not single.exists():
-            raise FileNotFoundError(f"{path}: neither model.safetensors.index.json nor model.safetensors")
-        path = single
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such weights file")
-    with safe_open(str(path), framework="pt") as f:
-        return {name: path for name in f.keys()}, None
-
-
-@torch.no_grad()
-def load_pretrained(model: HiggsAudioModel, path: str | Path, dtype: torch.dtype | None = None) -> HiggsAudioModel:
-    """Load released-format weights into `model`, strictly, shard by shard (memory-mapped).
-
-    A folder in transformers' HiggsAudioV2 format (its config.json says so) is read under
-    transformers_format's name map.
-
-    A model built on the meta device is materialized first. Every tensor of the
-    model must be present with its exact shape, and no other tensor may be.
-    """
-    from safetensors import safe_open
-
-    if any(p.is_meta for p in model.parameters()):
-        model.to_empty(device="cpu")
-        model.init_buffers()  # every parameter is overwritten below
-    if dtype is not None:
-        model.to(dtype)
-    params = model.state_dict()
-    name_to_file, _ = weight_files(path)
-    stored = {name: name for name in name_to_file}  # our name -> the name in the file
-    hint = ""
-    if transformers_format.is_transformers_folder(path):
-        try:
-            stored = {transformers_format.from_transformers_name(n): n for n in name_to_file}
-        except KeyError as e:
-            raise KeyError(f"{path}: {e.args[0]}") from None
-        name_to_file = {ours: name_to_file[theirs] for ours, theirs in stored.items()}
-        hint = " (a transformers folder saved without use_text_head=True has no text head)"
-    missing = sorted(set(params) - set(name_to_file))
-    unexpected = sorted(set(name_to_file) - set(params))
-    if missing or unexpected:
-        raise KeyError(
-            f"{path}: weights do not match the model: missing {len(missing)} {missing[:5]}, "
-            f"unexpected {len(unexpected)} {unexpected[:5]}{hint if missing else ''}"
-        )
-    by_file: dict[Path, list[str]] = {}
-    for name, file in name_to_file.items():
-        by_file.setdefault(file, []).append(name)
-    for file, names in sorted(by_file.items()):
-        with safe_open(str(file), framework="pt") as f:
-            present = set(f.keys())
-            for name in names:
-                if stored[name] not in present:
-                    raise KeyError(f"{file}: tensor {stored[name]!r} listed in the index is not in the shard")
-                t = f.get_tensor(stored[name])
-                want = params[name]
-                if tuple(t.shape) != tuple(want.shape):
-                    raise ValueError(
-                        f"{file}: tensor {name!r} has shape {tuple(t.shape)}, model expects {tuple(want.shape)}"
-                    )
-                want.copy_(t.to(want.dtype))
-    return model

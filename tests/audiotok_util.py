@@ -23,7 +23,7 @@ TINY = {"D": 16, "codebook_dim": 8, "ratios": [8, 5, 4, 2, 3], "sample_rate": 24
 
 def tiny_model(seed: int = 0, config: dict = TINY):
     """(config dict, HiggsAudioTokenizerModel with seeded random weights, eval)."""
-    from higgs_min import audio_tokenizer as at
+    from higgs_min.audio import tokenizer as at
     cfg = at.AudioTokenizerConfig.from_json_dict(config)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

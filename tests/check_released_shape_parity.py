@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from higgs_min import audio_tokenizer as at
+from higgs_min.audio import tokenizer as at
 from tests import audiotok_util as u
 
 RELEASED = {"n_filters": 32, "D": 256, "codebook_dim": 64, "target_bandwidths": [0.5, 1, 1.5, 2, 4],

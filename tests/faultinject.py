@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from higgs_min import checkpoint  # noqa: E402
-from higgs_min.train import main  # noqa: E402
+from higgs_min.train.run import main  # noqa: E402
 
 
 def install(rank: int, code: int, after_bytes: int, only_under: str | None = None):

@@ -258,7 +258,7 @@ class Suite:
     # 5 ---------------------------------------------------------------------------------
     def bad_data(self, quick: bool):
         from higgs_min.data import ChatEncoder, DataError
-        from higgs_min.sanitize import load_jsonl
+        from higgs_min.prepare.sanitize import load_jsonl
         folder = self.work / "bad"
         corpus = bad_corpus(folder)
         enc = ChatEncoder(ROOT / "data" / "tokenizer.json", K, C, 1024)

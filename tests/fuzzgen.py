@@ -314,7 +314,7 @@ def encoder():
 
 def check(folder: Path, cases: list[Case], enc, strict_plans=True) -> dict:
     """Run every case through line_to_plan; count and collect what broke the rules (failures)."""
-    from higgs_min.sanitize import Rejection, line_to_plan
+    from higgs_min.prepare.sanitize import Rejection, line_to_plan
     source = folder / "d.jsonl"
     stats = {"tried": 0, "rejected": 0, "crashed": 0, "unforeseen": 0, "wrong": 0}
     failures, reasons = [], {}

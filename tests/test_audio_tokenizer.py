@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from higgs_min import audio_tokenizer as at
+from higgs_min.audio import tokenizer as at
 from tests import audiotok_util as u
 
 
@@ -62,7 +62,7 @@ def test_hubert_equals_transformers():
         from transformers import HubertConfig as HFConfig, HubertModel
     except ImportError as e:
         pytest.fail(f"transformers (test-only dependency, requirements-test.txt) cannot be imported: {e}")
-    from higgs_min.hubert import Hubert, HubertConfig
+    from higgs_min.audio.hubert import Hubert, HubertConfig
     h = u.TINY["hubert"]
     ours = Hubert(HubertConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in h.items()})).eval()
     torch.manual_seed(1)
@@ -84,7 +84,7 @@ def test_hubert_equals_transformers():
 
 def test_dac_layers_equal_the_pinned_descript_audio_codec():
     from dac.model import dac
-    from higgs_min.audio_layers import Decoder, Encoder
+    from higgs_min.audio.layers import Decoder, Encoder
     torch.manual_seed(0)
     ref_enc = dac.Encoder(2, [8, 5, 4, 2, 3], 16).eval()
     ref_dec = dac.Decoder(16, 64, [8, 5, 4, 2, 3]).eval()
@@ -220,7 +220,7 @@ def test_codes_equal_transformers_higgs_audio_v2_tokenizer(released):
 
 
 def test_encode_refuses_bad_input_and_long_files(released, tmp_path):
-    from higgs_min.codec import write_wav
+    from higgs_min.audio.codec import write_wav
     root, _, _ = released
     tok = at.load(root / "st")
     with pytest.raises(ValueError, match="1-D float"):
@@ -245,8 +245,8 @@ def test_encode_refuses_bad_input_and_long_files(released, tmp_path):
 def test_prepare_with_the_tokenizer_then_train_the_demo_a_few_steps(released, tmp_path, caplog):
     """prepare --audio-tokenizer on wavs at two rates, provenance recorded, long clips refused by name,
     codes decoded back, and the tiny preset trains on the codes."""
-    from higgs_min.codec import read_wav, write_wav
-    from higgs_min.prepare import main as prepare_main, prepare
+    from higgs_min.audio.codec import read_wav, write_wav
+    from higgs_min.prepare.encode import main as prepare_main, prepare
     from tests.helpers import write_jsonl
     from tests.trainutil import metrics, run
     root, _, _ = released
@@ -280,8 +280,8 @@ def test_prepare_with_the_tokenizer_then_train_the_demo_a_few_steps(released, tm
                          "--out", str(tmp_path / "back.wav")]) == 0
     x, rate = read_wav(tmp_path / "back.wav")
     assert rate == 24000 and x.numel() == 960 * 25
-    from higgs_min.pack import pack_main
-    from higgs_min.train import DATA
+    from higgs_min.prepare.pack import pack_main
+    from higgs_min.train.options import DATA
     assert pack_main(["--data", str(out), "--tokenizer", str(DATA / "tokenizer.json"), "--out",
                       str(tmp_path / "corpus"), "--workers", "1"]) == 0
     with caplog.at_level("INFO", logger="higgs_min.train"):
@@ -294,7 +294,7 @@ def test_prepare_with_the_tokenizer_then_train_the_demo_a_few_steps(released, tm
 def test_read_wav_reads_every_integer_pcm_width_and_mixes_channels(tmp_path):
     import wave
 
-    from higgs_min.codec import read_wav
+    from higgs_min.audio.codec import read_wav
     rng = np.random.default_rng(0)
     for width in (1, 2, 3, 4):
         bits = 8 * width
@@ -313,7 +313,7 @@ def test_read_wav_reads_every_integer_pcm_width_and_mixes_channels(tmp_path):
 
 
 def test_training_data_names_its_codec_and_refuses_a_mix(tmp_path):
-    from higgs_min.corpus import open_dataset
+    from higgs_min.prepare.corpus import open_dataset
     from higgs_min.data import ChatEncoder, DataError
     from tests.helpers import conversation, make_tokenizer, write_codes, write_jsonl
     enc = ChatEncoder(make_tokenizer(tmp_path / "tok.json"), 8, 1024, 400)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from higgs_min.convert import detect_layout
-from higgs_min.prepare import main as prepare_main
-from higgs_min.sanitize import line_to_plan, parse_line, check_conversation
+from higgs_min.prepare.convert import detect_layout
+from higgs_min.prepare.encode import main as prepare_main
+from higgs_min.prepare.sanitize import line_to_plan, parse_line, check_conversation
 
 
 def wav_bytes(n=160, value=0) -> bytes:

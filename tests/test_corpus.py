@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from higgs_min.config import ModelConfig
-from higgs_min.corpus import CorpusError, JsonlDataset, PackedDataset, open_dataset, verify
+from higgs_min.prepare.corpus import CorpusError, JsonlDataset, PackedDataset, open_dataset, verify
 from higgs_min.data import ChatEncoder
-from higgs_min.sanitize import load_jsonl
-from higgs_min.pack import pack
-from higgs_min.train import DATA
+from higgs_min.prepare.sanitize import load_jsonl
+from higgs_min.prepare.pack import pack
+from higgs_min.train.options import DATA
 from tests.helpers import conversation, make_tokenizer, write_codes, write_jsonl
 from tests.reference_layout import assert_same_sample
 from tests.trainutil import ROOT, env
@@ -183,7 +183,7 @@ def test_damage_is_named_truncated_flipped_missing_manifest_changed_source(tmp_p
 
 
 def test_prepare_cli_pack_and_verify(tmp_path, capsys):
-    from higgs_min.prepare import main
+    from higgs_min.prepare.encode import main
     data, tok = small_set(tmp_path)
     assert main(["pack", "--data", str(data), "--tokenizer", str(tok), "--out", str(tmp_path / "c"),
                  "--num-codebooks", str(K), "--codebook-size", str(C), "--workers", "1"]) == 0

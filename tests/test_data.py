@@ -8,7 +8,7 @@ import torch
 
 from higgs_min.data import (IGNORE_INDEX, ChatEncoder, DataError, audio_stream, collate, delay_pattern,
                             next_token_targets, revert_delay_pattern)
-from higgs_min.sanitize import load_jsonl
+from higgs_min.prepare.sanitize import load_jsonl
 from tests.helpers import conversation, make_tokenizer, write_codes, write_jsonl
 
 K, C, V = 4, 16, 400
@@ -201,7 +201,7 @@ def test_codes_in_safetensors(tmp_path, encoder):
 
 def test_demo_set_loads_with_zero_skips():
     from higgs_min.config import ModelConfig
-    from higgs_min.train import DATA
+    from higgs_min.train.options import DATA
     cfg = ModelConfig.from_preset("tiny")
     enc = ChatEncoder(DATA / "tokenizer.json", cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size)
     samples, report = load_jsonl(DATA / "demo.jsonl", enc, 2048)
@@ -212,8 +212,8 @@ def test_demo_set_loads_with_zero_skips():
 
 
 def test_prepare_encodes_with_seeded_random_dac_and_caches(tmp_path):
-    from higgs_min.codec import write_wav
-    from higgs_min.prepare import prepare
+    from higgs_min.audio.codec import write_wav
+    from higgs_min.prepare.encode import prepare
     t = torch.arange(24000) / 24000
     write_wav(tmp_path / "a.wav", 0.3 * torch.sin(2 * math.pi * 220 * t), 24000)
     row = {"messages": [{"role": "assistant", "content": [{"type": "audio", "audio": "a.wav"}]}]}
@@ -228,8 +228,8 @@ def test_prepare_encodes_with_seeded_random_dac_and_caches(tmp_path):
     with pytest.raises(SystemExit, match="refusing"):
         prepare(tmp_path / "in.jsonl", tmp_path / "o2.jsonl")
     # and back to audio to listen to
-    from higgs_min.codec import read_wav
-    from higgs_min.prepare import main as prepare_main
+    from higgs_min.audio.codec import read_wav
+    from higgs_min.prepare.encode import main as prepare_main
     assert prepare_main(["--decode", str(tmp_path / "out" / item["codes"]), "--random-codec-seed", "0",
                          "--out", str(tmp_path / "back.wav")]) == 0
     x, rate = read_wav(tmp_path / "back.wav")
@@ -238,7 +238,7 @@ def test_prepare_encodes_with_seeded_random_dac_and_caches(tmp_path):
 
 def _demo_samples():
     from higgs_min.config import ModelConfig
-    from higgs_min.train import DATA
+    from higgs_min.train.options import DATA
     cfg = ModelConfig.from_preset("tiny")
     enc = ChatEncoder(DATA / "tokenizer.json", cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size)
     return load_jsonl(DATA / "demo.jsonl", enc, 2048)[0]
@@ -294,7 +294,7 @@ def test_plan_then_materialize_equals_the_position_by_position_layout(tmp_path, 
         assert_same_sample(s, reference_sample(encoder, lines[s.index - 1], tmp_path, s.index))
 
     from higgs_min.config import ModelConfig
-    from higgs_min.train import DATA
+    from higgs_min.train.options import DATA
     cfg = ModelConfig.from_preset("tiny")
     enc = ChatEncoder(DATA / "tokenizer.json", cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size)
     demo, _ = load_jsonl(DATA / "demo.jsonl", enc, 2048)

@@ -5,8 +5,10 @@ import sys
 
 import pytest
 
-from higgs_min import checkpoint, prepare
-from higgs_min.train import DATA, main
+from higgs_min import checkpoint
+from higgs_min.prepare import encode as prepare
+from higgs_min.train.options import DATA
+from higgs_min.train.run import main
 from tests.trainutil import ROOT, env
 
 

@@ -9,12 +9,13 @@ import torch.nn.functional as F
 
 from higgs_min import checkpoint
 from higgs_min.data import IGNORE_INDEX, ChatEncoder
-from higgs_min.sanitize import load_jsonl
+from higgs_min.prepare.sanitize import load_jsonl
 from higgs_min.distributed import DistInfo
-from higgs_min.evaluate import Evaluator, figures, holdout
+from higgs_min.evaluate import Evaluator, figures
+from higgs_min.train.datasets import holdout
 from higgs_min.lora import apply_lora
 from higgs_min.model import HiggsAudioModel
-from higgs_min.train import Scorer
+from higgs_min.loop import Scorer
 from tests.conftest import micro_config
 from tests.helpers import conversation, make_tokenizer, write_codes, write_jsonl
 

@@ -4,9 +4,10 @@ import json
 import torch
 
 from higgs_min.config import ModelConfig
-from higgs_min.export import INDEX, main as export_main, released_config
-from higgs_min.model import HiggsAudioModel, load_pretrained
-from higgs_min.runs import build_base, load_trained
+from higgs_min.export.merge import INDEX, main as export_main, released_config
+from higgs_min.model import HiggsAudioModel
+from higgs_min.weights import load_pretrained
+from higgs_min.train.runs import build_base, load_trained
 from tests.conftest import micro_config, random_batch
 from tests.helpers import make_tokenizer
 from tests.trainutil import run

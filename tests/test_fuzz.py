@@ -7,7 +7,7 @@ import json
 import pytest
 
 from higgs_min.data import DataError
-from higgs_min.sanitize import FILTERED, load_jsonl, read_jsonl
+from higgs_min.prepare.sanitize import FILTERED, load_jsonl, read_jsonl
 from tests import fuzzgen
 
 N, SEED = 1200, 19
@@ -42,7 +42,7 @@ def test_the_check_can_fail(corpus, monkeypatch):
     line, is caught."""
     folder, cases, _, enc = corpus
     cases = cases[:500]
-    import higgs_min.sanitize as sanitize
+    import higgs_min.prepare.sanitize as sanitize
     monkeypatch.setattr(sanitize, "_bad_int", int)
     stats = fuzzgen.check(folder, cases, enc)
     assert stats["wrong"] > 0 and stats["unforeseen"] > 0  # accepted huge ints; int() past 4300 digits

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from higgs_min.data import audio_stream
-from higgs_min.generate import (DelayState, GenerationError, Prompt, delay_rules, generate, repetition_aware,
+from higgs_min.generate.sampling import (DelayState, GenerationError, Prompt, delay_rules, generate, repetition_aware,
                                 segment_codes, warp)
 from higgs_min.model import HiggsAudioModel
 from tests.conftest import micro_config
@@ -177,7 +177,7 @@ def test_ras_resamples_exactly_the_repeating_rows():
 
 def test_ras_history_includes_the_prompt_audio_out(monkeypatch):
     # The official window reads audio_out_ids: the prompt's audio-out streams (voice cloning), then this segment.
-    import higgs_min.generate as G
+    import higgs_min.generate.sampling as G
     seen, real = [], G.repetition_aware
 
     def spy(tokens, history, raw, win, rep, resample):
@@ -247,7 +247,7 @@ def test_overfit_one_demo_sample_regenerates_it_greedily():
     import torch.nn.functional as F
 
     from higgs_min.data import ChatEncoder, IGNORE_INDEX, next_token_targets
-    from higgs_min.generate import make_prompt
+    from higgs_min.generate.sampling import make_prompt
 
     root = Path(__file__).resolve().parents[1] / "data"
     cfg = micro_config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16,

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from higgs_min import lora
 from higgs_min.config import ModelConfig
-from higgs_min.generate_cli import load_model, main
+from higgs_min.generate.cli import load_model, main
 from higgs_min.model import HiggsAudioModel
 
 ROOT = Path(__file__).resolve().parents[1]

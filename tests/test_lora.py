@@ -5,10 +5,11 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from higgs_min.export import merge_into_weights
+from higgs_min.export.merge import merge_into_weights
 from higgs_min.lora import (LoRALinear, adapter_config, adapter_state_dict, apply_lora, load_adapter,
                             lora_layers, merge_lora, unmerge_lora)
-from higgs_min.model import HiggsAudioModel, load_pretrained
+from higgs_min.model import HiggsAudioModel
+from higgs_min.weights import load_pretrained
 from tests.conftest import micro_config, random_batch
 
 

@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from higgs_min.config import ModelConfig
-from higgs_min.model import HiggsAudioModel, load_pretrained, rope_inv_freq
+from higgs_min.model import HiggsAudioModel, rope_inv_freq
+from higgs_min.weights import load_pretrained
 from tests.conftest import micro_config, random_batch
 
 

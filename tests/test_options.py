@@ -9,7 +9,7 @@ import torch
 
 from higgs_min.config import REFUSED_FIELDS, ModelConfig
 from higgs_min.data import EOM, IGNORE_INDEX, ChatEncoder, DataError
-from higgs_min.sanitize import load_jsonl
+from higgs_min.prepare.sanitize import load_jsonl
 from higgs_min.model import HiggsAudioModel, rotate_half
 from tests.conftest import micro_config, random_batch
 from tests.helpers import make_tokenizer, write_codes, write_jsonl

@@ -2,8 +2,8 @@
 import json
 import shutil
 
-from higgs_min import runconfig
-from higgs_min.train import DATA, parse_args
+from higgs_min.train import runconfig
+from higgs_min.train.options import DATA, parse_args
 from tests.trainutil import run
 
 
@@ -59,7 +59,7 @@ def test_run_config_round_trips_through_config(tmp_path, caplog, capsys):
     moved = tmp_path / "moved.jsonl"
     shutil.copy(DATA / "demo.jsonl", moved)
     (tmp_path / "codes").symlink_to(DATA / "codes")
-    from higgs_min.train import main
+    from higgs_min.train.run import main
     caplog.clear()
     assert main(["--config", str(rc), "--max-steps", "3", "--data", str(moved)]) == 0, _error_lines(capsys)
     assert "(same content)" in caplog.text

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from higgs_min import checkpoint
-from higgs_min.train import DATA, lr_at, parse_args
+from higgs_min.train.options import DATA, parse_args
+from higgs_min.loop import lr_at
 from tests.trainutil import ROOT, adapter, env, free_port, metrics, run, run_cli, torchrun, train_args
 
 
 def test_every_option_has_help_and_unknown_options_fail(capsys):
-    from higgs_min.train import build_parser
+    from higgs_min.train.options import build_parser
     ap = build_parser()
     for action in ap._actions:
         if action.dest != "help":
@@ -59,7 +60,7 @@ def test_max_steps_3_writes_a_checkpoint_at_step_3(tmp_path):
     assert json.loads((out / "run_config.json").read_text())["train"]["max_steps"] == 3
     assert (out / "train.log").read_text().count("saved") == 1
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    from higgs_min.plot import main as plot_main
+    from higgs_min.train.plot import main as plot_main
     assert plot_main([str(out)]) == 0 and (out / "loss.png").stat().st_size > 1000
 
 

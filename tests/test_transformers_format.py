@@ -11,11 +11,14 @@ import json
 import pytest
 import torch
 
-from higgs_min import transformers_format as tf
+from higgs_min import weights
+from higgs_min.config import ROPE_KEYS, transformers_config_kwargs
+from higgs_min.export import transformers_format as tf
 from higgs_min.config import ModelConfig
-from higgs_min.export import main as export_main
+from higgs_min.export.merge import main as export_main
 from higgs_min.lora import DEFAULT_TARGETS, adapter_config, adapter_state_dict, apply_lora, merge_lora
-from higgs_min.model import HiggsAudioModel, load_pretrained
+from higgs_min.model import HiggsAudioModel
+from higgs_min.weights import load_pretrained
 from tests.helpers import conversation, make_tokenizer, write_codes, write_jsonl
 from tests.test_lora import _randomize_lora
 
@@ -123,20 +126,20 @@ def test_names_and_config_round_trip():
     names = list(HiggsAudioModel(cfg).state_dict())
     hf_names = [tf.to_transformers_name(n) for n in names]
     assert "model.embed_audio_tokens.embed_audio_tokens.weight" in hf_names and "text_lm_head.weight" in hf_names
-    assert [tf.from_transformers_name(n) for n in hf_names] == names
+    assert [weights.from_transformers_name(n) for n in hf_names] == names
     with pytest.raises(KeyError, match="no counterpart"):
         tf.to_transformers_name("audio_decoder_proj.extra.weight")
     ids = {k: 300 + i for i, k in enumerate(tf.TOKEN_FIELDS)}
     raw = tf.to_transformers_config(cfg, ids, torch.bfloat16)
     assert raw["codebook_size"] == 18 and raw["dtype"] == "bfloat16"
     assert set(raw) <= set(transformers.HiggsAudioV2Config().to_dict())  # no field transformers does not define
-    assert ModelConfig(**tf.config_kwargs(raw, "x")) == cfg
+    assert ModelConfig(**transformers_config_kwargs(raw, "x")) == cfg
     legacy = {k: v for k, v in raw.items() if k != "rope_parameters"}  # rope_theta + rope_scaling{"type"}
     legacy.update(rope_theta=cfg.rope_theta, rope_scaling={"type": "llama3", **{k: cfg.rope_scaling[k] for k in
-                                                                                 tf.ROPE_KEYS}})
-    assert ModelConfig(**tf.config_kwargs(legacy, "x")) == cfg
+                                                                                 ROPE_KEYS}})
+    assert ModelConfig(**transformers_config_kwargs(legacy, "x")) == cfg
     with pytest.raises(ValueError, match="codebook_size=1024 must be audio_stream_eos_id"):
-        tf.config_kwargs({**raw, "codebook_size": 1024, "audio_stream_eos_id": 17}, "x")
+        transformers_config_kwargs({**raw, "codebook_size": 1024, "audio_stream_eos_id": 17}, "x")
     released = ModelConfig.from_preset("higgs-v2-3b")
     assert tf.to_transformers_config(released, ids, torch.bfloat16)["codebook_size"] == 1026
 
@@ -271,7 +274,7 @@ def test_cli_exports_a_preset_run_and_a_run_on_transformers_weights(trained, tmp
     """The base of a preset run is rebuilt from its recorded preset and seed (--base-only writes it); a run
     trained with --base-weights on a transformers folder. Merged, and adapter-only through PEFT onto the base,
     each equals load_trained's base + adapter."""
-    from higgs_min.runs import load_trained
+    from higgs_min.train.runs import load_trained
     from tests.trainutil import run
 
     write_codes(tmp_path / "codes" / "a.npy", K=4, T=5, C=16)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from higgs_min.train import main
+from higgs_min.train.run import main
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--max-steps", "4", "--save-steps", "100", "--log-every", "1", "--batch-size", "4",

@@ -23,7 +23,7 @@ import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from higgs_min.codes_file import Refused, read_codes, read_codes_header
+from higgs_min.prepare.codes_file import Refused, read_codes, read_codes_header
 from higgs_min.data import ROLES, SUPERVISED, ChatEncoder, DataError, LoadReport, Plan, Sample, materialize
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def check_conversation(obj, where_file: Path):
 
 def layout_hint(obj: dict) -> str:
     """' (this looks like X: convert it with ...)' for a line of a layout `prepare convert` knows, else ''."""
-    from higgs_min.convert import detect_layout  # a leaf module: the table of known layouts lives there
+    from higgs_min.prepare.convert import detect_layout  # a leaf module: the table of known layouts lives there
     name = detect_layout(obj)
     return (f"; this looks like {name}: python -m higgs_min.prepare convert --from {name} FILE --out OUT.jsonl"
             if name else "")
@@ -329,7 +329,7 @@ def read_jsonl(path: str | Path, encoder, max_length: int, skip_bad: bool = Fals
     try:
         raw = path.read_bytes()
     except OSError as e:
-        from higgs_min.convert import file_hint
+        from higgs_min.prepare.convert import file_hint
         raise DataError(f"{path}: cannot read data file: {e.strerror or e}{file_hint(path, b'')}") from e
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
@@ -352,7 +352,7 @@ def read_jsonl(path: str | Path, encoder, max_length: int, skip_bad: bool = Fals
     if bad and not skip_bad:
         hint = ""
         if len(bad) == total:  # not one good line: perhaps not this project's format at all
-            from higgs_min.convert import file_hint
+            from higgs_min.prepare.convert import file_hint
             hint = file_hint(path, raw.split(b"\n", 1)[0])
         first = "\n  ".join(r.message() for r in bad[:20])
         more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""

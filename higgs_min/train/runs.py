@@ -26,7 +26,8 @@ import torch
 
 from higgs_min.config import ModelConfig
 from higgs_min.lora import load_adapter
-from higgs_min.model import HiggsAudioModel, load_pretrained
+from higgs_min.model import HiggsAudioModel
+from higgs_min.weights import load_pretrained
 
 
 class RunError(ValueError):

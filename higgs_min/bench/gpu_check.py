@@ -1,6 +1,6 @@
 """`make gpu-check`: the CUDA path at the released 3B shape, on one GPU. Not part of `make test`.
 
-    python -m higgs_min.gpu_check [--seq 4096] [--steps 3] [--skip-trainer]
+    python -m higgs_min.bench.gpu_check [--seq 4096] [--steps 3] [--skip-trainer]
 
 1. bench: one LoRA step of `higgs-v2-3b` (random base in bf16, LoRA and AdamW state in fp32, loss in fp32 under
    bf16 autocast, fused AdamW) on a batch of one `--seq`-position sample, half of it audio, with and without
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def peak_bf16_flops(dev) -> float:
@@ -62,9 +62,9 @@ def build_3b(dev, activation_checkpointing: bool):
 def bench_3b(seq: int, activation_checkpointing: bool, peak: float) -> str:
     from argparse import Namespace
 
-    from higgs_min.bench_speed import audio_batch, step_flops
+    from higgs_min.bench.speed import audio_batch, step_flops
     from higgs_min.loss import target_counts
-    from higgs_min.train import Scorer, objective
+    from higgs_min.loop import Scorer, objective
 
     dev = torch.device("cuda")
     torch.cuda.empty_cache()
@@ -120,7 +120,7 @@ def trainer(steps: int) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m higgs_min.gpu_check", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m higgs_min.bench.gpu_check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--seq", type=int, default=4096, help="positions of the bench sample")
     ap.add_argument("--steps", type=int, default=3, help="trainer steps")
     ap.add_argument("--skip-trainer", action="store_true", help="bench only")

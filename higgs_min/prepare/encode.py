@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +49,7 @@ class _Codec:
             if codec_weights is not None or random_seed is not None:
                 raise SystemExit("--audio-tokenizer and --codec-weights/--random-codec-seed are exclusive: "
                                  "one codec per data set")
-            from higgs_min import audio_tokenizer as at
+            from higgs_min.audio import tokenizer as at
             import torch
             try:  # loaded up front: its identity is a hash of its (folded) weights
                 self.model = at.load(audio_tokenizer, device, getattr(torch, dtype))
@@ -73,7 +72,8 @@ class _Codec:
 
     def encode(self, x, rate) -> np.ndarray:
         """Mono float waveform at `rate` -> (8, T) int16 codes."""
-        from higgs_min import audio_tokenizer as at, codec
+        from higgs_min.audio import tokenizer as at
+        from higgs_min.audio import codec
         if isinstance(self.model, at.AudioTokenizer):
             return self.model.encode(at.resample(x, rate, self.model.sample_rate)).numpy().astype(np.int16)
         if self.model is None:
@@ -82,7 +82,8 @@ class _Codec:
 
     def decode(self, codes: np.ndarray):
         """(K, T) codes -> (waveform, rate)."""
-        from higgs_min import audio_tokenizer as at, codec
+        from higgs_min.audio import tokenizer as at
+        from higgs_min.audio import codec
         if isinstance(self.model, at.AudioTokenizer):
             return self.model.decode(codes), self.model.sample_rate
         if self.model is None:
@@ -106,7 +107,7 @@ def prepare(data: Path, out: Path, codec_weights=None, random_seed=None, audio_t
 
     from tqdm import tqdm
 
-    from higgs_min import codec
+    from higgs_min.audio import codec
 
     enc = _Codec(codec_weights, random_seed, audio_tokenizer, device, dtype)
     lines = data.read_text(encoding="utf-8").splitlines()
@@ -184,11 +185,11 @@ def prepare(data: Path, out: Path, codec_weights=None, random_seed=None, audio_t
 # "module:function"; the function takes argv (the words after the subcommand) and
 # returns an exit code. Imported only when asked for, so `prepare --help` stays fast.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "convert": ("higgs_min.convert:main", "ljspeech / wav folder / ShareGPT / OpenAI chat -> the project's JSONL"),
-    "convert-audio-tokenizer": ("higgs_min.audio_tokenizer:convert_main",
+    "convert": ("higgs_min.prepare.convert:main", "ljspeech / wav folder / ShareGPT / OpenAI chat -> the project's JSONL"),
+    "convert-audio-tokenizer": ("higgs_min.audio.tokenizer:convert_main",
                                 "released Higgs audio tokenizer model.pth -> model.safetensors, once"),
-    "pack": ("higgs_min.pack:pack_main", "JSONL with codes -> a packed, memory-mapped corpus folder"),
-    "verify": ("higgs_min.corpus:verify_main", "check a packed corpus's shards against its manifest"),
+    "pack": ("higgs_min.prepare.pack:pack_main", "JSONL with codes -> a packed, memory-mapped corpus folder"),
+    "verify": ("higgs_min.prepare.corpus:verify_main", "check a packed corpus's shards against its manifest"),
 }
 
 
@@ -225,7 +226,7 @@ def encode_main(argv) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.decode:
-        from higgs_min import codec
+        from higgs_min.audio import codec
         enc = _Codec(args.codec_weights, args.random_codec_seed, args.audio_tokenizer, args.device, args.dtype)
         x, rate = enc.decode(np.load(args.decode, allow_pickle=False))
         codec.write_wav(args.out, x, rate)
@@ -238,7 +239,3 @@ def encode_main(argv) -> int:
     print(f"{args.out}: {counts['audio_items']} audio items, {counts['encoded']} encoded, {counts['cached']} cached"
           f" (codec {counts['codec']})")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -29,7 +29,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from higgs_min.data import DataError, load_codes, revert_delay_pattern
+from higgs_min.data import DataError, revert_delay_pattern
+from higgs_min.prepare.codes_file import load_codes
 from higgs_min.model import KVCache
 
 # examples/generation.py `prepare_generation_context` (single speaker).
@@ -314,9 +315,3 @@ def generate(model, prompt: Prompt, *, max_new_tokens: int = 2048, temperature: 
     per = [segment_codes(a, C) for a in audio]
     codes_out = torch.cat(per, 1) if per else torch.zeros(K, 0, dtype=torch.long, device=dev)
     return Generation(text_ids, audio, codes_out.cpu(), step, stopped)
-
-
-if __name__ == "__main__":
-    from higgs_min.generate_cli import main
-
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Plot a run's losses: python -m higgs_min.plot OUTPUT_DIR  ->  OUTPUT_DIR/loss.png
+"""Plot a run's losses: python -m higgs_min.train.plot OUTPUT_DIR  ->  OUTPUT_DIR/loss.png
 
 Reads OUTPUT_DIR/metrics.jsonl (one JSON line per log step; rows with "split": "eval" are the
 held-out evaluations, drawn as dashed lines with markers). matplotlib arrives
@@ -48,7 +48,7 @@ def plot(output_dir: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m higgs_min.plot", description="Write OUTPUT_DIR/loss.png.")
+    ap = argparse.ArgumentParser(prog="python -m higgs_min.train.plot", description="Write OUTPUT_DIR/loss.png.")
     ap.add_argument("output_dir", type=Path, help="a training output folder holding metrics.jsonl")
     print(f"wrote {plot(ap.parse_args(argv).output_dir)}")
     return 0

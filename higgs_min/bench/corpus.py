@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = ROOT / "data" / "tokenizer.json"
 WORDS = ("the capital of france is paris a week has seven days water boils at one hundred degrees "
          "please answer in the language of the question what is how many are in").split()
@@ -39,7 +39,7 @@ def rss_anon():
             return int(line.split()[1]) * 1024
 import torch.utils.data  # imported before the baseline: module code is not data
 from higgs_min.batches import BatchStream
-from higgs_min.corpus import open_dataset
+from higgs_min.prepare.corpus import open_dataset
 from higgs_min.data import ChatEncoder
 enc = ChatEncoder(sys.argv[2], 8, 1024, 1024)
 base = rss_anon()
@@ -113,12 +113,12 @@ def step_consumption(dataset) -> float:
     from argparse import Namespace
 
     from higgs_min.batches import BatchStream
-    from higgs_min.bench import median_time
+    from higgs_min.bench.common import median_time
     from higgs_min.config import ModelConfig
     from higgs_min.lora import apply_lora
     from higgs_min.loss import target_counts
     from higgs_min.model import HiggsAudioModel
-    from higgs_min.train import Scorer, objective
+    from higgs_min.loop import Scorer, objective
 
     torch.manual_seed(0)
     model = HiggsAudioModel(ModelConfig.from_preset("tiny"))
@@ -138,11 +138,11 @@ def step_consumption(dataset) -> float:
 
 
 def bench_corpus(quick=False):
-    from higgs_min.bench import row
-    from higgs_min.corpus import open_dataset
+    from higgs_min.bench.common import row
+    from higgs_min.prepare.corpus import open_dataset
     from higgs_min.data import ChatEncoder
-    from higgs_min.sanitize import load_jsonl
-    from higgs_min.pack import pack
+    from higgs_min.prepare.sanitize import load_jsonl
+    from higgs_min.prepare.pack import pack
 
     small, large = (2_000, 20_000) if quick else (10_000, 100_000)
     rows = []

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from higgs_min.data import DataError
 
 MAX_PATH_BYTES, MAX_NAME_BYTES = 4095, 255  # PATH_MAX - 1 and NAME_MAX on Linux: longer cannot be opened
 MAX_NPY_HEADER = 10_000  # numpy's own default limit
@@ -156,3 +159,13 @@ def read_codes(h: CodesHeader, field: str, C: int) -> np.ndarray:
     if lo < 0 or hi >= C:
         raise Refused(field, "codes out of range", f"{h.path} has values in [{lo}, {hi}], expected [0, {C})")
     return arr.astype(np.int16)
+
+
+def load_codes(path: Path, where: str, K: int, C: int) -> torch.Tensor:
+    """Read integer codes (K, T) from .npy or .safetensors, header first (above), checked; DataError naming
+    `where` otherwise. (Data lines go through sanitize.line_to_plan; this serves single files, e.g. generate.)"""
+    try:
+        arr = read_codes(read_codes_header(Path(path), f"{where}.codes", K), f"{where}.codes", C)
+    except Refused as r:
+        raise DataError(f"{r.field}: {r.detail}") from None
+    return torch.from_numpy(arr.astype(np.int64))

@@ -8,14 +8,13 @@ trained from it). It holds
      "identity": {"data": {"path", "sha256"}, "tokenizer": ..., "base_weights": ..., "eval_data": ...},
      "model": ModelConfig as a dict, "world_size": N}
 
-On resume the current settings are compared with the recorded ones:
-  - a change to what is trained (TRAINED: model, tokenizer, LoRA, seed, data content, batch, loss
-    weights, max length, optimizer) refuses to start and lists each `setting: old -> new`;
-    --allow-changed-settings lets it through (logged, and appended to settings_changes.jsonl),
-    except for SHAPE settings, whose checkpoint cannot load into the new model at all;
-  - a change to schedule or bookkeeping (ALLOWED: --max-steps/--epochs, cadences, keep-last, ...)
-    is logged and recorded in settings_changes.jsonl;
-  - an option in neither list counts as TRAINED: a new option is refused until classified here.
+On resume the current settings are compared with the recorded ones, each by its class in the options
+table (options.py OPTIONS, the only list):
+  - TRAINED: a change refuses to start and lists each `setting: old -> new`; --allow-changed-settings
+    lets it through (logged, and appended to settings_changes.jsonl);
+  - SHAPE: refused even with --allow-changed-settings (the checkpoint cannot load into the new model);
+  - OPERATIONAL: logged and recorded in settings_changes.jsonl;
+  - a recorded setting that is no longer an option counts as TRAINED.
 Data, tokenizer and base weights are compared by content (sha256), so a moved file is not a change.
 """
 
@@ -29,24 +28,14 @@ from pathlib import Path
 
 from higgs_min import checkpoint, distributed
 from higgs_min.errors import UsageError
+from higgs_min.train.options import NOT_CONFIG, OPERATIONAL, RESUME_CLASS, SHAPE, TRAINED
 
 log = logging.getLogger(__name__)
 
 RUN_CONFIG = "run_config.json"
 CHANGES = "settings_changes.jsonl"
-# Options whose change on resume is allowed (logged and recorded): schedule, cadence, bookkeeping, speed.
-ALLOWED = frozenset({
-    "max_steps", "epochs", "save_steps", "log_every", "eval_every", "keep_last", "backup_dir",
-    "on_save_error", "num_workers", "workers", "output_dir", "resume", "config", "tensorboard",
-    "log_samples", "dist_timeout", "strict_space", "device", "text_loss_chunk", "debug",
-    "allow_changed_settings", "activation_checkpointing", "eval_data", "eval_batch_size", "max_bad_fraction",
-})
-# A checkpoint trained with other values of these cannot even load into the new model.
-SHAPE = frozenset({"preset", "lora_rank", "lora_targets"})
 # Compared by content, not by the path string.
 IDENTITY = ("data", "tokenizer", "base_weights", "eval_data")
-# Never part of --config input: where the file came from, and per-invocation switches.
-NOT_CONFIG = ("config", "allow_changed_settings", "debug")
 _HASH_LIMIT = 256 << 20  # files above this in a folder are identified by name and size (base shards)
 
 
@@ -76,12 +65,6 @@ def identities(args) -> dict:
     return {k: fingerprint(getattr(args, k, None)) for k in IDENTITY}
 
 
-def as_config(raw: dict) -> dict:
-    """Option values from a --config file: a flat {option: value} or a run_config.json."""
-    values = raw["train"] if isinstance(raw.get("train"), dict) and "model" in raw else raw
-    return {k: v for k, v in values.items() if k not in NOT_CONFIG}
-
-
 def _show(value, ident=None) -> str:
     if ident and ident.get("sha256"):
         return f"{value} (sha256 {ident['sha256'][:12]})"
@@ -104,7 +87,7 @@ def compare(old: dict, old_ident: dict, new: dict, new_ident: dict) -> tuple[dic
         elif a == b:
             continue
         diff = f"{_show(a, ia)} -> {_show(b, ib)}"
-        (allowed if key in ALLOWED else refused)[key] = diff
+        (allowed if RESUME_CLASS.get(key, TRAINED) == OPERATIONAL else refused)[key] = diff
     return refused, allowed
 
 
@@ -187,7 +170,7 @@ def _decide(args) -> Run:
         if allowed:
             log.info("changed on resume (allowed): %s", "; ".join(f"{k}: {v}" for k, v in allowed.items()))
             changes["allowed"] = allowed
-        shape = {k: v for k, v in refused.items() if k in SHAPE}
+        shape = {k: v for k, v in refused.items() if RESUME_CLASS.get(k) == SHAPE}
         if shape and folder is not None:
             raise UsageError(
                 f"{folder} was trained with other shapes: " + "; ".join(f"{k}: {v}" for k, v in shape.items())

@@ -30,18 +30,18 @@ import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from higgs_min import transformers_format as tf
+from higgs_min.export import transformers_format as tf
 from higgs_min.config import REFUSED_FIELDS, ModelConfig
 from higgs_min.errors import Parser, guard
 from higgs_min.lora import PEFT_PREFIX, merge_lora, read_adapter
-from higgs_min.model import HiggsAudioModel, load_pretrained, weight_files
-from higgs_min.runs import load_trained, read_settings
+from higgs_min.model import HiggsAudioModel
+from higgs_min.weights import load_pretrained, weight_files
+from higgs_min.train.runs import load_trained, read_settings
 
 log = logging.getLogger(__name__)
 INDEX = "model.safetensors.index.json"
@@ -189,7 +189,7 @@ def export_rebuilt(adapter_dir, out, tokenizer=None) -> Path:
     """A run trained on a preset: rebuild its seeded base from the checkpoint's record, merge, write a base folder."""
     from safetensors.torch import save_file
 
-    from higgs_min.runs import RunError, build_base
+    from higgs_min.train.runs import RunError, build_base
 
     settings = read_settings(Path(adapter_dir))
     if not settings:
@@ -331,7 +331,3 @@ def _base_or_recorded_tokenizer(adapter, base):
     base = Path(base)
     folder = base if base.is_dir() else base.parent
     return None if (folder / "tokenizer.json").is_file() else _recorded_tokenizer(adapter)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,8 +22,8 @@ Facts it relies on (transformers 5.24, models/higgs_audio_v2/modeling_higgs_audi
   the audio FFN; `generate()` writes `audio_delay_token_id` after a stream ends, so it must be in the vocabulary;
 - `from_pretrained` takes the dtype from the config's `dtype` field.
 
-It imports nothing from higgs_min (config.py and model.py call into it to read such folders) and
-nothing from transformers (a test-only dependency).
+Reading such a folder is the core's job (config.py: the config; weights.py: the tensor names); this module
+writes them. It imports nothing from transformers (a test-only dependency).
 """
 
 from __future__ import annotations
@@ -37,21 +37,10 @@ from pathlib import Path
 
 import torch
 
-MODEL_TYPE = "higgs_audio_v2"
-ARCHITECTURE = "HiggsAudioV2ForConditionalGeneration"
+from higgs_min.config import MODEL_TYPE, ROPE_KEYS
+from higgs_min.weights import NAME_MAP, to_transformers_name
 
-# Released (= higgs_min) name prefix -> transformers name prefix. Follows ORIGINAL_TO_CONVERTED_KEY_MAPPING in
-# transformers' src/transformers/models/higgs_audio_v2/convert_higgs_audio_v2_to_hf.py (huggingface/transformers
-# @0d502730; the 5.24 wheel does not ship that script): audio_codebook_embeddings -> model.embed_audio_tokens.
-# embed_audio_tokens, embed_tokens|layers|norm -> model.*, the audio_decoder_proj. level dropped from the heads.
-NAME_MAP = (
-    ("audio_codebook_embeddings.", "model.embed_audio_tokens.embed_audio_tokens."),
-    ("embed_tokens.", "model.embed_tokens."),
-    ("layers.", "model.layers."),
-    ("norm.", "model.norm."),
-    ("audio_decoder_proj.audio_lm_head.", "audio_lm_head."),
-    ("audio_decoder_proj.text_lm_head.", "text_lm_head."),
-)
+ARCHITECTURE = "HiggsAudioV2ForConditionalGeneration"
 
 # transformers' config.json id fields -> the token each one names. "<|reserved_special_token_6|>" is id 128014 in
 # the released tokenizer, HiggsAudioV2Config's default audio_delay_token_id; a tokenizer without it gets it added.
@@ -78,30 +67,10 @@ KNOWN_FIELDS = {
     "audio_dual_ffn_layers", "audio_ffn_intermediate_size", "use_delay_pattern", "audio_embed_avg",
     "audio_adapter_type",
 }
-ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 class NotExpressible(ValueError):
     """The model uses something transformers' HiggsAudioV2 cannot express; the message names the field."""
-
-
-# --------------------------------------------------------------------------- names
-
-def _rename(name: str, table, where: str) -> str:
-    probe = name + "."  # so that a module path ("norm") maps as its weights ("norm.weight") do
-    for src, dst in table:
-        if probe.startswith(src):
-            return (dst + probe[len(src):])[:-1]
-    raise KeyError(f"{where}: {name!r} has no counterpart (known prefixes: {[s for s, _ in table]})")
-
-
-def to_transformers_name(name: str) -> str:
-    """'layers.3.mlp.up_proj.weight' -> 'model.layers.3.mlp.up_proj.weight' (also module paths)."""
-    return _rename(name, NAME_MAP, "higgs_min -> transformers")
-
-
-def from_transformers_name(name: str) -> str:
-    return _rename(name, [(t, h) for h, t in NAME_MAP], "transformers -> higgs_min")
 
 
 # --------------------------------------------------------------------------- config
@@ -178,58 +147,6 @@ def to_transformers_config(cfg, token_ids: dict[str, int], dtype: torch.dtype) -
         "audio_stream_bos_id": cfg.audio_stream_bos_id,
         "audio_stream_eos_id": cfg.audio_stream_eos_id,
         **{k: int(token_ids[k]) for k in TOKEN_FIELDS},
-    }
-
-
-def is_transformers_config(raw: dict) -> bool:
-    return isinstance(raw, dict) and raw.get("model_type") == MODEL_TYPE
-
-
-def is_transformers_folder(path: str | Path) -> bool:
-    """True for a folder whose config.json is transformers' HiggsAudioV2 format."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return is_transformers_config(json.loads(config.read_text()))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{config}: cannot read config: {e}") from e
-
-
-def config_kwargs(raw: dict, where: str) -> dict:
-    """ModelConfig keyword arguments from transformers' config.json (the reverse of to_transformers_config)."""
-    def need(name):
-        if name not in raw:
-            raise ValueError(f"{where}: field {name!r} is missing (transformers' HiggsAudioV2 format)")
-        return raw[name]
-
-    for name, ours in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
-        if raw.get(name, ours) != ours:
-            raise ValueError(f"{where}: {name}={raw[name]!r} is not supported (higgs_min's model has {ours!r})")
-    rope = raw.get("rope_parameters")
-    if rope is None:  # configs written before rope_parameters existed
-        rope = {**(raw.get("rope_scaling") or {}), "rope_theta": need("rope_theta")}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("default", "llama3") or rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"{where}: rope_parameters={rope} is not supported (default or llama3 only)")
-    codebook_size, eos = need("codebook_size"), need("audio_stream_eos_id")
-    if codebook_size != eos + 1:
-        raise ValueError(f"{where}: codebook_size={codebook_size} must be audio_stream_eos_id + 1 = {eos + 1} "
-                         f"(the head scores the codes plus the stream BOS and EOS; the released head has 1026)")
-    L, hidden, heads = need("num_hidden_layers"), need("hidden_size"), need("num_attention_heads")
-    return {
-        "vocab_size": need("vocab_size"), "hidden_size": hidden, "intermediate_size": need("intermediate_size"),
-        "num_hidden_layers": L, "num_attention_heads": heads,
-        "num_key_value_heads": raw.get("num_key_value_heads") or heads,
-        "head_dim": raw.get("head_dim") or hidden // heads,
-        "rms_norm_eps": need("rms_norm_eps"), "initializer_range": raw.get("initializer_range", 0.02),
-        "rope_theta": rope["rope_theta"],
-        "rope_scaling": None if kind == "default" else {"rope_type": "llama3", **{k: rope[k] for k in ROPE_KEYS}},
-        "audio_num_codebooks": need("num_codebooks"), "audio_codebook_size": codebook_size - 2,
-        "audio_stream_bos_id": need("audio_stream_bos_id"), "audio_stream_eos_id": eos,
-        # What transformers' model always is: DualFFN everywhere at the text FFN's width, delay pattern on.
-        "audio_dual_ffn_layers": list(range(L)), "audio_ffn_intermediate_size": need("intermediate_size"),
-        "use_delay_pattern": True,
     }
 
 

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from higgs_min.checkpoint import fsync_dir, json_bytes, sha256_file, write_file
-from higgs_min.corpus import FORMAT, MANIFEST, VERSION, CorpusError, shard_bytes
+from higgs_min.prepare.corpus import FORMAT, MANIFEST, VERSION, CorpusError, shard_bytes
 from higgs_min.data import ChatEncoder, DataError
-from higgs_min.sanitize import RejectReport, Rejection, line_to_plan
+from higgs_min.prepare.sanitize import RejectReport, Rejection, line_to_plan
 
-log = logging.getLogger("higgs_min.pack")
+log = logging.getLogger("higgs_min.prepare.pack")
 SHARD_NAME = "shard-{:05d}.safetensors"
 
 

@@ -50,10 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from higgs_min.audio_layers import SEMANTIC_RATE, Decoder, Encoder, SemanticEncoder, resample
-from higgs_min.hubert import Hubert, HubertConfig
+from higgs_min.audio.layers import SEMANTIC_RATE, Decoder, Encoder, SemanticEncoder, resample
+from higgs_min.audio.hubert import Hubert, HubertConfig
 
-log = logging.getLogger("higgs_min.audio_tokenizer")
+log = logging.getLogger("higgs_min.audio.tokenizer")
 NAME = "higgs-audio-v2-tokenizer"
 # Tensors of the released model.pth that inference never reads (official training path):
 TRAINING_ONLY = (
@@ -351,7 +351,7 @@ class AudioTokenizer:
 
     def encode_file(self, path, max_seconds: float | None = None) -> torch.Tensor:
         """Any integer-PCM wav (codec.read_wav): channels averaged to mono, resampled to 24 kHz with `resample`."""
-        from higgs_min.codec import read_wav
+        from higgs_min.audio.codec import read_wav
         x, rate = read_wav(path)
         if max_seconds is not None and x.numel() / rate > max_seconds:
             raise ValueError(f"{path}: {x.numel() / rate:.1f} s is longer than the limit of {max_seconds:g} s "

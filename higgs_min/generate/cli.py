@@ -7,7 +7,7 @@
 The model: `--adapter` alone rebuilds the base as the run's trainer built it (the preset and seed recorded in
 the checkpoint, runs.load_trained); with `--base-weights DIR` the base is loaded from released-format
 weights (and the adapter, if given, applied with the project's LoRA code, merged unless --no-merge).
-Decoding: `--audio-tokenizer DIR` (the released Higgs audio tokenizer, higgs_min.audio_tokenizer), or DAC
+Decoding: `--audio-tokenizer DIR` (the released Higgs audio tokenizer, higgs_min.audio.tokenizer), or DAC
 (`--codec-weights dac.pth`, or the demo's seeded random DAC `--random-codec-seed N`); with none of them
 only `--codes-out` is written. Sampling defaults are those of the official examples/generation.py
 (README: "Generate").
@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from higgs_min.data import ChatEncoder, DataError, load_codes
+from higgs_min.data import ChatEncoder, DataError
+from higgs_min.prepare.codes_file import load_codes
 from higgs_min.errors import Parser, UsageError, guard
-from higgs_min.generate import GenerationError, build_messages, generate, make_prompt
+from higgs_min.generate.sampling import GenerationError, build_messages, generate, make_prompt
 
 PROG = "python -m higgs_min.generate"
 
@@ -85,7 +86,8 @@ def load_model(adapter: Path | None, base_weights: Path | None, device: torch.de
                merge: bool):
     """-> (model in eval mode, the run's tokenizer or None). runs.load_trained: the base rebuilt from the
     recorded preset and seed exactly as the trainer built it (or loaded), the adapter loaded strictly."""
-    from higgs_min import lora, runs
+    from higgs_min import lora
+    from higgs_min.train import runs
 
     if adapter is None:
         model, _, _ = runs.build_base("", base_weights, 0, dtype)
@@ -117,13 +119,13 @@ class Decoder:
         if self._model is None:
             if self.kind == "higgs":
                 try:
-                    from higgs_min import audio_tokenizer
+                    from higgs_min.audio import tokenizer as audio_tokenizer
                 except ImportError as e:
-                    raise UsageError("--audio-tokenizer: higgs_min.audio_tokenizer is not in this checkout; "
+                    raise UsageError("--audio-tokenizer: higgs_min.audio.tokenizer is not in this checkout; "
                                      "use --codec-weights or --random-codec-seed") from e
                 self._model = audio_tokenizer.load(self.args.audio_tokenizer, device=self.args.device)
             else:
-                from higgs_min import codec
+                from higgs_min.audio import codec
                 self._model = codec.load_codec(self.args.codec_weights, self.args.random_codec_seed)
         return self._model
 
@@ -140,12 +142,12 @@ class Decoder:
 
     def decode(self, codes: np.ndarray) -> torch.Tensor:
         if self.kind == "dac":
-            from higgs_min import codec
+            from higgs_min.audio import codec
             return codec.decode(self.model, codes)
         return self.model.decode(codes.astype(np.int64))  # (hop * T,) float
 
     def encode(self, path: Path) -> np.ndarray:
-        from higgs_min import codec
+        from higgs_min.audio import codec
         if self.kind == "dac":
             wave, rate = codec.read_wav(path)
             return codec.encode(self.model, wave, rate)
@@ -233,7 +235,7 @@ def run(args) -> dict:
         if codes.shape[1] == 0:
             raise GenerationError(f"no audio frames generated ({g.steps} steps, stopped by {g.stopped}; "
                                   f"text: {summary['text']!r}); try --force-audio or more --max-new-tokens")
-        from higgs_min import codec
+        from higgs_min.audio import codec
         wave = decoder.decode(codes).float().cpu()
         write_atomic(args.out, lambda p: codec.write_wav(p, wave, decoder.rate))
     return summary
@@ -263,7 +265,3 @@ def main(argv=None) -> int:
 
     return guard(_main, argv, PROG, runtime=(ValueError, FileNotFoundError, KeyError, DataError, GenerationError,
                                             CheckpointError))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

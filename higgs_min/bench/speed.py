@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MID = dict(vocab_size=128256, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
            num_attention_heads=16, num_key_value_heads=4, head_dim=64, audio_dual_ffn_layers=list(range(8)),
            audio_ffn_intermediate_size=2816, rope_scaling=None, rope_theta=500000.0)
@@ -104,7 +104,7 @@ def our_step(cfg, batch, r=16, activation_checkpointing=False):
     from higgs_min.lora import apply_lora
     from higgs_min.loss import target_counts
     from higgs_min.model import HiggsAudioModel
-    from higgs_min.train import Scorer, objective
+    from higgs_min.loop import Scorer, objective
 
     torch.manual_seed(0)
     model = HiggsAudioModel(cfg)
@@ -185,7 +185,7 @@ def plain_step(cfg, batch, n_text, n_audio):
 
 
 def bench_mfu(quick=False):
-    from higgs_min.bench import row
+    from higgs_min.bench.common import row
     from higgs_min.config import ModelConfig
 
     cfg = ModelConfig(**MID)
@@ -220,8 +220,8 @@ def bench_mfu(quick=False):
 ACT_SNIPPET = r"""
 import sys, time, torch
 from higgs_min.config import ModelConfig
-from higgs_min.bench_speed import MID, audio_batch, our_step
-from higgs_min.bench import reset_peak_rss, peak_rss_bytes, rss_bytes
+from higgs_min.bench.speed import MID, audio_batch, our_step
+from higgs_min.bench.common import reset_peak_rss, peak_rss_bytes, rss_bytes
 ckpt, B, L, reps = sys.argv[1] == "1", int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(1)  # as bench_mfu: robust on a shared box
 cfg = ModelConfig(**MID)
@@ -253,14 +253,14 @@ print(peak, best, saved)
 
 
 def bench_act_ckpt(quick=False):
-    from higgs_min.bench import _run_snippet, row
+    from higgs_min.bench.common import run_snippet, row
 
     rows = []
     for B, L in ((2, 512), (1, 2048 if quick else 4096)):
         load0 = load_avg()
         res = {}
         for ckpt in ("0", "1", "0", "1") if not quick else ("0", "1"):  # alternated, each a fresh process
-            peak, t, saved = map(float, _run_snippet(ACT_SNIPPET, ckpt, B, L, 1 if L > 1024 else 2).split())
+            peak, t, saved = map(float, run_snippet(ACT_SNIPPET, ckpt, B, L, 1 if L > 1024 else 2).split())
             p0, t0, _ = res.get(ckpt, (0, float("inf"), 0))
             res[ckpt] = (max(p0, peak), min(t0, t), saved)
         (p_off, t_off, s_off), (p_on, t_on, s_on) = res["0"], res["1"]
@@ -299,7 +299,7 @@ def bench_checkpoint(quick=False):
     from safetensors.torch import load_file, save_file
 
     from higgs_min import checkpoint
-    from higgs_min.bench import row
+    from higgs_min.bench.common import row
 
     tensors = _adapter_like_3b()
     files = {"adapter_model.safetensors": {k: v for k, v in tensors.items() if k.endswith(".weight")},

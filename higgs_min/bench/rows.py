@@ -15,57 +15,17 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
+from higgs_min.bench.common import MID, ROOT, median_time, row, run_snippet
+
 PEER_REQUIREMENTS = ROOT / "requirements-test.txt"
 
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def reset_peak_rss() -> None:
-    """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def rss_bytes() -> int:
-    return _status_kb("VmRSS") * 1024
-
-
-def peak_rss_bytes() -> int:
-    return _status_kb("VmHWM") * 1024
-
-
-def median_time(fn, repeats=5, warmup=1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def row(name, ours, theirs, units, shapes, target=None, better="lower", **extra):
-    ratio = ours / theirs if theirs else float("nan")
-    return {"name": name, "ours": ours, "theirs": theirs, "ratio": ratio, "units": units, "shapes": shapes,
-            "target": target, "better": better, **extra}
-
-
-# --------------------------------------------------------------------------- 1. audio loss
 
 def bench_audio_loss(quick=False):
     from higgs_min.loss import multi_codebook_cross_entropy
@@ -117,7 +77,7 @@ hidden = torch.randn(B, L, H, requires_grad=True)
 labels = torch.full((B, L), -100)
 flat = torch.randperm(B * L)[:N]
 labels.view(-1)[flat] = torch.randint(0, V, (N,))
-from higgs_min.bench import reset_peak_rss, peak_rss_bytes, rss_bytes
+from higgs_min.bench.common import reset_peak_rss, peak_rss_bytes, rss_bytes
 reset_peak_rss(); base = rss_bytes()
 if mode == "ours":
     s = text_scores(hidden, labels, head)
@@ -129,46 +89,22 @@ print(peak_rss_bytes() - base)
 """
 
 
-def _run_snippet(snippet, *args) -> str:
-    """Run `snippet` in a fresh interpreter (its own memory high-water mark); return its last output line."""
-    out = subprocess.run([sys.executable, "-c", snippet, *map(str, args)], cwd=ROOT, capture_output=True,
-                         text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-3000:])
-    return out.stdout.strip().splitlines()[-1]
-
-
 def bench_text_memory(quick=False):
     B, L, H, V, N = 8, 504, 3072, 128256, 233
-    ours = int(_run_snippet(TEXT_MEM_SNIPPET, "ours", B, L, H, V, N))
-    full = int(_run_snippet(TEXT_MEM_SNIPPET, "full", B, L, H, V, N))
+    ours = int(run_snippet(TEXT_MEM_SNIPPET, "ours", B, L, H, V, N))
+    full = int(run_snippet(TEXT_MEM_SNIPPET, "full", B, L, H, V, N))
     return [row("text loss extra peak memory (labelled rows vs full logits), fwd+bwd", ours / 2**20,
                 full / 2**20, "MiB", f"B={B} L={L} H={H} V={V}, {N} targets", target="ratio <= 0.05")]
 
 
 # --------------------------------------------------------------------------- 3-4. training step
 
-MID = dict(vocab_size=128256, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-           num_attention_heads=16, num_key_value_heads=4, head_dim=64, audio_dual_ffn_layers=list(range(8)),
-           audio_ffn_intermediate_size=2816, rope_scaling=None, rope_theta=500000.0)
-LABEL_DENSITY = 233 / (8 * 504)
-
-
-def _text_batch(cfg, B, L, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, cfg.vocab_size, (B, L), generator=g)
-    labels = torch.full((B, L), -100)
-    n = int(round(LABEL_DENSITY * B * L))
-    labels.view(-1)[torch.randperm(B * L, generator=g)[:n]] = ids.view(-1)[torch.randperm(B * L, generator=g)[:n]]
-    return ids, labels, n
-
-
 def _tiny_step():
     """The trainer's own step (Scorer + objective + AdamW) on a demo batch of 8, tiny preset."""
-    from higgs_min.bench_speed import our_step
+    from higgs_min.bench.speed import our_step
     from higgs_min.config import ModelConfig
     from higgs_min.data import ChatEncoder, collate
-    from higgs_min.sanitize import load_jsonl
+    from higgs_min.prepare.sanitize import load_jsonl
 
     cfg = ModelConfig.from_preset("tiny")
     enc = ChatEncoder(ROOT / "data" / "tokenizer.json", 8, 1024, cfg.vocab_size)
@@ -179,7 +115,7 @@ def _tiny_step():
 
 
 def bench_train_step(quick=False):
-    from higgs_min.bench_speed import peak_matmul_flops, step_flops
+    from higgs_min.bench.speed import peak_matmul_flops, step_flops
 
     peak = peak_matmul_flops()
     rows = []
@@ -197,10 +133,10 @@ def bench_train_step(quick=False):
 PEER_SNIPPET = r"""
 import json, statistics, sys, time, torch
 which, B, L, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-from higgs_min.bench import MID, _text_batch
+from higgs_min.bench.common import MID, text_batch
 from higgs_min.config import ModelConfig
 cfg = ModelConfig(**MID)
-ids, labels, n = _text_batch(cfg, B, L)
+ids, labels, n = text_batch(cfg, B, L)
 targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 torch.manual_seed(0)
 if which == "ours":
@@ -226,7 +162,7 @@ else:
     def loss_fn():
         return model(input_ids=ids, labels=hf_labels).loss
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-from higgs_min.bench import reset_peak_rss, peak_rss_bytes, rss_bytes
+from higgs_min.bench.common import reset_peak_rss, peak_rss_bytes, rss_bytes
 import gc; gc.collect(); reset_peak_rss(); base = rss_bytes()
 times = []
 for i in range(steps + 1):
@@ -247,7 +183,7 @@ def bench_peer(quick=False):
     steps = 2 if quick else 4
     res = {}
     for which in ("ours", "peer"):
-        res[which] = json.loads(_run_snippet(PEER_SNIPPET, which, 2, 512, steps))
+        res[which] = json.loads(run_snippet(PEER_SNIPPET, which, 2, 512, steps))
     shapes = "mid-size text-only B=2 L=512, LoRA r=16 on q,k,v,o,gate,up,down, fp32"
     return [
         row("tokens/s vs transformers+PEFT", res["ours"]["tokens_per_s"], res["peer"]["tokens_per_s"], "tokens/s",
@@ -268,7 +204,7 @@ def bench_generate(quick=False):
     """Generation on the mid-size model: a cached step vs re-running the whole sequence, at 50 and 500
     audio frames; then frames/s and the real-time factor of `generate` (25 frames = 1 s of audio)."""
     from higgs_min.config import ModelConfig
-    from higgs_min.generate import Prompt, generate
+    from higgs_min.generate.sampling import Prompt, generate
     from higgs_min.model import HiggsAudioModel, KVCache
 
     cfg = ModelConfig(**MID)
@@ -333,7 +269,7 @@ def bench_generate(quick=False):
 
 def bench_corpus_rows(quick=False):
     """Packed corpus vs the JSONL path at 10k/100k/1M samples (higgs_min/bench_corpus.py)."""
-    from higgs_min.bench_corpus import bench_corpus
+    from higgs_min.bench.corpus import bench_corpus
     return bench_corpus(quick)
 
 
@@ -347,7 +283,7 @@ def main(argv=None) -> int:
     import logging
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
-    from higgs_min.bench_speed import bench_act_ckpt, bench_checkpoint, bench_mfu
+    from higgs_min.bench.speed import bench_act_ckpt, bench_checkpoint, bench_mfu
     suites = {"audio_loss": bench_audio_loss, "text_memory": bench_text_memory, "train_step": bench_train_step,
               "mfu": bench_mfu, "act_ckpt": bench_act_ckpt, "peer": bench_peer, "checkpoint": bench_checkpoint,
               "data": bench_data_rows, "audio_tokenizer": bench_audio_tokenizer, "generate": bench_generate,
@@ -372,7 +308,7 @@ def main(argv=None) -> int:
 
 def bench_data_rows(quick=False):
     from higgs_min.data import ChatEncoder, collate
-    from higgs_min.sanitize import load_jsonl
+    from higgs_min.prepare.sanitize import load_jsonl
 
     step, cfg, _, _, samples = _tiny_step()
     enc = ChatEncoder(ROOT / "data" / "tokenizer.json", 8, 1024, cfg.vocab_size)
@@ -395,7 +331,7 @@ import sys, time, torch
 mode, which, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
 torch.manual_seed(0)
 if which == "higgs":
-    from higgs_min import audio_tokenizer as at
+    from higgs_min.audio import tokenizer as at
     model = at.HiggsAudioTokenizerModel(at.AudioTokenizerConfig()).eval()
     for layer in model.quantizer.vq.layers:
         layer._codebook.embed.normal_()
@@ -412,7 +348,7 @@ else:
         with torch.inference_mode():
             return model.decode(model.quantizer.from_codes(c[None])[0])[0, 0]
 x = 0.3 * torch.sin(torch.arange(int(24000 * seconds)) * 0.05)
-from higgs_min.bench import reset_peak_rss, peak_rss_bytes, rss_bytes
+from higgs_min.bench.common import reset_peak_rss, peak_rss_bytes, rss_bytes
 codes = enc(x[:24000])
 if mode == "memory":
     reset_peak_rss(); base = rss_bytes()
@@ -431,9 +367,9 @@ def bench_audio_tokenizer(quick=False):
     shapes = ("Higgs Audio v2 tokenizer released shape (D 256, ratios 8,5,4,2,3, HuBERT-base, 8x1024) vs "
               "DAC 24 kHz (64, rates 2,4,5,8, decoder 1536, 32x1024); random weights, fp32, CPU")
     runs = 1 if quick else 2
-    rtf = {w: min((tuple(map(float, _run_snippet(AUDIO_TOK_SNIPPET, "time", w, 10).split())) for _ in range(runs)),
+    rtf = {w: min((tuple(map(float, run_snippet(AUDIO_TOK_SNIPPET, "time", w, 10).split())) for _ in range(runs)),
                   key=lambda r: r[0] + r[1]) for w in ("higgs", "dac")}
-    mem = {w: int(_run_snippet(AUDIO_TOK_SNIPPET, "memory", w, 60)) for w in ("higgs", "dac")}
+    mem = {w: int(run_snippet(AUDIO_TOK_SNIPPET, "memory", w, 60)) for w in ("higgs", "dac")}
     return [row("audio tokenizer encode real-time factor, 10 s clip (Higgs vs DAC)", rtf["higgs"][0],
                 rtf["dac"][0], "s/s", shapes, target="< 1 (faster than real time)"),
             row("audio tokenizer decode real-time factor, 10 s clip (Higgs vs DAC)", rtf["higgs"][1],
@@ -469,7 +405,3 @@ def format_table(rows, machine) -> str:
                      + (f"; load average {r['load_avg'][0]:.2f} -> {r['load_avg'][1]:.2f}" if "load_avg" in r else "")
                      + "".join(f"; {k} {v:.3g}" for k, v in r.items() if k.endswith(("_s", "_ratio", "to_bare"))))
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -33,7 +33,7 @@ import numpy as np
 
 from higgs_min.checkpoint import sha256_file
 from higgs_min.data import DataError, LoadReport, Plan, ChatEncoder, materialize
-from higgs_min.sanitize import read_jsonl
+from higgs_min.prepare.sanitize import read_jsonl
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,287 @@
+"""The training loop: one optimizer step at a time, on one process or many under torchrun.
+
+One optimizer step (`train_step`, then `train_loop` logs, evaluates and saves):
+    1. take grad_accum micro-batches of batch_size samples (per rank, batches.BatchStream order)
+    2. count the text and per-codebook audio targets of all of them, summed over ranks
+    3. each micro-batch: loss = Σ token losses / global count, backward
+       (DDP averages gradients over ranks, so the loss is scaled by world_size;
+        no_sync on all but the last micro-batch) -- N ranks × batch b == 1 rank × batch N·b
+    4. clip, AdamW step (the learning rate of this step set first: warmup + cosine)
+    5. log; evaluate when due; save at save_steps, at the last step, and on SIGTERM/SIGINT.
+
+Everything the loop touches is built before it starts (higgs_min/train/run.py:build_run) and handed over
+as one `Run`; the loop itself opens no file but metrics.jsonl, TensorBoard and the checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from higgs_min import checkpoint, distributed, evaluate, runlog, train_state
+from higgs_min.lora import adapter_config
+from higgs_min.loss import Diagnostics, audio_scores, reduce_codebooks, target_counts, text_scores
+
+log = logging.getLogger("higgs_min.train")
+
+
+# ----------------------------------------------------------------------------- the pieces of a step
+
+def lr_at(step: int, args) -> float:
+    """Linear warmup to args.lr, then cosine decay to args.lr * min_lr_ratio at max_steps."""
+    if step <= args.warmup_steps:
+        return args.lr * step / max(1, args.warmup_steps)
+    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+class Scorer(nn.Module):
+    """Model + heads at the scored rows, as one module so DDP sees every trainable use."""
+
+    def __init__(self, model: nn.Module, text_chunk: int):
+        super().__init__()
+        self.model, self.text_chunk = model, text_chunk
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def forward(self, batch):
+        audio_mask = batch["audio_in_mask"] | batch["audio_out_mask"]
+        hidden = self.model(batch["input_ids"], batch["attention_mask"], batch["audio_codes"], audio_mask)
+        # A batch without audio rows leaves audio_mlp's LoRA out of the graph. A zero-weighted term keeps
+        # every trainable parameter in every step's graph (its gradient gains exactly 0), so DDP runs
+        # with find_unused_parameters=False: no extra graph walk, no warning.
+        hidden = hidden + 0.0 * sum(p.sum() for p in self.trainable).to(hidden.dtype)
+        text = text_scores(hidden, batch["text_labels"], self.model.audio_decoder_proj.text_lm_head, self.text_chunk)
+        audio = audio_scores(hidden, batch["audio_labels"], batch["audio_out_mask"], self.model.audio_logits)
+        return text, audio
+
+
+def objective(text, audio, counts, args):
+    """This micro-batch's share of the step loss, normalized by the step's global counts."""
+    counts = counts.float()
+    text_term = text.loss_sum / counts[0].clamp(min=1)
+    audio_term, _ = reduce_codebooks(audio.loss_sums, counts[1:], args.audio_reduction)
+    return args.text_weight * text_term + args.audio_weight * audio_term
+
+
+def step_losses(sums, counts, K, args) -> dict:
+    """Step-level losses from the summed per-token losses (1 + K,) and global counts (1 + K,)."""
+    text = (sums[0] / counts[0].clamp(min=1)).item()
+    audio, per_cb = reduce_codebooks(sums[1:1 + K], counts[1:], args.audio_reduction)
+    audio = audio.item() if counts[1:].any() else float("nan")
+    return {"loss": args.text_weight * text + args.audio_weight * audio, "text_loss": text, "audio_loss": audio,
+            "audio_loss_per_codebook": per_cb.tolist()}
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; acted on at the next step boundary, agreed by all ranks."""
+
+    def __init__(self):
+        self.raised = None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.raised = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def append_metrics(path: Path, row: dict) -> None:
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        raise checkpoint.CheckpointError(f"cannot write {path}: [{errno.errorcode.get(e.errno, e.errno)}] "
+                                         f"{e.strerror} (was the output folder removed?)") from e
+
+
+def save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base_name):
+    """Rank 0 writes; all ranks get the same outcome; no rank hangs on a failed save."""
+    outcome = "ok"
+    if dist_info.is_main:
+        files = train_state.training_files(model, optimizer, adapter_config(
+            model, args.lora_targets.split(","), args.lora_dropout, base_name), trainer_state)
+        targets = [args.output_dir] + ([args.backup_dir] if args.backup_dir else [])
+        errors = []
+        for target in targets:
+            try:
+                Path(target).mkdir(parents=True, exist_ok=True)
+                path = checkpoint.save(target, step, files)
+                log.info("saved %s (%.2f MB, manifest verified)", path.resolve(),
+                         sum(f.stat().st_size for f in path.iterdir()) / 1e6)
+                ev = trainer_state.get("eval")
+                if ev and math.isfinite(ev["loss"]) and checkpoint.update_best(target, path.name, ev["loss"]):
+                    log.info("best: %s (eval loss %.4f)", path.name, ev["loss"])
+                if args.keep_last:
+                    checkpoint.rotate(target, args.keep_last)
+                break
+            except (checkpoint.CheckpointError, OSError) as e:
+                log.error("checkpoint at step %d into %s failed: %s", step, target, e)
+                errors.append(str(e))
+        else:
+            outcome = "; then ".join(errors)
+    outcome = distributed.broadcast_from_main(outcome)
+    if outcome != "ok":
+        if args.on_save_error == "raise":
+            raise checkpoint.CheckpointError(f"step {step}: {outcome}")
+        log.warning("step %d: continuing without a checkpoint (--on-save-error continue)", step)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@dataclass
+class Run:
+    """Everything the loop needs, built before step 1 by higgs_min/train/run.py:build_run."""
+    args: object                 # the resolved options (higgs_min/train/options.py)
+    dist: distributed.DistInfo
+    model: nn.Module             # base (frozen) + LoRA (trainable), on dist.device
+    scorer: Scorer               # the model and its heads at the scored rows
+    optimizer: torch.optim.Optimizer
+    stream: object               # batches.BatchStream: this rank's micro-batches, resumable
+    evaluator: evaluate.Evaluator | None
+    diag: Diagnostics
+    start_step: int              # 0, or the step of the checkpoint resumed from
+    base_name: str               # what the adapter is an adapter of (adapter_config.json)
+    resolved: dict               # the settings recorded in every checkpoint
+    identity: dict               # content hashes of data, tokenizer and base (run_config.json)
+    data_report: str
+
+
+def train_step(run: Run, step: int, ddp, autocast) -> tuple[dict, object, object, int]:
+    """Steps 1-4 of one optimizer step. Returns (losses row, last micro-batch's text and audio scores, tokens)."""
+    args, dist, K = run.args, run.dist, run.model.config.audio_num_codebooks
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr_at(step, args)
+    # 1-2: this step's micro-batches and their target counts over all ranks
+    cpu_batches = [run.stream.next() for _ in range(args.grad_accum)]
+    tokens = sum(int(b["attention_mask"].sum()) for b in cpu_batches) * dist.world_size
+    micro = [{k: v.to(dist.device, non_blocking=True) for k, v in b.items()} for b in cpu_batches]
+    counts = distributed.all_reduce_sum(sum(
+        target_counts(b["text_labels"], b["audio_labels"], b["audio_out_mask"]) for b in micro))
+    sums = torch.zeros(1 + K, dtype=torch.float64, device=dist.device)  # text sum, audio sums
+    # 3: forward/backward; gradients are all-reduced on the last micro-batch only
+    for i, batch in enumerate(micro):
+        sync = i == len(micro) - 1 or not dist.enabled
+        with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast:
+            text, audio = ddp(batch)
+            loss = objective(text, audio, counts, args)
+        run.diag.check_finite(loss, step, batch["sample_index"])
+        (loss * dist.world_size).backward()
+        sums += torch.cat([text.loss_sum.detach().view(1), audio.loss_sums.detach()]).double()
+    # 4: clip, step
+    params = run.scorer.trainable
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else math.inf)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    row = {"split": "train", "step": step, **step_losses(distributed.all_reduce_sum(sums), counts, K, args),
+           "lr": run.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm)}
+    return row, text, audio, tokens
+
+
+def trainer_state(run: Run, step: int, evaluated) -> dict:
+    """What a checkpoint records besides the tensors: the data position, the schedule, every rank's RNG."""
+    args, stream = run.args, run.stream
+    return {
+        "step": step, "epoch": stream.epoch, "batch_in_epoch": stream.position,
+        "samples_seen": step * args.grad_accum * args.batch_size * run.dist.world_size,
+        "world_size": run.dist.world_size, "batch_size": args.batch_size,
+        "scheduler": {"type": "linear_warmup_cosine", "warmup_steps": args.warmup_steps,
+                      "max_steps": args.max_steps, "lr": args.lr, "min_lr_ratio": args.min_lr_ratio,
+                      "last_lr": run.optimizer.param_groups[0]["lr"]},
+        "config": run.resolved, "identity": run.identity, "data": run.data_report, "eval": evaluated,
+        "rng": distributed.gather_objects(train_state.rng_state()),  # every rank's, in rank order
+    }
+
+
+class Outputs:
+    """Rank 0's live outputs: metrics.jsonl, the progress bar, TensorBoard, the per-step log lines."""
+
+    def __init__(self, run: Run):
+        args, self.run = run.args, run
+        self.metrics = args.output_dir / "metrics.jsonl"
+        self.bar = self.tb = None
+        self.report = runlog.StepReport(run.diag, run.start_step, args.max_steps)
+        if not run.dist.is_main:
+            return
+        from tqdm import tqdm
+        # disable=None: a bar (with ETA) on a terminal, none in a piped log (the log lines carry the ETA);
+        # log records go through the bar's write() while it is shown
+        self.bar = tqdm(total=args.max_steps, initial=run.start_step, desc="train", unit="step", mininterval=2.0,
+                        disable=None, dynamic_ncols=True)
+        runlog.set_bar(self.bar)
+        if args.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(args.output_dir / "tensorboard"))
+
+    def step(self, row: dict, text, audio) -> None:
+        args, step = self.run.args, row["step"]
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+        if self.run.dist.is_main and (step % args.log_every == 0 or step in (self.run.start_step + 1, args.max_steps)):
+            append_metrics(self.metrics, row)
+            if self.tb is not None:
+                for k in ("loss", "text_loss", "audio_loss", "lr", "grad_norm"):
+                    self.tb.add_scalar(k, row[k], step)
+            next_save = min(args.max_steps, (step // args.save_steps + 1) * args.save_steps
+                            if args.save_steps > 0 else args.max_steps)
+            for line in self.report.lines(row, text, audio, next_save):
+                log.info("%s", line)
+
+    def evaluation(self, row: dict) -> None:
+        if self.run.dist.is_main:
+            append_metrics(self.metrics, row)
+            evaluate.report(row, self.tb)
+
+    def close(self) -> None:
+        runlog.set_bar(None)
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train_loop(run: Run) -> tuple[int, dict]:
+    """Steps start_step+1 .. max_steps (or until a signal). Returns (the last step, its metrics row)."""
+    args, dist = run.args, run.dist
+    ddp = torch.nn.parallel.DistributedDataParallel(run.scorer) if dist.enabled else run.scorer
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.type == "cuda" else contextlib.nullcontext()
+    out, stop = Outputs(run), StopFlag()
+    step, t0, tokens_seen, last = run.start_step, time.time(), 0, {}
+    try:
+        while step < args.max_steps:
+            step += 1
+            last, text, audio, tokens = train_step(run, step, ddp, autocast)          # steps 1-4
+            tokens_seen += tokens
+            elapsed = time.time() - t0
+            last.update(tokens_per_s=tokens_seen / max(elapsed, 1e-9), elapsed_s=elapsed)
+            out.step(last, text, audio)                                                # step 5: log
+            stopping = distributed.any_rank(stop.raised is not None, dist.device)
+            saving = (args.save_steps > 0 and step % args.save_steps == 0) or step == args.max_steps or stopping
+            evaluated = None
+            if run.evaluator is not None and not stopping and run.evaluator.due(step, saving, step == args.max_steps):
+                evaluated = run.evaluator.run(step)                                    # evaluate
+                out.evaluation(evaluated)
+            if saving:                                                                 # save
+                save_everywhere(step, run.model, run.optimizer, args, trainer_state(run, step, evaluated), dist,
+                                run.base_name)
+            if stopping:
+                log.warning("stopped at step %d by %s: saved checkpoint-%d; rerun the same command to continue",
+                            step, stop.raised or "a signal on another rank", step)
+                break
+    finally:
+        stop.restore()
+        run.stream.close()
+        out.close()
+    return step, last

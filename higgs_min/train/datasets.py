@@ -1,0 +1,95 @@
+"""The run's data: the training set and the held-out set, opened and checked before the model is built.
+
+    open_data(args, dist_info, cfg) -> (encoder, dataset)      --data: a JSONL file or a packed corpus folder
+    open_eval(args, encoder, dataset) -> (train set, eval set or None)   --eval-data, or --eval-split of --data
+    holdout(n, fraction, seed) -> (train indices, eval indices)          deterministic given n, fraction, seed
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+from higgs_min import distributed
+from higgs_min.batches import lengths_of
+from higgs_min.config import ModelConfig
+from higgs_min.data import ChatEncoder, DataError
+from higgs_min.errors import UsageError
+from higgs_min.prepare.corpus import open_dataset, verify as verify_corpus
+
+log = logging.getLogger("higgs_min.train")
+
+
+def open_data(args, dist_info, cfg: ModelConfig):
+    """Tokenizer + training data, every line or shard checked before the model is built. A packed corpus
+    is hashed against its manifest on each node's local rank 0 (unless --no-verify-data); all ranks agree."""
+    encoder = ChatEncoder(args.tokenizer, cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size,
+                          delay=cfg.use_delay_pattern)
+    problem = ""
+    if Path(args.data).is_dir() and not args.no_verify_data and dist_info.local_rank == 0:
+        t = time.time()
+        try:
+            r = verify_corpus(args.data, check_sources=False)
+            log.info("%s: %d shards, %.1f MB verified (sha256) in %.1f s", args.data, r["shards"], r["bytes"] / 1e6,
+                     time.time() - t)
+        except DataError as e:
+            problem = str(e)
+    if distributed.any_rank(bool(problem), dist_info.device):
+        raise DataError(problem or "the data check failed on another node (see its log)")
+    dataset = open_dataset(args.data, encoder, args.max_length, args.skip_bad_samples, audio_root=args.audio_root,
+                           max_bad_fraction=args.max_bad_fraction,
+                           report_path=Path(args.output_dir) / "rejected.jsonl" if dist_info.is_main else None)
+    log.info("data: %s", dataset.report)
+    if dist_info.is_main:
+        for i in range(min(args.log_samples, len(dataset))):
+            log.info("%s", dataset[i].stats())
+    return encoder, dataset
+
+
+def holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A deterministic share of n samples held out for evaluation: (train, eval), both sorted."""
+    if not 0 < fraction < 1:
+        raise UsageError(f"--eval-split {fraction}: expected a fraction between 0 and 1, e.g. 0.1")
+    k = max(1, round(n * fraction))
+    if k >= n:
+        raise UsageError(f"--eval-split {fraction} of {n} samples leaves none to train on")
+    held = sorted(random.Random(f"higgs_min eval split {seed}").sample(range(n), k))
+    keep = set(held)
+    return [i for i in range(n) if i not in keep], held
+
+
+class Subset:
+    """Some samples of a dataset (a list, or corpus.open_dataset's), with the same interface."""
+
+    def __init__(self, dataset, indices: list[int], what: str):
+        self.dataset, self.indices = dataset, list(indices)
+        self.lengths = np.asarray(lengths_of(dataset))[self.indices]
+        self.report = f"{getattr(dataset, 'report', f'{len(dataset)} samples')}; {len(self.indices)} {what}"
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[self.indices[i]]
+
+
+def open_eval(args, encoder, dataset):
+    """(training dataset, eval dataset or None) from --eval-data (JSONL or packed corpus) or --eval-split."""
+    if args.eval_data is not None and args.eval_split:
+        raise UsageError("--eval-data and --eval-split both given; choose one")
+    if args.eval_data is not None:
+        if not args.eval_data.exists():
+            raise UsageError(f"--eval-data {args.eval_data}: no such file or folder")
+        held = open_dataset(args.eval_data, encoder, args.max_length, args.skip_bad_samples)
+        log.info("eval data: %s", held.report)
+        return dataset, held
+    if args.eval_split:
+        train_idx, eval_idx = holdout(len(dataset), args.eval_split, args.seed)
+        log.info("--eval-split %g: %d samples held out for evaluation, %d to train on",
+                 args.eval_split, len(eval_idx), len(train_idx))
+        return Subset(dataset, train_idx, "to train on"), Subset(dataset, eval_idx, "held out for eval")
+    return dataset, None

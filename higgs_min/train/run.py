@@ -1,0 +1,195 @@
+"""`python -m higgs_min.train`: build the run, then hand it to the loop (higgs_min/loop.py).
+
+    python -m higgs_min.train                      # tiny preset on the shipped demo set
+    torchrun --nproc-per-node 2 -m higgs_min.train --device cpu
+
+build_run does everything before step 1, in this order: the options checked (options.py), ranks joined,
+the resume decided against the run's record (runconfig.py), the data opened and every line or shard
+checked (datasets.py), the model built (runs.build_base + LoRA), the output folder proven writable, the
+checkpoint restored (train_state.py). Then loop.train_loop trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from higgs_min import checkpoint, distributed, evaluate, loop, runlog, train_state
+from higgs_min.batches import BatchStream, padding_fraction
+from higgs_min.config import ModelConfig
+from higgs_min.data import DataError
+from higgs_min.errors import RunError, UsageError, guard
+from higgs_min.lora import apply_lora
+from higgs_min.loop import Scorer
+from higgs_min.loss import Diagnostics
+from higgs_min.model import HiggsAudioModel
+from higgs_min.train import runconfig
+from higgs_min.train.datasets import open_data, open_eval
+from higgs_min.train.options import check_inputs, parse_args
+from higgs_min.train.runs import build_base
+
+log = logging.getLogger("higgs_min.train")
+
+
+def model_config(args) -> ModelConfig:
+    """The model's config (as runs.build_base reads it), known before any weight is built: the data is
+    checked against it first."""
+    if not args.base_weights:
+        return ModelConfig.from_preset(args.preset)
+    try:
+        return ModelConfig.from_pretrained_config(args.base_weights)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise UsageError(f"--base-weights {args.base_weights}: {e.args[0] if e.args else e}") from e
+
+
+def build_model(args, device) -> tuple[HiggsAudioModel, ModelConfig, str]:
+    """Base weights (frozen; released ones, or a seeded random preset) + LoRA (trainable)."""
+    try:
+        model, cfg, base_name = build_base(args.preset, args.base_weights, args.seed,
+                                           torch.bfloat16 if device.type == "cuda" else torch.float32)
+    except (KeyError, ValueError, FileNotFoundError) as e:  # config fields, tensor names, shapes, shards
+        if not args.base_weights:
+            raise
+        raise UsageError(f"--base-weights {args.base_weights}: {e.args[0] if e.args else e}") from e
+    apply_lora(model, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout, args.rslora)
+    model.activation_checkpointing = args.activation_checkpointing
+    return model.to(device), cfg, base_name
+
+
+def prepare_output(args, dist_info, n_trainable: int) -> None:
+    """Rank 0 proves the output folder writable before any step; every rank learns the outcome."""
+    outcome = "ok"
+    if dist_info.is_main:
+        try:
+            checkpoint.preflight(args.output_dir, n_trainable * 4 * 3 + (1 << 20), args.save_steps,
+                                 args.max_steps, args.strict_space)
+            checkpoint.remove_stale_tmp(args.output_dir)
+        except checkpoint.CheckpointError as e:
+            outcome = str(e)
+    outcome = distributed.broadcast_from_main(outcome)
+    if outcome != "ok":
+        raise checkpoint.CheckpointError(outcome)
+
+
+def resume(folder, args, model, optimizer, stream, dist_info) -> int:
+    """Restore adapter, optimizer, data position and RNG from a checkpoint; return its step (0: none)."""
+    if folder is None:
+        return 0
+    try:
+        state = train_state.load_training_state(folder, model, optimizer)
+    except (KeyError, ValueError) as e:  # tensor names or shapes that do not fit this model
+        raise RunError(f"cannot resume from {folder}: {e}") from e
+    stream.epoch, stream.position = state["epoch"], state["batch_in_epoch"]
+    if state["world_size"] != dist_info.world_size or state["batch_size"] != args.batch_size:
+        log.warning("resuming with world_size %d / batch %d; the checkpoint had %d / %d: data order differs",
+                    dist_info.world_size, args.batch_size, state["world_size"], state["batch_size"])
+    rngs = state["rng"]
+    train_state.set_rng_state(rngs[dist_info.rank] if dist_info.rank < len(rngs) else rngs[0])
+    log.info("resumed from %s at step %d", folder, state["step"])
+    return state["step"]
+
+
+def build_run(args) -> loop.Run:
+    """Everything before step 1, in order: inputs checked, ranks joined, the resume decided, data opened and
+    checked, the model built, the output folder proven writable, the checkpoint restored."""
+    check_inputs(args)
+    try:
+        dist_info = distributed.init(args.device, args.dist_timeout)
+    except RuntimeError as e:  # no CUDA device, or the process group could not form
+        raise RunError(str(e)) from e
+    runlog.setup(dist_info.is_main)
+    args.output_dir = Path(args.output_dir).resolve()
+    record = runconfig.decide(args, dist_info.is_main)  # refuses a resume whose settings changed
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    if dist_info.device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+
+    encoder, dataset = open_data(args, dist_info, model_config(args))  # all validated before the model is built
+    dataset, eval_samples = open_eval(args, encoder, dataset)
+    model, cfg, base_name = build_model(args, dist_info.device)
+    cuda = dist_info.device.type == "cuda"
+    stream = BatchStream(dataset, args.batch_size, dist_info.world_size, dist_info.rank, args.seed,
+                         encoder.ids["end_of_text"], args.group_by_length,
+                         workers=args.data_workers if args.data_workers is not None else (2 if cuda else 0),
+                         pin_memory=cuda)
+    if args.epochs:
+        args.max_steps = math.ceil(args.epochs * stream.batches_per_epoch() / args.grad_accum)
+        log.info("--epochs %d: %d steps of %d micro-batches (%d batches per epoch per rank)",
+                 args.epochs, args.max_steps, args.grad_accum, stream.batches_per_epoch())
+    log.info("padding: %.1f%% of positions in the first epoch's batches%s",
+             100 * padding_fraction(stream.lengths, stream.epoch_order(0), args.batch_size),
+             "" if args.group_by_length else " (--group-by-length lowers it)")
+    params = [p for p in model.parameters() if p.requires_grad]
+    # fused: one kernel for all LoRA tensors on CUDA; the CPU keeps the default (bitwise resume tests run there)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999),
+                                  fused=True if cuda else None)
+
+    prepare_output(args, dist_info, sum(p.numel() for p in params))
+    if dist_info.is_main:
+        runlog.attach_file(args.output_dir / "train.log")  # with every line logged so far
+    resolved = runconfig.settings_of(args)
+    if dist_info.is_main:
+        log.info("resolved config: %s", json.dumps(resolved, sort_keys=True))
+        record.record(args, cfg.to_dict(), dist_info.world_size)
+    start_step = resume(record.resume_from, args, model, optimizer, stream, dist_info)
+
+    scorer = Scorer(model, args.text_loss_chunk)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    evaluator = evaluate.Evaluator(scorer, eval_samples, args.batch_size, encoder.ids["end_of_text"], dist_info,
+                                   autocast, args) if eval_samples else None
+    diag = Diagnostics(cfg.vocab_size, cfg.audio_num_classes, args.warmup_steps, encoder.decode)
+    return loop.Run(args=args, dist=dist_info, model=model, scorer=scorer, optimizer=optimizer, stream=stream,
+                    evaluator=evaluator, diag=diag, start_step=start_step, base_name=base_name, resolved=resolved,
+                    identity=record.identity, data_report=dataset.report)
+
+
+def train(args) -> dict:
+    """Build the run, run the loop (higgs_min/loop.py), then say where everything went."""
+    run = build_run(args)
+    step, last = loop.train_loop(run)
+    if run.dist.is_main:
+        if step == run.start_step:
+            log.info("nothing to do: the checkpoint is already at step %d of --max-steps %d", step, args.max_steps)
+        plot_losses(args.output_dir)
+        latest = args.output_dir / "latest"
+        log.info("done at step %d. checkpoints: %s (latest: %s); metrics: %s; log: %s", step, args.output_dir,
+                 latest.read_text().strip() if latest.exists() else "none", args.output_dir / "metrics.jsonl",
+                 args.output_dir / "train.log")
+    distributed.barrier()
+    return last
+
+
+def plot_losses(output_dir: Path) -> None:
+    """loss.png at the end of every run (train and eval curves); a plotting failure only warns."""
+    from higgs_min.train import plot
+
+    if not (output_dir / "metrics.jsonl").exists():
+        return
+    try:
+        log.info("loss curves: %s", plot.plot(output_dir))
+    except (ImportError, OSError, ValueError, KeyError, SystemExit) as e:
+        log.warning("could not draw loss.png: %s", e)
+
+
+def _main(argv) -> int:
+    args = parse_args(argv)
+    try:
+        train(args)
+    finally:
+        distributed.shutdown()
+    runlog.detach()
+    return 0
+
+
+def main(argv=None) -> int:
+    return guard(_main, argv, "python -m higgs_min.train",
+                 runtime=(DataError, checkpoint.CheckpointError, FloatingPointError))
