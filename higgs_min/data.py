@@ -242,7 +242,10 @@ class ChatEncoder:
         return self.tok.encode(s, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        """Text of `ids`, skipping ids the tokenizer lacks (the model's padded vocabulary beyond it), as the
+        official serve_engine's tokenizer.decode does; said here rather than left to the tokenizers library."""
+        size = self.tok.get_vocab_size()
+        return self.tok.decode([int(i) for i in ids if 0 <= int(i) < size], skip_special_tokens=False)
 
     def plan(self, messages: list[dict], codes_of, where: str, index: int) -> Plan:
         """The layout decision for one conversation. `codes_of(item, field_where)` returns (K, T) integer codes

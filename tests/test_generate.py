@@ -133,6 +133,16 @@ def test_audio_out_in_text_mode_is_a_clear_error():
         greedy(m, prompt(False))
 
 
+def test_padded_vocabulary_id_is_kept_and_fed_back():
+    """vocab 97 > a 96-token tokenizer: id 96 is sampled, kept in the stream, fed back, and generation goes on."""
+    m = ScriptedModel([W1, 96, W2, SP["eot"]], [])
+    p = prompt(False)
+    p.vocab_size = 96
+    g = greedy(m, p)
+    assert g.text_ids == [W1, 96, W2, SP["eot"]] and g.stopped == "stop id"
+    assert [f[0] for f in m.fed[1:]] == [[W1], [96], [W2]]  # the padded id is the next step's input
+
+
 def test_custom_stop_ids():
     m = ScriptedModel([W1, W2, SP["eot"]], [])
     g = greedy(m, prompt(False), stop_ids=[W2])

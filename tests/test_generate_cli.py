@@ -85,3 +85,28 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
     assert main(["--adapter", str(ckpt), "--text", "x", "--codes-out", str(tmp_path / "a.npy")]) == 1
     assert "pass --base-weights" in capsys.readouterr().err
     assert not (tmp_path / "a.npy").exists()
+
+
+def test_cli_generates_past_a_padded_vocabulary_id(tmp_path, capsys, monkeypatch):
+    """The tiny model's vocabulary (1024) exceeds the tokenizer's 705 ids. The sampler is forced to pick 904, then
+    904 again, then <|eot_id|>: generation ends by its stop id, the text decode skips the two ids (the official
+    behaviour), exit 0."""
+    from higgs_min.generate import sampling
+    from tokenizers import Tokenizer
+
+    ckpt, _ = fake_run(tmp_path)
+    eot = Tokenizer.from_file(str(TOKENIZER)).token_to_id("<|eot_id|>")
+    script, real = [904, 904, eot], sampling.choose
+
+    def forced(scores, greedy, gen):
+        if scores.shape[-1] == 1024:  # text head (the audio head has 1026 columns)
+            return torch.tensor([script.pop(0)])
+        return real(scores, greedy, gen)
+
+    monkeypatch.setattr(sampling, "choose", forced)
+    out = tmp_path / "g.npy"
+    assert main(["--adapter", str(ckpt), "--text", "hi", "--codes-out", str(out), "--max-new-tokens", "10"]) == 0
+    o = capsys.readouterr()
+    assert "Traceback" not in o.err and not script
+    assert "text: '<|eot_id|>'" in o.out and "3 steps (stop id)" in o.out
+    assert np.load(out).shape == (8, 0)

@@ -96,7 +96,7 @@ class Prompt:
     audio_mask: torch.Tensor  # (L,) bool: audio in or out (codebook embeddings, audio FFN)
     audio_out_mask: torch.Tensor  # (L,) bool: audio-out positions (their columns start the RAS history)
     special: dict  # special-token ids by name (ChatEncoder.ids)
-    vocab_size: int | None = None  # tokenizer size; a sampled id >= it is an error, as the official's check
+    vocab_size: int | None = None  # tokenizer size; sampled ids >= it are kept (decode skips them)
 
 
 def make_prompt(encoder, messages: list[dict], force_audio: bool = False, codes_root: str | Path = ".") -> Prompt:
@@ -290,9 +290,8 @@ def generate(model, prompt: Prompt, *, max_new_tokens: int = 2048, temperature: 
             else:  # TEXT
                 raw = model.text_logits(h[None]).float()  # (1, V)
                 tok = int(pick(warp(raw, temperature, top_k, top_p) if not greedy else raw, greedy)[0])
-                if prompt.vocab_size is not None and tok >= prompt.vocab_size:
-                    raise GenerationError(f"step {step}: sampled text id {tok} >= the tokenizer's "
-                                          f"{prompt.vocab_size} tokens (the model's vocab is larger)")
+                # An id in the model's padded vocabulary but beyond the tokenizer is kept and fed back, as the
+                # official _sample does (no check there); ChatEncoder.decode skips it, as the official decode.
                 if tok == sp["audio_out"]:
                     raise GenerationError(f"step {step}: the model sampled <|AUDIO_OUT|> in text mode; an audio "
                                           "segment can only start with <|audio_out_bos|> (use --force-audio, "
