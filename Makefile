@@ -14,6 +14,7 @@ $(VENV_STAMP): requirements.txt pyproject.toml
 
 $(TEST_STAMP): $(VENV_STAMP) requirements-test.txt
 	$(PY) -m pip install --quiet -r requirements-test.txt
+	$(PY) -m pip install --quiet --no-deps sglang-omni==0.1.9
 	touch $(TEST_STAMP)
 
 test: $(TEST_STAMP)

@@ -78,8 +78,32 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+def attention_plan(attention_mask, cache, L: int, device) -> tuple[int, torch.Tensor | None]:
+    """Where L new positions start (P, the cached length) and their attention mask.
+
+    attention_mask (B, L): 1 real / 0 padding, or None. Returns (P, mask): mask None means plain causal (or,
+    for one cached step, every key); else bool (B or 1, 1, L, P + L), True = may attend.
+    """
+    P = 0
+    if cache is not None:
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("forward with a KV cache: padding (attention_mask zeros) is not supported")
+        P = cache.length
+        if P + L > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; {P} used + {L} new do not fit")
+    attn_mask = None
+    if attention_mask is not None and not bool(attention_mask.all()):
+        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+        attn_mask = causal[None, None] & attention_mask.bool()[:, None, None, :]  # (B, 1, L, L)
+    if cache is not None and P > 0 and L > 1:
+        # Chunked prefill: query i (position P+i) sees keys 0..P+i, a causal mask aligned bottom right.
+        attn_mask = torch.ones(L, P + L, dtype=torch.bool, device=device).tril(diagonal=P)[None, None]
+    return P, attn_mask
+
+
 class KVCache:
     """Preallocated keys and values of every layer for one generation (batch B, usually 1).
+    cfg: any config with num_hidden_layers, num_key_value_heads and head_dim (v2's ModelConfig, v3's V3Config).
 
     keys[i] / values[i]: (B, nkv, max_len, hd); positions [0, length) are filled.
     `HiggsAudioModel.forward(..., cache=c)` appends its L positions and advances `length`.
@@ -112,9 +136,12 @@ class _LayerKV:
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention through scaled_dot_product_attention."""
+    """Grouped-query self-attention through scaled_dot_product_attention.
 
-    def __init__(self, cfg: ModelConfig):
+    qk_norm (Qwen3, used by higgs_min.v3): q and k are RMS-normalized per head (over head_dim, weights
+    `q_norm` / `k_norm` of shape (hd,)) before RoPE, as transformers' Qwen3Attention.forward."""
+
+    def __init__(self, cfg, qk_norm: bool = False):
         super().__init__()
         self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         H = cfg.hidden_size
@@ -122,11 +149,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(H, self.nkv * self.hd, bias=False)
         self.v_proj = nn.Linear(H, self.nkv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.nh * self.hd, H, bias=False)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+        self.qk_norm = qk_norm
 
     def forward(self, x, cos, sin, attn_mask, kv=None):
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.nh, self.hd).transpose(1, 2)  # (B, nh, L, hd)
-        k = self.k_proj(x).view(B, L, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, L, hd)
+        q = self.q_proj(x).view(B, L, self.nh, self.hd)  # (B, L, nh, hd)
+        k = self.k_proj(x).view(B, L, self.nkv, self.hd)  # (B, L, nkv, hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, L, hd), (B, nkv, L, hd)
         v = self.v_proj(x).view(B, L, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, L, hd)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -156,10 +190,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dual_ffn: bool, fast_forward: bool = False):
+    def __init__(self, cfg: ModelConfig, dual_ffn: bool, fast_forward: bool = False, qk_norm: bool = False):
         super().__init__()
         H = cfg.hidden_size
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, qk_norm)
         self.mlp = MLP(H, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(H, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps)
@@ -268,26 +302,13 @@ class HiggsAudioModel(nn.Module):
         """
         B, L = input_ids.shape
         x = self.embed(input_ids, audio_codes, audio_mask)
-        P = 0
-        if cache is not None:
-            if attention_mask is not None and not bool(attention_mask.all()):
-                raise ValueError("forward with a KV cache: padding (attention_mask zeros) is not supported")
-            P = cache.length
-            if P + L > cache.max_len:
-                raise ValueError(f"KV cache holds {cache.max_len} positions; {P} used + {L} new do not fit")
+        P, attn_mask = attention_plan(attention_mask, cache, L, x.device)
         pos = torch.arange(P, P + L, device=x.device, dtype=torch.float32)
         # Recomputed each call (hd/2 numbers) so that model.to(bf16) cannot round it.
         inv_freq = rope_inv_freq(self.config).to(x.device)
         freqs = torch.outer(pos, inv_freq)  # (L, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (L, hd)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)  # broadcast over (B, nh, L, hd)
-        attn_mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-            attn_mask = causal[None, None] & attention_mask.bool()[:, None, None, :]  # (B, 1, L, L)
-        if cache is not None and P > 0 and L > 1:
-            # Chunked prefill: query i (position P+i) sees keys 0..P+i, a causal mask aligned bottom right.
-            attn_mask = torch.ones(L, P + L, dtype=torch.bool, device=x.device).tril(diagonal=P)[None, None]
         audio_rows = text_rows = None
         if audio_mask is not None and audio_mask.any():
             flat = audio_mask.reshape(-1)
