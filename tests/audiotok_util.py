@@ -8,7 +8,9 @@ exactly that layout from random weights; `folded` is what the loader must end up
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -82,10 +84,12 @@ def write_released(folder: Path, seed: int = 0, config: dict = TINY) -> tuple:
     return model, state
 
 
-def to_transformers(state: dict) -> dict:
+def to_transformers(state: dict, fold: str = "textbook") -> dict:
     """Released-layout tensors -> transformers' HiggsAudioV2TokenizerModel names (the mapping of its
-    conversion script, re-derived), weight norm folded as g * v / |v|; training-only tensors dropped."""
-    import re
+    conversion script, re-derived here independently of higgs_min's table); training-only tensors dropped.
+    The DAC's weight norm: fold="textbook" g * v / |v| (the conversion script's formula), "official"
+    torch._weight_norm (the bits higgs_min's loader computes), "parametrizations" kept unfolded as
+    parametrizations.weight.original0/1 (what apply_weight_norm + save_pretrained would write)."""
     names = ["snake1", "conv1", "snake2", "conv2"]
     rules = [
         (r"^encoder\.block\.0\.", "acoustic_encoder.conv1."), (r"^encoder\.block\.6\.", "acoustic_encoder.snake1."),
@@ -108,10 +112,81 @@ def to_transformers(state: dict) -> dict:
     for k, v in state.items():
         if k.endswith(".weight_v") or k.startswith(("fc_post1.", "decoder_semantic.")) or "masked_spec" in k:
             continue
-        if k.endswith(".weight_g"):  # g * v / |v| over all dims but 0, the textbook weight norm
+        if k.endswith(".weight_g"):
             vv = state[k[:-1] + "v"]
-            k, v = k[:-2], v * vv / vv.flatten(1).norm(dim=1)[:, None, None]
-        for pat, rep in rules:
-            k = re.sub(pat, rep, k)
-        mapped[k] = v
+            if fold == "textbook":  # g * v / |v| over all dims but 0
+                k, v = k[:-2], v * vv / vv.flatten(1).norm(dim=1)[:, None, None]
+            elif fold == "official":
+                k, v = k[:-2], torch._weight_norm(vv, v, 0)
+            else:
+                mapped[_rename(k[:-9] + ".parametrizations.weight.original1", rules)] = vv
+                k = k[:-9] + ".parametrizations.weight.original0"
+        mapped[_rename(k, rules)] = v
     return mapped
+
+
+def _rename(k, rules):
+    for pat, rep in rules:
+        k = re.sub(pat, rep, k)
+    return k
+
+
+# ---- the same weights in transformers' layouts ----------------------------------------------------
+
+def transformers_config(t: dict = TINY):
+    """TINY as a transformers HiggsAudioV2TokenizerConfig, with the released framing and quantizer count."""
+    from transformers import HiggsAudioV2TokenizerConfig
+    return HiggsAudioV2TokenizerConfig(
+        acoustic_model_config=dict(encoder_hidden_size=t["encoder_dim"], downsampling_ratios=t["ratios"],
+                                   decoder_hidden_size=t["decoder_dim"], upsampling_ratios=t["ratios"],
+                                   hidden_size=t["D"]),
+        semantic_model_config=dict(t["hubert"]), codebook_size=t["bins"], codebook_dim=t["codebook_dim"],
+        target_bandwidths=[0.5, 1, 1.5, 2])  # 2 kbps / (25 frames/s * 10 bits) = 8 quantizers
+
+
+def tiny_released(released: dict) -> dict:
+    """higgs_min's RELEASED table with TINY's widths: what the tests patch in so that the tiny model
+    counts as "the released architecture" (the check itself is tested with the real table)."""
+    out = copy.deepcopy(released)
+    out["codebook_dim"] = TINY["codebook_dim"]
+    out["acoustic_model_config"].update(hidden_size=TINY["D"], encoder_hidden_size=TINY["encoder_dim"],
+                                        decoder_hidden_size=TINY["decoder_dim"])
+    out["semantic_model_config"].update(TINY["hubert"])
+    return out
+
+
+def write_transformers(folder: Path, state: dict, max_shard_size=None):
+    """folder as HiggsAudioV2TokenizerModel.save_pretrained writes it, holding `state`'s weights (the DAC
+    folded with torch._weight_norm, HuBERT's positional conv as parametrizations). Returns the model."""
+    from transformers import HiggsAudioV2TokenizerModel
+    ref = HiggsAudioV2TokenizerModel(transformers_config()).eval()
+    missing, unexpected = ref.load_state_dict(to_transformers(state, fold="official"), strict=False)
+    missing = [k for k in missing if not k.startswith(("decoder_semantic.", "fc1."))]  # training-only there too
+    assert not missing and not unexpected, (missing[:5], unexpected[:5])
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    ref.save_pretrained(folder, **kw)
+    return ref
+
+
+def write_v3(folder: Path, state: dict, prefix: str, codec: bool = True) -> dict:
+    """A v3-style model folder: config.json of the LLM, three shards + index. The codec's tensors (DAC
+    weight norm as parametrizations) under `prefix`, split over two shards; fake LLM tensors in all three,
+    the first holding only LLM tensors. Returns the LLM's tensors."""
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(7)
+    llm = {f"body.layers.{i}.mlp.up_proj.weight": torch.randn(64, 32, generator=g) for i in range(3)}
+    llm["tied.embedding.modality_embeddings.0.embedding.weight"] = torch.randn(1026 * 8, 4, generator=g)
+    codec_tensors = {prefix + k: v.contiguous() for k, v in to_transformers(state, fold="parametrizations").items()}
+    names = sorted(codec_tensors) if codec else []
+    shards = [{k: llm[k] for k in list(llm)[:2]},
+              {**{k: llm[k] for k in list(llm)[2:]}, **{k: codec_tensors[k] for k in names[: len(names) // 2]}},
+              {k: codec_tensors[k] for k in names[len(names) // 2:]}]
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-00003.safetensors"
+        save_file(shard or {"body.norm.weight": torch.ones(4)}, str(folder / name))
+        weight_map.update({k: name for k in shard or {"body.norm.weight": 0}})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "higgs_multimodal_qwen3", "hidden_size": 2560}))
+    return llm

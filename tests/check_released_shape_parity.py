@@ -8,6 +8,7 @@ import sys
 import torch
 
 from higgs_min.audio import tokenizer as at
+from higgs_min.audio import tokenizer_files as tf
 from tests import audiotok_util as u
 
 RELEASED = {"n_filters": 32, "D": 256, "codebook_dim": 64, "target_bandwidths": [0.5, 1, 1.5, 2, 4],
@@ -20,7 +21,7 @@ def main(seconds: float = 2.0) -> int:
     _, model = u.tiny_model(0, RELEASED)
     state = u.released_state(model)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    model.load_state_dict(at.check_and_filter(at.fold_weight_norm(state), expected, "released-shape", 8))
+    model.load_state_dict(tf.check_and_filter(tf.fold_weight_norm(state), expected, "released-shape", 8))
     cfg = HiggsAudioV2TokenizerConfig(
         acoustic_model_config=dict(encoder_hidden_size=64, downsampling_ratios=RELEASED["ratios"],
                                    decoder_hidden_size=1024, upsampling_ratios=RELEASED["ratios"], hidden_size=256),

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from higgs_min.audio import tokenizer as at
+from higgs_min.audio import tokenizer_files as tf
 from tests import audiotok_util as u
 
 
@@ -70,7 +71,7 @@ def test_hubert_equals_transformers():
     with torch.no_grad():  # non-trivial norms and biases
         for p in ref.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    state = at.fold_weight_norm(ref.state_dict())
+    state = tf.fold_weight_norm(ref.state_dict())
     assert set(state) == set(ours.state_dict())  # same names as the released semantic_model.* keys
     ours.load_state_dict(state)
     wav = torch.randn(1, 16000 * 2 // 3 + 320, generator=torch.Generator().manual_seed(2))
@@ -94,7 +95,7 @@ def test_dac_layers_equal_the_pinned_descript_audio_codec():
     ref_dec.model = ref_dec.model[:-1]
     enc, dec = Encoder(2, [8, 5, 4, 2, 3], 16), Decoder(16, 64, [8, 5, 4, 2, 3])
     for ours, ref in ((enc, ref_enc), (dec, ref_dec)):
-        folded = at.fold_weight_norm(ref.state_dict())
+        folded = tf.fold_weight_norm(ref.state_dict())
         assert set(folded) == set(ours.state_dict())  # the released key layout (weight_g/v folded)
         ours.load_state_dict(folded)
     x = clip(960 * 3)[None, None]

@@ -18,7 +18,7 @@ keys under `semantic_model.` load unchanged.
     returns the 13 hidden states, each (B, F, 768)
 
 Dropouts are absent (inference only). The positional conv's weight norm (dim=2) is folded
-into a plain weight by the loader (audio_tokenizer.fold_weight_norm).
+into a plain weight by the loader (audio/tokenizer_files.py fold_weight_norm).
 """
 
 from __future__ import annotations

@@ -23,14 +23,16 @@ decode, codes (8,T):
 Frames: T = N / 960 when N is a multiple of 960 (acoustic and semantic paths agree); otherwise the
 official count `frames(N)` below (the shorter of the two paths after the padded re-encode).
 
-Loading (`load`): a folder with the released config.json and model.safetensors (written by
-`python -m higgs_min.prepare convert-audio-tokenizer`) or model.pth, read only with
-torch.load(weights_only=True). Weight norm (weight_g/weight_v, or transformers'
-parametrizations original0/original1) is folded with torch._weight_norm, the very function the
-official forward calls on every step, so the folded weights are bitwise those the official
-model uses. Strict: every tensor is consumed or on TRAINING_ONLY; one error names the rest.
-Only encoding/decoding is done here; the official's training path (fc_post1, decoder_semantic,
-EMA codebook updates) is not, and its tensors are dropped by name.
+Loading (`load`): any of the three layouts users download (audio/tokenizer_files.py): the original
+folder (config.json + model.pth, read only with torch.load(weights_only=True), or the model.safetensors
+`python -m higgs_min.prepare convert-audio-tokenizer` writes), transformers' folder, or the codec inside
+a Higgs Audio v3 model folder. Tensors are renamed to the official names, weight norm (weight_g/weight_v,
+or parametrizations original0/original1) is folded with torch._weight_norm, the very function the
+official forward calls on every step, so the folded weights are bitwise those the official model uses.
+Strict: every tensor is consumed or training-only; one error names the rest. The identity
+(`higgs-audio-v2-tokenizer:<sha16>`) hashes those official-named folded tensors, so it is the same
+whichever layout held the same weights. Only encoding/decoding is done here; the official's training path
+(fc_post1, decoder_semantic, EMA codebook updates) is not, and its tensors are dropped by name.
 """
 
 from __future__ import annotations
@@ -38,9 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import logging
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,27 +52,15 @@ from torch import nn
 
 from higgs_min.audio.layers import SEMANTIC_RATE, Decoder, Encoder, SemanticEncoder, resample
 from higgs_min.audio.hubert import Hubert, HubertConfig
+from higgs_min.audio import tokenizer_files as files
+from higgs_min.audio.tokenizer_files import AudioTokenizerError
 
-log = logging.getLogger("higgs_min.audio.tokenizer")
 NAME = "higgs-audio-v2-tokenizer"
-# Tensors of the released model.pth that inference never reads (official training path):
-TRAINING_ONLY = (
-    r"fc_post1\..*",                                    # semantic reconstruction head (forward L227)
-    r"decoder_semantic\..*",                            # semantic decoder (forward L232)
-    r"semantic_model\.masked_spec_embed",               # HuBERT SpecAugment vector (masking is off)
-    r"quantizer\.vq\.layers\.\d+\._codebook\.(inited|cluster_size|embed_avg)",  # EMA codebook bookkeeping
-)
-
-
 # The official constructor's arguments (L44-64; n_filters, target_bandwidths, last_layer_semantic and
 # semantic_mode do not change inference with bandwidth None) and higgs_min's test-size widths.
 KNOWN_CONFIG_KEYS = {"n_filters", "D", "codebook_dim", "target_bandwidths", "ratios", "sample_rate", "bins", "n_q",
                      "semantic_techer", "last_layer_semantic", "merge_mode", "downsample_mode", "semantic_mode",
                      "vq_scale", "semantic_sample_rate", "causal", "normalize", "encoder_dim", "decoder_dim", "hubert"}
-
-
-class AudioTokenizerError(ValueError):
-    """Bad tokenizer files: the message names the file and the tensors."""
 
 
 @dataclass(frozen=True)
@@ -223,87 +211,20 @@ class HiggsAudioTokenizerModel(nn.Module):
 
 # ---- loading ------------------------------------------------------------------------------------
 
-def read_tensors(folder: Path) -> tuple[dict, Path]:
-    """{name: tensor} from model.safetensors (preferred) or model.pth (weights_only, tensors only)."""
-    st, pth = folder / "model.safetensors", folder / "model.pth"
-    if st.exists():
-        from safetensors.torch import load_file
-        try:
-            return load_file(str(st)), st
-        except Exception as e:  # safetensors raises its own error types; report which file
-            raise AudioTokenizerError(f"{st}: not a readable safetensors file: {e}") from e
-    if not pth.exists():
-        raise AudioTokenizerError(f"{folder}: no model.safetensors or model.pth (nothing is downloaded)")
-    try:
-        obj = torch.load(pth, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError for any non-allowlisted object, or a corrupt file
-        raise AudioTokenizerError(f"{pth}: refused by torch.load(weights_only=True) (only a dict of tensors is "
-                                  f"read; nothing else is unpickled): {str(e).splitlines()[0]}") from e
-    if not isinstance(obj, dict):
-        raise AudioTokenizerError(f"{pth}: holds a {type(obj).__name__}, expected a state dict of tensors")
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise AudioTokenizerError(f"{pth}: entries that are not tensors: {', '.join(map(str, bad[:10]))}")
-    return obj, pth
-
-
-def fold_weight_norm(tensors: dict) -> dict:
-    """X.weight_g + X.weight_v (torch.nn.utils.weight_norm) or X.parametrizations.weight.original0/1
-    (parametrizations.weight_norm) -> X.weight = torch._weight_norm(v, g, dim), as the official forward
-    computes it. dim is 0 (DAC convs, the torch default) except HuBERT's positional conv (dim=2)."""
-    out, pairs = {}, {}
-    for k, v in tensors.items():
-        m = re.fullmatch(r"(.*)\.(weight_g|weight_v|parametrizations\.weight\.original[01])", k)
-        if m:
-            pairs.setdefault(m[1], {})["g" if m[2] in ("weight_g", "parametrizations.weight.original0") else "v"] = v
-        else:
-            out[k] = v
-    for base, gv in pairs.items():
-        if set(gv) != {"g", "v"}:
-            raise AudioTokenizerError(f"{base}: weight norm needs both g and v, found only {sorted(gv)}")
-        dim = 2 if base.endswith("pos_conv_embed.conv") else 0
-        if gv["g"].shape[dim] != gv["v"].shape[dim] or gv["g"].numel() != gv["v"].shape[dim]:
-            raise AudioTokenizerError(f"{base}: weight norm g {tuple(gv['g'].shape)} does not fit v "
-                                      f"{tuple(gv['v'].shape)} along dim {dim}")
-        out[base + ".weight"] = torch._weight_norm(gv["v"], gv["g"], dim)
-    return out
-
-
-def check_and_filter(tensors: dict, expected: dict, source, n_q: int) -> dict:
-    """Drop TRAINING_ONLY names; raise one error naming missing, unexpected and misshapen tensors.
-    Quantizer layers past n_q are dropped with a warning: the official forward uses the first n_q
-    (vq.py get_num_quantizers_for_bandwidth with bandwidth None) and loads with strict=False (L326)."""
-    kept = {k: v for k, v in tensors.items() if not any(re.fullmatch(p, k) for p in TRAINING_ONLY)}
-    extra = {k for k in kept if (m := re.match(r"quantizer\.vq\.layers\.(\d+)\.", k)) and int(m[1]) >= n_q}
-    if extra:
-        layers = sorted({int(k.split(".")[3]) for k in extra})
-        log.warning("%s: quantizer layers %s are past n_q=%d and unused (as in the official forward); ignored",
-                    source, layers, n_q)
-        kept = {k: v for k, v in kept.items() if k not in extra}
-    missing = sorted(set(expected) - set(kept))
-    unexpected = sorted(set(kept) - set(expected))
-    shapes = sorted(f"{k} {tuple(kept[k].shape)} (expected {tuple(expected[k])})"
-                    for k in set(kept) & set(expected) if tuple(kept[k].shape) != tuple(expected[k]))
-    if missing or unexpected or shapes:
-        parts = [f"{label} ({len(names)}): {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
-                 for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes))
-                 if names]
-        raise AudioTokenizerError(f"{source}: does not match the tokenizer config; " + "; ".join(parts))
-    return kept
-
-
-def load_state(folder: str | Path) -> tuple[AudioTokenizerConfig, dict, Path]:
-    """(config, folded and checked {name: float32 tensor}, weights file)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise AudioTokenizerError(f"{folder}: no such folder (expected config.json with model.safetensors or "
-                                  "model.pth: the released bosonai/higgs-audio-v2-tokenizer files; nothing is downloaded)")
-    cfg = AudioTokenizerConfig.from_json(folder / "config.json")
-    raw, source = read_tensors(folder)
+def load_state(folder: str | Path) -> tuple[AudioTokenizerConfig, dict, files.Found]:
+    """Any of the three layouts (audio/tokenizer_files.py) -> (config, {official name: float32 tensor},
+    what was found). Folded, renamed, then checked strictly against the model the config describes."""
+    found = files.read_folder(folder)
+    cfg = AudioTokenizerConfig.from_json_dict(found.config, Path(folder) / "config.json")
     with torch.device("meta"):
         expected = {k: v.shape for k, v in HiggsAudioTokenizerModel(cfg).state_dict().items()}
-    state = check_and_filter(fold_weight_norm(raw), expected, source, cfg.n_q)
-    return cfg, {k: v.float().contiguous() for k, v in state.items()}, source
+    state = files.fold_weight_norm(found.tensors)
+    shown = lambda k: k  # noqa: E731  errors name each tensor as the file does
+    if found.transformers_names:
+        state = files.to_our_names(state, expected)
+        shown = lambda k: found.prefix + (files.transformers_name(k) if k in expected else k)  # noqa: E731
+    state = files.check_and_filter(state, expected, found.source, cfg.n_q, shown)
+    return cfg, {k: v.float().contiguous() for k, v in state.items()}, found
 
 
 def weights_sha16(state: dict) -> str:
@@ -360,7 +281,7 @@ class AudioTokenizer:
 
 
 def load(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> AudioTokenizer:
-    """A folder with config.json + model.safetensors or model.pth -> AudioTokenizer (eval, no grad).
+    """A tokenizer folder in any layout, or a v3 model folder (load_state) -> AudioTokenizer (eval, no grad).
     fp32 on CPU; another dtype only on CUDA."""
     if torch.device(device).type == "cpu" and dtype != torch.float32:
         raise ValueError("the audio tokenizer runs in float32 on CPU; --dtype applies on CUDA only")
@@ -373,25 +294,30 @@ def load(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> 
 
 
 def convert_main(argv) -> int:
-    """prepare convert-audio-tokenizer SRC OUT: model.pth -> model.safetensors (folded, strict) + config.json."""
+    """prepare convert-audio-tokenizer SRC OUT: any tokenizer layout (original model.pth, transformers, the
+    codec inside a v3 model folder) -> OUT/model.safetensors (official names, folded, strict) + config.json
+    (the original layout's form), which loads without pickle and with the same identity."""
     import argparse
     from higgs_min.checkpoint import json_bytes, safetensors_chunks, write_file
     ap = argparse.ArgumentParser(prog="python -m higgs_min.prepare convert-audio-tokenizer",
                                  description=convert_main.__doc__)
-    ap.add_argument("src", type=Path, help="folder with the released config.json and model.pth")
-    ap.add_argument("out", type=Path, help="output folder (created)")
+    ap.add_argument("src", type=Path, help="the tokenizer folder (any layout) or a Higgs Audio v3 model folder")
+    ap.add_argument("out", type=Path, help="output folder (created; not SRC)")
     args = ap.parse_args(argv)
+    if args.out.resolve() == args.src.resolve():
+        print(f"error: {args.out}: OUT must be another folder than SRC (SRC's files would be replaced)",
+              file=sys.stderr)
+        return 2
     try:
-        _, state, source = load_state(args.src)
+        _, state, found = load_state(args.src)
     except AudioTokenizerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, data in (("model.safetensors", safetensors_chunks(state)),
-                       ("config.json", json_bytes(json.loads((args.src / "config.json").read_text())))):
+    for name, data in (("model.safetensors", safetensors_chunks(state)), ("config.json", json_bytes(found.config))):
         tmp = args.out / f".{name}.tmp-{os.getpid()}"
         write_file(tmp, data)
         os.replace(tmp, args.out / name)
-    print(f"wrote {args.out}/model.safetensors ({len(state)} tensors from {source}); "
+    print(f"wrote {args.out}/model.safetensors ({len(state)} tensors from {found.source}, {found.layout} layout); "
           f"identity {NAME}:{weights_sha16(state)}")
     return 0

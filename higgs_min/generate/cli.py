@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--reference-audio", type=Path, help="voice cloning: reference 16-bit wav, encoded with the chosen codec")
     a("--reference-text", help="voice cloning: the reference's transcript")
     a("--force-audio", action="store_true", help="end the prompt with <|audio_out_bos|>: audio comes first")
-    a("--audio-tokenizer", type=Path, help="decode with the released Higgs audio tokenizer in DIR")
+    a("--audio-tokenizer", type=Path,
+      help="decode with the released Higgs audio tokenizer in DIR (any layout, or a v3 model folder)")
     a("--codec-weights", type=Path, help="decode with DAC weights (.pth)")
     a("--random-codec-seed", type=int, help="decode with the seeded random DAC of the demo set (not for listening)")
     a("--out", type=Path, help="output wav (needs a decoder)")

@@ -187,7 +187,7 @@ def prepare(data: Path, out: Path, codec_weights=None, random_seed=None, audio_t
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("higgs_min.prepare.convert:main", "ljspeech / wav folder / ShareGPT / OpenAI chat -> the project's JSONL"),
     "convert-audio-tokenizer": ("higgs_min.audio.tokenizer:convert_main",
-                                "released Higgs audio tokenizer model.pth -> model.safetensors, once"),
+                                "the Higgs audio tokenizer in any layout -> its model.safetensors, once"),
     "pack": ("higgs_min.prepare.pack:pack_main", "JSONL with codes -> a packed, memory-mapped corpus folder"),
     "verify": ("higgs_min.prepare.corpus:verify_main", "check a packed corpus's shards against its manifest"),
 }
@@ -214,8 +214,9 @@ def encode_main(argv) -> int:
     ap.add_argument("--codec-weights", help="local DAC weights file (dac.DAC.load); never downloaded")
     ap.add_argument("--random-codec-seed", type=int, help="build a seeded random DAC instead (demos/tests only)")
     ap.add_argument("--audio-tokenizer", type=Path, metavar="DIR",
-                    help="the Higgs Audio v2 audio tokenizer (config.json + model.safetensors or model.pth): the "
-                         "codes the released model understands; see convert-audio-tokenizer")
+                    help="the Higgs Audio v2 audio tokenizer: its folder (original model.pth or transformers' layout) "
+                         "or a Higgs Audio v3 model folder; the codes the released model understands; see "
+                         "convert-audio-tokenizer")
     ap.add_argument("--max-seconds", type=float, default=60.0,
                     help="refuse a clip longer than this many seconds, naming the file (default 60)")
     ap.add_argument("--device", default="cpu", help="device for --audio-tokenizer (default cpu)")
