@@ -41,7 +41,7 @@ from higgs_min.errors import Parser, guard
 from higgs_min.lora import PEFT_PREFIX, merge_lora, read_adapter
 from higgs_min.model import HiggsAudioModel
 from higgs_min.weights import load_pretrained, weight_files
-from higgs_min.train.runs import load_trained, read_settings
+from higgs_min.train.runs import load_trained, read_settings, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 INDEX = "model.safetensors.index.json"
@@ -244,7 +244,7 @@ def export_transformers(source: str | Path, out: str | Path, base_weights: str |
     on disk (float32 for a preset) unless `dtype` says otherwise; config.json records that dtype.
     base_only: write the run's base without its LoRA (what an --adapter-only export loads onto).
     """
-    source = Path(source)
+    source = resolve_checkpoint(source)
     if not (source / "adapter_config.json").exists():
         if adapter_only:
             raise ValueError(f"{source}: --adapter-only needs a checkpoint or adapter folder (no adapter_config.json)")
@@ -318,6 +318,7 @@ def _main(argv) -> int:
     adapter = args.adapter or args.source
     if not adapter:
         ap.error("needs --adapter (a checkpoint such as output/checkpoint-300, or an adapter folder)")
+    adapter = resolve_checkpoint(adapter)
     base = args.base_weights or read_settings(Path(adapter)).get("base_weights")
     if base:
         out = merge_into_weights(adapter, base, args.out, args.tokenizer or _base_or_recorded_tokenizer(adapter, base))

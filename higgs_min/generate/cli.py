@@ -38,8 +38,8 @@ log = logging.getLogger("higgs_min.generate")
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--adapter", type=Path, help="a checkpoint folder (adapter_config.json + adapter_model.safetensors) or a "
-                                   "training output folder (its newest valid checkpoint)")
+    a("--adapter", type=Path, help="a checkpoint folder (adapter_config.json + adapter_model.safetensors), "
+                                   "OUT/best or OUT/latest, or a training output folder (its newest valid checkpoint)")
     a("--base-weights", type=Path, help="released-format base folder (config.json + safetensors); "
                                         "without it the base is rebuilt from the run's preset and seed")
     a("--no-merge", action="store_true", help="keep LoRA layers instead of merging them into the weights")
@@ -70,9 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def find_adapter(path: Path) -> Path:
-    """A checkpoint folder, or an output folder's newest valid checkpoint."""
+    """A checkpoint folder (or OUT/best, OUT/latest), or an output folder's newest valid checkpoint."""
     from higgs_min import checkpoint
+    from higgs_min.train.runs import resolve_checkpoint
 
+    path = resolve_checkpoint(path)
     if (path / "adapter_config.json").exists():
         return path
     if path.is_dir():

@@ -29,6 +29,7 @@ from pathlib import Path
 from higgs_min import checkpoint, distributed
 from higgs_min.errors import UsageError
 from higgs_min.train.options import NOT_CONFIG, OPERATIONAL, RESUME_CLASS, SHAPE, TRAINED
+from higgs_min.train.runs import RunError, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +120,11 @@ def _resume_folder(args) -> Path | None:
         return checkpoint.latest_valid(args.output_dir)
     if args.resume == "none":
         return None
-    folder = Path(args.resume)
     try:
+        folder = resolve_checkpoint(args.resume)
         checkpoint.verify(folder)
-    except checkpoint.CheckpointError as e:
-        raise UsageError(f"--resume {folder}: {e}") from e
+    except (checkpoint.CheckpointError, RunError) as e:
+        raise UsageError(f"--resume {args.resume}: {e}") from e
     return folder
 
 

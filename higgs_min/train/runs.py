@@ -5,6 +5,8 @@ generation and export.
         base_weights given -> released-format weights loaded from disk (no RNG used)
         else               -> torch.manual_seed(seed); HiggsAudioModel(preset)   (random init)
 
+    resolve_checkpoint(PATH)                 OUT/best and OUT/latest (text files naming a checkpoint) ->
+                                             the folder they name; every other path unchanged
     load_trained(CKPT)                       base + the checkpoint's LoRA adapter
         CKPT/trainer_state.json["config"]    the trainer's resolved options: preset, seed,
                                              base_weights, tokenizer (what the base was)
@@ -58,6 +60,28 @@ def build_base(preset: str, base_weights: str | Path | None, seed: int, dtype: t
     return model.to(dtype), cfg, f"higgs_min preset {preset} (random init, seed {seed})"
 
 
+POINTERS = ("best", "latest")  # checkpoint.write_latest / update_best: one line, a checkpoint folder's name
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint a path means: OUT/best or OUT/latest -> OUT/<the folder named inside>; any other path
+    as it is. The one place where a pointer is followed, so that generate, export, eval and --resume
+    accept `runs/x/best` wherever they accept a checkpoint folder."""
+    path = Path(path)
+    if path.name not in POINTERS or not path.is_file():
+        return path
+    try:
+        name = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: cannot read the checkpoint it names: {e}") from e
+    target = path.parent / name
+    if not name or Path(name).name != name or not target.is_dir():
+        there = sorted(p.name for p in path.parent.glob("checkpoint-*"))[-4:]
+        raise RunError(f"{path} names {name!r}, which is not a folder in {path.parent} (deleted by hand or by "
+                       f"--keep-last?); pass a checkpoint folder instead (there: {there or 'none'})")
+    return target
+
+
 def read_settings(folder: Path) -> dict:
     """The trainer's resolved options recorded in a checkpoint ({} when the folder is a bare adapter)."""
     state = folder / "trainer_state.json"
@@ -74,7 +98,7 @@ def load_trained(folder: str | Path, base_weights: str | Path | None = None, dev
     """Base + adapter of a checkpoint (or of an adapter folder plus `base_weights`)."""
     from higgs_min import checkpoint
 
-    folder = Path(folder)
+    folder = resolve_checkpoint(folder)
     if not (folder / "adapter_config.json").exists():
         found = sorted(p.name for p in folder.iterdir())[:8] if folder.is_dir() else "nothing (no such folder)"
         raise RunError(f"{folder}: not a checkpoint or adapter folder (no adapter_config.json; found {found}); "
