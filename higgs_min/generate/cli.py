@@ -11,6 +11,9 @@ Decoding: `--audio-tokenizer DIR` (the released Higgs audio tokenizer, higgs_min
 (`--codec-weights dac.pth`, or the demo's seeded random DAC `--random-codec-seed N`); with none of them
 only `--codes-out` is written. Sampling defaults are those of the official examples/generation.py
 (README: "Generate").
+
+Higgs Audio v3 (`--base-weights` a v3 folder, or `--adapter` of a run trained on a v3 preset or folder): the
+same command, dispatched on the loaded model's config to generate/v3.py (TTS prompt, serving's sampler).
 """
 
 from __future__ import annotations
@@ -28,11 +31,16 @@ import torch
 from higgs_min.data import ChatEncoder, DataError
 from higgs_min.prepare.codes_file import load_codes
 from higgs_min.errors import Parser, UsageError, guard
+from higgs_min.generate import v3 as v3_cli
 from higgs_min.generate.sampling import GenerationError, build_messages, generate, make_prompt
 
 PROG = "python -m higgs_min.generate"
 
 log = logging.getLogger("higgs_min.generate")
+
+
+# The official examples/generation.py sampling defaults (v2); v3's are in generate/v3.py.
+V2_SAMPLING = {"temperature": 0.3, "top_k": 50, "top_p": 0.95, "ras_win_len": 7, "ras_max_repeat": 2}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,12 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--random-codec-seed", type=int, help="decode with the seeded random DAC of the demo set (not for listening)")
     a("--out", type=Path, help="output wav (needs a decoder)")
     a("--codes-out", type=Path, help="also write the generated codes (K, T) as int16 .npy")
-    a("--max-new-tokens", type=int, default=2048, help="steps (text tokens + audio columns) at most")
-    a("--temperature", type=float, default=0.3, help="0 = greedy")
-    a("--top-k", type=int, default=50, help="0 = off")
-    a("--top-p", type=float, default=0.95, help="1 = off")
-    a("--ras-win-len", type=int, default=7, help="repetition-aware sampling window; 0 = off")
-    a("--ras-max-repeat", type=int, default=2, help="resample a codebook repeating this often in the window")
+    a("--max-new-tokens", type=int, default=2048, help="steps (text tokens + audio columns; v3: audio rows) at most")
+    # Sampling defaults differ by family (filled in by run): v2 the official examples', v3 serving's for speech.
+    a("--temperature", type=float, help="0 = greedy (default: 0.3; v3: 0.8)")
+    a("--top-k", type=int, help="0 = off (default: 50; v3: 30)")
+    a("--top-p", type=float, help="1 = off (default: 0.95; v3: 0.8)")
+    a("--ras-win-len", type=int, help="v2: repetition-aware sampling window; 0 = off (default: 7)")
+    a("--ras-max-repeat", type=int, help="v2: resample a codebook repeating this often in the window (default: 2)")
     a("--seed", type=int, help="sampling seed (a run repeats exactly on CPU)")
     a("--device", default="cpu")
     a("--dtype", choices=("float32", "bfloat16", "float16"), help="default: float32 on CPU, bfloat16 on CUDA")
@@ -177,7 +186,7 @@ def run(args) -> dict:
         raise UsageError("pass --adapter CKPT (a run trained on a preset) and/or --base-weights DIR")
     if args.reference_codes is not None and args.reference_audio is not None:
         raise UsageError("pass --reference-codes or --reference-audio, not both")
-    if (args.reference_codes is None and args.reference_audio is None) != (args.reference_text is None):
+    if args.reference_codes is None and args.reference_audio is None and args.reference_text is not None:
         raise UsageError("voice cloning needs --reference-text together with --reference-codes/--reference-audio")
     decoder = Decoder(args)
     if decoder.kind is None and args.out is not None:
@@ -192,18 +201,20 @@ def run(args) -> dict:
     if tok is None:
         raise UsageError("no tokenizer: the run's recorded one is gone and the base folder has none; "
                                 "pass --tokenizer tokenizer.json")
-    enc = ChatEncoder(tok, cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size)
+    v3 = getattr(cfg, "family", "v2") == "v3"
+    if v3:
+        v3_cli.resolve_options(args)
+    else:
+        for name, value in V2_SAMPLING.items():
+            setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
     ref = None
     if args.reference_codes is not None:
-        ref = load_codes(args.reference_codes, "--reference-codes", enc.K, enc.C)
+        ref = load_codes(args.reference_codes, "--reference-codes", cfg.audio_num_codebooks, cfg.audio_codebook_size)
     elif args.reference_audio is not None:
         if decoder.kind is None:
             raise UsageError("--reference-audio needs a codec to encode it (--codec-weights, --random-codec-seed "
                              "or --audio-tokenizer); or pass --reference-codes")
         ref = torch.from_numpy(decoder.encode(args.reference_audio).astype(np.int64))
-    ref_item = {"type": "audio", "codes": ref} if ref is not None else None
-    messages = build_messages(args.text, args.system, args.scene, args.reference_text, ref_item)
-    prompt = make_prompt(enc, messages, force_audio=args.force_audio)
 
     bar = tqdm(total=args.max_new_tokens, unit="tok", desc="generate", file=sys.stderr,
                disable=not sys.stderr.isatty() and os.environ.get("HIGGS_MIN_PROGRESS") != "1")
@@ -215,20 +226,20 @@ def run(args) -> dict:
         bar.set_postfix(frames=frames, refresh=False)
 
     t0 = time.perf_counter()
-    g = generate(model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 top_k=args.top_k or None, top_p=args.top_p, ras_win_len=args.ras_win_len,
-                 ras_max_repeat=args.ras_max_repeat, seed=args.seed, on_step=on_step)
+    if v3:
+        codes, info = v3_cli.generate_codes(args, model, Path(tok), ref, on_step)
+    else:
+        codes, info = generate_v2(args, model, tok, ref, on_step)
     wall = time.perf_counter() - t0
     bar.close()
-    codes = g.codes.numpy().astype(np.int16)
+    codes = codes.numpy().astype(np.int16)
     # 25 frames/s: the released audio tokenizer's and the demo DAC's rate, when no decoder says otherwise.
     fps = decoder.fps if decoder.kind else 25.0
     seconds = codes.shape[1] / fps
-    summary = {"codebooks": int(codes.shape[0]), "steps": g.steps, "stopped": g.stopped, "segments": len(g.audio), "frames": int(codes.shape[1]),
+    summary = {"codebooks": int(codes.shape[0]), "frames": int(codes.shape[1]), **info,
                "audio_seconds": round(seconds, 3), "wall_seconds": round(wall, 3),
                "frames_per_second": round(codes.shape[1] / wall, 2) if wall > 0 else None,
-               "rtf": round(wall / seconds, 3) if seconds > 0 else None,
-               "text": enc.decode(g.text_ids)}
+               "rtf": round(wall / seconds, 3) if seconds > 0 else None}
     if args.codes_out is not None:
         def save_codes(p):
             with open(p, "wb") as f:
@@ -236,22 +247,44 @@ def run(args) -> dict:
         write_atomic(args.codes_out, save_codes)
     if args.out is not None:
         if codes.shape[1] == 0:
-            raise GenerationError(f"no audio frames generated ({g.steps} steps, stopped by {g.stopped}; "
-                                  f"text: {summary['text']!r}); try --force-audio or more --max-new-tokens")
+            hint = "more --max-new-tokens" if v3 else "--force-audio or more --max-new-tokens"
+            raise GenerationError(f"no audio frames generated ({summary['steps']} steps, stopped by "
+                                  f"{summary['stopped']}; text: {summary['text']!r}); try {hint}")
         from higgs_min.audio import codec
         wave = decoder.decode(codes).float().cpu()
         write_atomic(args.out, lambda p: codec.write_wav(p, wave, decoder.rate))
     return summary
 
 
+def generate_v2(args, model, tokenizer, ref, on_step) -> tuple[torch.Tensor, dict]:
+    """The v2 chat prompt and sampler -> (codes (K, T), the summary's generation fields)."""
+    cfg = model.config
+    if ref is not None and args.reference_text is None:
+        raise UsageError("voice cloning needs --reference-text together with --reference-codes/--reference-audio")
+    enc = ChatEncoder(tokenizer, cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size)
+    ref_item = {"type": "audio", "codes": ref} if ref is not None else None
+    messages = build_messages(args.text, args.system, args.scene, args.reference_text, ref_item)
+    prompt = make_prompt(enc, messages, force_audio=args.force_audio)
+    g = generate(model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k or None, top_p=args.top_p, ras_win_len=args.ras_win_len,
+                 ras_max_repeat=args.ras_max_repeat, seed=args.seed, on_step=on_step)
+    return g.codes, {"steps": g.steps, "stopped": g.stopped, "segments": len(g.audio),
+                     "text": enc.decode(g.text_ids)}
+
+
 def _main(argv) -> int:
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     s = run(args)
-    print(f"text: {s['text']!r}")
-    print(f"{s['steps']} steps ({s['stopped']}), {s['segments']} audio segment(s), {s['frames']} frames = "
-          f"{s['audio_seconds']} s of audio in {s['wall_seconds']} s: {s['frames_per_second']} frames/s, "
-          f"real-time factor {s['rtf']}")
+    if "rows" in s:  # v3: audio only
+        print(f"{s['steps']} steps ({s['stopped']}), {s['rows']} delayed rows, {s['frames']} frames = "
+              f"{s['audio_seconds']} s of audio in {s['wall_seconds']} s: {s['frames_per_second']} frames/s, "
+              f"real-time factor {s['rtf']}")
+    else:
+        print(f"text: {s['text']!r}")
+        print(f"{s['steps']} steps ({s['stopped']}), {s['segments']} audio segment(s), {s['frames']} frames = "
+              f"{s['audio_seconds']} s of audio in {s['wall_seconds']} s: {s['frames_per_second']} frames/s, "
+              f"real-time factor {s['rtf']}")
     if args.codes_out is not None:
         print(f"codes: {args.codes_out} (int16, shape [{s['codebooks']}, {s['frames']}])")
     if args.out is not None:

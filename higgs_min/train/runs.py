@@ -38,16 +38,30 @@ class RunError(ValueError):
 
 @dataclass
 class Trained:
-    model: HiggsAudioModel  # base + LoRA layers (not merged), eval mode
-    cfg: ModelConfig
+    model: HiggsAudioModel  # base + LoRA layers (not merged), eval mode; a HiggsV3Model for a v3 run
+    cfg: ModelConfig  # a V3Config for a v3 run
     tokenizer: Path | None  # the tokenizer the run trained with, when it still exists
     settings: dict  # the trainer's resolved options ({} for a bare adapter folder)
     base_name: str  # what the base was, in words
 
 
 def build_base(preset: str, base_weights: str | Path | None, seed: int, dtype: torch.dtype = torch.float32
-               ) -> tuple[HiggsAudioModel, ModelConfig, str]:
-    """The frozen base model on the CPU. Released weights when given, else the seeded preset."""
+               ) -> tuple[HiggsAudioModel | "HiggsV3Model", ModelConfig | "V3Config", str]:
+    """The frozen base model on the CPU. Released weights when given, else the seeded preset.
+    Higgs Audio v3 (a folder whose config.json says higgs_multimodal_qwen3, or a v3 preset) builds HiggsV3Model."""
+    from higgs_min.v3 import config as v3_config
+
+    if base_weights and v3_config.is_v3_config(base_weights):
+        from higgs_min.v3.weights import build_v3
+
+        model = build_v3(base_weights, dtype)
+        return model, model.config, str(base_weights)
+    if not base_weights and preset in v3_config.PRESETS:
+        from higgs_min.v3.model import HiggsV3Model
+
+        cfg = v3_config.V3Config.from_preset(preset)
+        torch.manual_seed(seed)  # as for v2: the trainer seeds the same way right before this
+        return HiggsV3Model(cfg).to(dtype), cfg, f"higgs_min preset {preset} (random init, seed {seed})"
     if base_weights:
         cfg = ModelConfig.from_pretrained_config(base_weights)
         with torch.device("meta"):

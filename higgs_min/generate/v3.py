@@ -1,0 +1,63 @@
+"""`python -m higgs_min.generate` on a Higgs Audio v3 model: cli.run dispatches here when the loaded model is v3
+(its config's family; a v3 base folder or a run trained on a v3 preset).
+
+    python -m higgs_min.generate --base-weights V3DIR --text "Hello there." --audio-tokenizer TOKDIR --out a.wav
+    python -m higgs_min.generate --adapter RUN/checkpoint-N --text "..." --reference-codes ref.npy \\
+        --reference-text "transcript of ref" --codes-out a.npy
+
+The TTS prompt (v3/prompt.py), the serving sampler with the KV cache (v3/sampler.py), the codes (K, T) out. Unlike
+v2: no chat template (--system, --scene, --force-audio are refused; inline tags such as <|emotion:happy|> go in
+--text), no repetition-aware sampling (--ras-* refused), a reference clip may come without its transcript
+(audio-only cloning, as serving allows), and the sampling defaults are serving's for speech (temperature 0.8,
+top-k 30, top-p 0.8; stages.py SPEECH_SAMPLING_DEFAULTS).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from higgs_min.errors import UsageError
+from higgs_min.v3.prompt import build_prompt, special_ids
+from higgs_min.v3.sampler import DEFAULTS, generate_v3
+
+# v2-only options (cli.build_parser): their parser default is None / False so that a given one can be refused
+V2_ONLY = {"system": "--system", "scene": "--scene", "force_audio": "--force-audio", "ras_win_len": "--ras-win-len",
+           "ras_max_repeat": "--ras-max-repeat"}
+
+
+def resolve_options(args) -> None:
+    """Refuse v2-only options; fill unset sampling options with serving's defaults."""
+    for name, flag in V2_ONLY.items():
+        if getattr(args, name) not in (None, False):
+            raise UsageError(f"{flag}: a v2 option; the v3 TTS prompt has no chat template or repetition-aware "
+                             f"sampling (inline tags such as <|emotion:happy|> go in --text)")
+    for name in ("temperature", "top_k", "top_p"):
+        if getattr(args, name) is None:
+            setattr(args, name, DEFAULTS[name])
+
+
+def generate_codes(args, model, tokenizer: Path, reference: torch.Tensor | None, on_step) -> tuple[torch.Tensor, dict]:
+    """-> (codes (K, T), the summary's generation fields). reference: codes (K, T) of the voice to clone, or None."""
+    from tokenizers import Tokenizer
+
+    cfg = model.config
+    try:
+        tok = Tokenizer.from_file(str(tokenizer))
+    except Exception as e:  # tokenizers raises a bare Exception on a bad file
+        raise UsageError(f"tokenizer {tokenizer}: cannot load: {e}") from e
+    try:
+        ids = special_ids(tok, str(tokenizer))
+        prompt = build_prompt(tok, ids, args.text, args.reference_text, reference, cfg.audio_num_codebooks,
+                              cfg.audio_boc_id, cfg.audio_eoc_id)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    too_big = int(prompt.input_ids.max())
+    if too_big >= cfg.vocab_size:
+        raise UsageError(f"tokenizer {tokenizer}: id {too_big} >= the model's vocabulary {cfg.vocab_size}; "
+                         f"use the tokenizer the model was trained with")
+    g = generate_v3(model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k or None, top_p=args.top_p, seed=args.seed, on_step=on_step)
+    return g.codes, {"steps": g.steps, "stopped": g.stopped, "segments": 1 if g.frames else 0, "text": "",
+                     "rows": int(g.rows.shape[0])}
