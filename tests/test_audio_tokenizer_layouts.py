@@ -146,6 +146,16 @@ def test_transformers_config_other_than_the_release_is_refused_by_field(tmp_path
             at.load(folder)
 
 
+def test_the_released_config_as_sglang_omni_ships_it_is_the_released_architecture():
+    """sglang-omni 0.1.9 ships bosonai/higgs-audio-v2-tokenizer's config.json byte for byte (audio_codec.py
+    `_BUNDLED_CODEC_CONFIG_PATH`): it passes the check, gives the defaults, and RELEASED restates it."""
+    from tests.v3_oracle import wheel_dir
+    path = wheel_dir() / "configs" / "higgs_audio_v2_tokenizer.json"
+    ours = tf.transformers_config(json.loads(path.read_text()), path)
+    assert ours == tf.transformers_config(tf.RELEASED, "RELEASED")  # also the v3 codec's config
+    assert at.AudioTokenizerConfig.from_json_dict(ours) == at.AudioTokenizerConfig()
+
+
 def test_v3_folder_without_the_codec_is_named_as_such(layouts, tmp_path):
     root, state = layouts
     u.write_v3(tmp_path / "v3", state, tf.V3_PREFIX, codec=False)

@@ -32,8 +32,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from higgs_min.v3.weights import CODEC_PREFIX as V3_PREFIX  # where a v3 checkpoint keeps the codec
+from higgs_min.weights import weight_files
+
 log = logging.getLogger("higgs_min.audio.tokenizer")
-V3_PREFIX = "tied.embedding.modality_embeddings.0.model."
 TRANSFORMERS_TYPE = "higgs_audio_v2_tokenizer"
 
 
@@ -205,36 +207,30 @@ class Found:
 
 def read_safetensors(folder: Path, prefix: str = "") -> tuple[dict, Path]:
     """{name without prefix: tensor} for the names starting with `prefix`, from model.safetensors or the
-    shards that model.safetensors.index.json lists. safe_open maps each file and copies only the
-    tensors asked for, so a v3 checkpoint's LLM tensors are never read."""
-    index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise AudioTokenizerError(f"{index}: not a safetensors index (a weight_map object): {e}") from e
-        shards: dict = {}
-        for name, shard in weight_map.items():
-            if name.startswith(prefix):
-                shards.setdefault(folder / shard, []).append(name)
-        source = index
-    elif single.exists():
-        shards, source = {single: None}, single  # names: read from the file's header below
-    else:
-        raise AudioTokenizerError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    shards model.safetensors.index.json lists (higgs_min.weights.weight_files). safe_open maps each file
+    and copies only the tensors asked for: a v3 checkpoint's LLM tensors are never read."""
+    try:
+        name_to_file, index = weight_files(folder)
+    except Exception as e:  # a bad index, no weights file, or safetensors' own error types on a bad header
+        raise AudioTokenizerError(f"{folder}: no readable model.safetensors or its index: {e}") from e
+    source = index or folder / "model.safetensors"
+    wanted: dict = {}
+    for name, file in name_to_file.items():
+        if name.startswith(prefix):
+            wanted.setdefault(file, []).append(name)
     out = {}
-    for path, names in shards.items():
+    for file, names in wanted.items():
         try:
-            with safe_open(str(path), framework="pt") as f:
-                keys = set(f.keys())
-                for name in names if names is not None else [k for k in keys if k.startswith(prefix)]:
-                    if name not in keys:
-                        raise AudioTokenizerError(f"{index}: lists {name} in {path.name}, which does not hold it")
+            with safe_open(str(file), framework="pt") as f:
+                present = set(f.keys())
+                for name in names:
+                    if name not in present:
+                        raise AudioTokenizerError(f"{source}: lists {name} in {file.name}, which does not hold it")
                     out[name[len(prefix):]] = f.get_tensor(name)
         except AudioTokenizerError:
             raise
         except Exception as e:  # safetensors raises its own error types; say which file
-            raise AudioTokenizerError(f"{path}: not a readable safetensors file: {e}") from e
+            raise AudioTokenizerError(f"{file}: not a readable safetensors file: {e}") from e
     return out, source
 
 
