@@ -255,3 +255,29 @@ def test_cli_adapter_of_a_v3_preset_run(tmp_path):
     assert main(["--adapter", str(ckpt), "--text", "w1 w2", "--temperature", "0", "--max-new-tokens", "12",
                  "--no-merge", "--codes-out", str(out)]) == 0
     assert np.array_equal(np.load(out), want.codes.numpy())
+
+
+def test_cli_decodes_with_the_codec_bundled_in_the_folder(tmp_path, monkeypatch):
+    """A released v3 folder carries its codec (tests/audiotok_util's seeded tiny tokenizer here, under the v3
+    prefix): `--out` without a decoder option writes the wav decoded by it."""
+    import wave
+
+    import numpy as np
+
+    from higgs_min.audio import tokenizer_files as tf
+    from higgs_min.generate.cli import main
+    from tests import audiotok_util as u
+
+    monkeypatch.setattr(tf, "RELEASED", u.tiny_released(tf.RELEASED))
+    _, state = u.write_released(tmp_path / "pth", seed=3)
+    folder = tmp_path / "release"
+    tensors = oracle.write_released(folder, seed=5)
+    llm = {k: v for k, v in tensors.items() if not k.startswith(oracle.CODEC_PREFIX)}
+    codec = {tf.V3_PREFIX + k: v.contiguous() for k, v in u.to_transformers(state, fold="parametrizations").items()}
+    save_file({**llm, **codec}, str(folder / "model.safetensors"))
+    wav, npy = tmp_path / "o" / "a.wav", tmp_path / "o" / "a.npy"
+    assert main(["--base-weights", str(folder), "--text", "w1 w2", "--temperature", "0", "--max-new-tokens", "12",
+                 "--out", str(wav), "--codes-out", str(npy)]) == 0
+    frames = np.load(npy).shape[1]
+    with wave.open(str(wav)) as w:
+        assert frames == 5 and w.getframerate() == 24000 and w.getnframes() == frames * 960

@@ -188,6 +188,7 @@ def run(args) -> dict:
         raise UsageError("pass --reference-codes or --reference-audio, not both")
     if args.reference_codes is None and args.reference_audio is None and args.reference_text is not None:
         raise UsageError("voice cloning needs --reference-text together with --reference-codes/--reference-audio")
+    v3_cli.default_decoder(args)
     decoder = Decoder(args)
     if decoder.kind is None and args.out is not None:
         raise UsageError(f"--out {args.out}: no decoder; pass --audio-tokenizer, --codec-weights or "

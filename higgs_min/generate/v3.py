@@ -1,26 +1,32 @@
 """`python -m higgs_min.generate` on a Higgs Audio v3 model: cli.run dispatches here when the loaded model is v3
 (its config's family; a v3 base folder or a run trained on a v3 preset).
 
-    python -m higgs_min.generate --base-weights V3DIR --text "Hello there." --audio-tokenizer TOKDIR --out a.wav
+    python -m higgs_min.generate --base-weights V3DIR --text "Hello there." --out a.wav --codes-out a.npy
     python -m higgs_min.generate --adapter RUN/checkpoint-N --text "..." --reference-codes ref.npy \\
         --reference-text "transcript of ref" --codes-out a.npy
 
-The TTS prompt (v3/prompt.py), the serving sampler with the KV cache (v3/sampler.py), the codes (K, T) out. Unlike
-v2: no chat template (--system, --scene, --force-audio are refused; inline tags such as <|emotion:happy|> go in
---text), no repetition-aware sampling (--ras-* refused), a reference clip may come without its transcript
-(audio-only cloning, as serving allows), and the sampling defaults are serving's for speech (temperature 0.8,
-top-k 30, top-p 0.8; stages.py SPEECH_SAMPLING_DEFAULTS).
+The TTS prompt (v3/prompt.py), the serving sampler with the KV cache (v3/sampler.py), the codes (K, T) out.
+Unlike v2: no chat template (--system, --scene, --force-audio are refused; inline tags such as
+<|emotion:happy|> go in --text), no repetition-aware sampling (--ras-* refused), a reference clip may come
+without its transcript (audio-only cloning, as serving allows), the codec bundled in a released v3 folder is
+the default decoder (and encoder of --reference-audio), and the sampling defaults are serving's for speech
+(temperature 0.8, top-k 30, top-p 0.8; stages.py SPEECH_SAMPLING_DEFAULTS).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from higgs_min.errors import UsageError
+from higgs_min.v3.config import is_v3_config
 from higgs_min.v3.prompt import build_prompt, special_ids
 from higgs_min.v3.sampler import DEFAULTS, generate_v3
+from higgs_min.v3.weights import codec_tensors
+
+log = logging.getLogger("higgs_min.generate")
 
 # v2-only options (cli.build_parser): their parser default is None / False so that a given one can be refused
 V2_ONLY = {"system": "--system", "scene": "--scene", "force_audio": "--force-audio", "ras_win_len": "--ras-win-len",
@@ -36,6 +42,23 @@ def resolve_options(args) -> None:
     for name in ("temperature", "top_k", "top_p"):
         if getattr(args, name) is None:
             setattr(args, name, DEFAULTS[name])
+
+
+def default_decoder(args) -> None:
+    """A wav to write (or a --reference-audio to encode), no codec chosen, and --base-weights a v3 folder that
+    bundles the codec (as released: tensors under tied.embedding.modality_embeddings.0.model.*): use that codec."""
+    chosen = (args.audio_tokenizer, args.codec_weights, args.random_codec_seed)
+    if any(c is not None for c in chosen) or (args.out is None and args.reference_audio is None):
+        return
+    if args.base_weights is None or not is_v3_config(args.base_weights):
+        return
+    try:
+        bundled = bool(codec_tensors(args.base_weights))
+    except (OSError, ValueError):
+        return  # unreadable weights: the model load reports it, naming the file
+    if bundled:
+        log.info("decoding with the audio codec bundled in %s", args.base_weights)
+        args.audio_tokenizer = Path(args.base_weights)
 
 
 def generate_codes(args, model, tokenizer: Path, reference: torch.Tensor | None, on_step) -> tuple[torch.Tensor, dict]:
