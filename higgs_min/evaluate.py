@@ -8,9 +8,10 @@ padding: a duplicated sample would change the mean). Per rank, in float64:
     text:  Σ CE over scored text targets, their count, the top-1 hits           (3,)
     audio: per codebook Σ CE, count, top-1 hits                                 (3K,)
 
-one all-reduce of that vector, then the same reductions as training:
+one all-reduce of that vector, then training's reduction (loss.loss_row / loss.weighted_loss):
     text_loss = Σ text CE / text count; audio_loss = loss.reduce_codebooks(sums, counts, --audio-reduction);
-    loss = --text-weight · text_loss + --audio-weight · audio_loss.
+    loss = --text-weight · text_loss + --audio-weight · audio_loss, over the parts that have targets
+    (a part without any is null in the row).
 So 1 rank and N ranks give the same figures (up to float32 batch-composition noise).
 The model runs in eval mode (LoRA dropout off) under no_grad, then goes back to train mode.
 """
@@ -23,7 +24,7 @@ import torch
 
 from higgs_min import distributed
 from higgs_min.data import collate
-from higgs_min.loss import reduce_codebooks
+from higgs_min.loss import loss_row
 
 log = logging.getLogger(__name__)
 
@@ -68,25 +69,30 @@ class Evaluator:
 
 
 def figures(s: torch.Tensor, K: int, args, step: int, n: int) -> dict:
-    """The metrics row from the summed (3 + 3K,) vector."""
-    text_sum, text_n, text_hits = s[0].item(), s[1].item(), s[2].item()
-    a_sums, a_counts, a_hits = s[3:3 + K], s[3 + K:3 + 2 * K], s[3 + 2 * K:]
-    text = text_sum / max(text_n, 1)
-    audio, per_cb = reduce_codebooks(a_sums, a_counts, args.audio_reduction)
-    audio = audio.item() if a_counts.any() else float("nan")
-    return {"split": "eval", "step": step, "loss": args.text_weight * text + args.audio_weight * audio,
-            "text_loss": text, "audio_loss": audio, "audio_loss_per_codebook": per_cb.tolist(),
-            "text_accuracy": text_hits / max(text_n, 1),
-            "audio_accuracy_per_codebook": (a_hits / a_counts.clamp(min=1)).tolist(),
+    """The metrics row from the summed (3 + 3K,) vector: loss.loss_row, training's reduction; a part (or a
+    codebook) without targets in the eval set is None, never NaN."""
+    text_n, text_hits = s[1].item(), s[2].item()
+    a_counts, a_hits = s[3 + K:3 + 2 * K], s[3 + 2 * K:]
+    counts = torch.cat([s[1:2], a_counts])  # (1 + K,)
+    return {"split": "eval", "step": step, **loss_row(s[0], s[3:3 + K], counts, args),
+            "text_accuracy": text_hits / text_n if text_n > 0 else None,
+            "audio_accuracy_per_codebook": [h / c if c > 0 else None
+                                            for h, c in zip(a_hits.tolist(), a_counts.tolist())],
             "samples": n, "text_targets": int(text_n), "audio_targets": int(a_counts.sum())}
 
 
+def _show(value, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def report(row: dict, tb=None) -> None:
-    """One log line (and TensorBoard scalars under eval/) for an eval row."""
-    acc = row["audio_accuracy_per_codebook"]
-    log.info("eval at step %d: loss %.4f (text %.4f, audio %.4f), text accuracy %.3f, audio accuracy %.3f "
-             "(mean of %d codebooks), %d samples", row["step"], row["loss"], row["text_loss"], row["audio_loss"],
-             row["text_accuracy"], sum(acc) / max(len(acc), 1), len(acc), row["samples"])
+    """One log line (and TensorBoard scalars under eval/) for an eval row; a part without targets shows as '-'."""
+    acc = [a for a in row["audio_accuracy_per_codebook"] if a is not None]
+    log.info("eval at step %d: loss %.4f (text %s, audio %s), text accuracy %s, audio accuracy %s "
+             "(mean of %d codebooks), %d samples", row["step"], row["loss"], _show(row["text_loss"]),
+             _show(row["audio_loss"]), _show(row["text_accuracy"], 3), _show(sum(acc) / len(acc) if acc else None, 3),
+             len(acc), row["samples"])
     if tb is not None:
         for k in ("loss", "text_loss", "audio_loss", "text_accuracy"):
-            tb.add_scalar(f"eval/{k}", row[k], row["step"])
+            if row[k] is not None:
+                tb.add_scalar(f"eval/{k}", row[k], row["step"])

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from higgs_min import checkpoint, distributed, evaluate, runlog, train_state
 from higgs_min.lora import adapter_config
-from higgs_min.loss import Diagnostics, audio_scores, reduce_codebooks, target_counts, text_scores
+from higgs_min.loss import Diagnostics, audio_scores, loss_row, target_counts, text_scores, weighted_loss
 
 log = logging.getLogger("higgs_min.train")
 
@@ -66,20 +66,15 @@ class Scorer(nn.Module):
 
 
 def objective(text, audio, counts, args):
-    """This micro-batch's share of the step loss, normalized by the step's global counts."""
-    counts = counts.float()
-    text_term = text.loss_sum / counts[0].clamp(min=1)
-    audio_term, _ = reduce_codebooks(audio.loss_sums, counts[1:], args.audio_reduction)
-    return args.text_weight * text_term + args.audio_weight * audio_term
+    """This micro-batch's share of the step loss, normalized by the step's global counts (loss.weighted_loss)."""
+    return weighted_loss(text.loss_sum, audio.loss_sums, counts, args)[0]
 
 
 def step_losses(sums, counts, K, args) -> dict:
-    """Step-level losses from the summed per-token losses (1 + K,) and global counts (1 + K,)."""
-    text = (sums[0] / counts[0].clamp(min=1)).item()
-    audio, per_cb = reduce_codebooks(sums[1:1 + K], counts[1:], args.audio_reduction)
-    audio = audio.item() if counts[1:].any() else float("nan")
-    return {"loss": args.text_weight * text + args.audio_weight * audio, "text_loss": text, "audio_loss": audio,
-            "audio_loss_per_codebook": per_cb.tolist()}
+    """The step's logged losses: loss.weighted_loss of the summed per-token losses (1 + K,) and the same
+    global counts (1 + K,) -- the sum of the micro-batch objectives, by linearity. A part without targets
+    in the step is None (JSON null)."""
+    return loss_row(sums[0], sums[1:1 + K], counts, args)
 
 
 class StopFlag:
@@ -98,9 +93,16 @@ class StopFlag:
 
 
 def append_metrics(path: Path, row: dict) -> None:
+    """One JSON line. Strict JSON: json.dumps would write NaN/Infinity, which no JSON parser must accept; a part
+    without targets is null (loss.loss_row), and a non-finite figure stops the run here, naming it."""
+    try:
+        line = json.dumps(row, allow_nan=False)
+    except ValueError as e:
+        bad = sorted(k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v))
+        raise FloatingPointError(f"{row.get('split')} metrics at step {row.get('step')}: non-finite {bad}") from e
     try:
         with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(line + "\n")
     except OSError as e:
         raise checkpoint.CheckpointError(f"cannot write {path}: [{errno.errorcode.get(e.errno, e.errno)}] "
                                          f"{e.strerror} (was the output folder removed?)") from e
@@ -182,6 +184,8 @@ def train_step(run: Run, step: int, ddp, autocast) -> tuple[dict, object, object
     # 4: clip, step
     params = run.scorer.trainable
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else math.inf)
+    if not torch.isfinite(grad_norm):  # before the update: the weights (and the next checkpoint) stay finite
+        raise FloatingPointError(f"non-finite gradient norm {float(grad_norm)} at step {step} (finite loss)")
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     row = {"split": "train", "step": step, **step_losses(distributed.all_reduce_sum(sums), counts, K, args),
@@ -233,7 +237,8 @@ class Outputs:
             append_metrics(self.metrics, row)
             if self.tb is not None:
                 for k in ("loss", "text_loss", "audio_loss", "lr", "grad_norm"):
-                    self.tb.add_scalar(k, row[k], step)
+                    if row[k] is not None:  # a part without targets this step has no point
+                        self.tb.add_scalar(k, row[k], step)
             next_save = min(args.max_steps, (step // args.save_steps + 1) * args.save_steps
                             if args.save_steps > 0 else args.max_steps)
             for line in self.report.lines(row, text, audio, next_save):

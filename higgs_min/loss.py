@@ -11,12 +11,12 @@ Audio: logits (N, K, C+2) against targets (N, K) in one cross_entropy call over
 N*K rows; per-codebook sums, counts and accuracy fall out of the same tensor.
 
 Losses are returned as *sums with counts* so the trainer can normalize by the
-number of targets over all micro-batches and ranks (see train.py).
+number of targets over all micro-batches and ranks: `weighted_loss` is that one
+reduction, for the objective (loop.py) and the logged figures (loop.py, evaluate.py).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -25,8 +25,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from higgs_min.data import IGNORE_INDEX, next_token_targets
-
-log = logging.getLogger(__name__)
 
 
 def _text_chunk(head, h, t):
@@ -146,41 +144,53 @@ def audio_scores(hidden, audio_labels, audio_out_mask, audio_logits_fn) -> Audio
                        tuple(logits.shape))
 
 
+# --------------------------------------------------------------------------- the objective
+
+def weighted_loss(text_sum, audio_sums, counts, args):
+    """The one reduction of token losses to the step loss, for the objective and the logged figures alike.
+
+    text_sum (), audio_sums (K,): summed token losses (of one micro-batch, or of the whole step);
+    counts (1 + K,): the step's text targets, then audio targets per codebook, over all micro-batches
+    and ranks. Returns (loss, text part, audio part, per-codebook means (K,)), each a tensor:
+
+        loss = text_weight · Σ text CE / text count + audio_weight · reduce_codebooks(audio sums, counts)
+
+    For fixed counts this is linear in the sums, so the micro-batch objectives of one step add up to the
+    loss of the step's summed sums: what backward() saw and what is logged are the same formula. A part
+    with no targets is exactly 0 here (its sum is a zero that keeps the graph connected, see text_scores
+    and audio_scores), so the loss is the sum of the parts that have targets; `loss_row` reports the
+    absent part as None.
+    """
+    counts = counts.to(audio_sums.dtype)
+    text = text_sum / counts[0].clamp(min=1)
+    audio, per_cb = reduce_codebooks(audio_sums, counts[1:], args.audio_reduction)
+    return args.text_weight * text + args.audio_weight * audio, text, audio, per_cb
+
+
+def loss_row(text_sum, audio_sums, counts, args) -> dict:
+    """The metrics-row figures of `weighted_loss`: floats, and None (JSON null) for a part with no targets
+    (text_loss, audio_loss, a codebook's entry of audio_loss_per_codebook) -- never NaN."""
+    loss, text, audio, per_cb = weighted_loss(text_sum, audio_sums, counts, args)
+    n = counts.tolist()
+    return {"loss": loss.item(), "text_loss": text.item() if n[0] > 0 else None,
+            "audio_loss": audio.item() if any(n[1:]) else None,
+            "audio_loss_per_codebook": [v if c > 0 else None for v, c in zip(per_cb.tolist(), n[1:])]}
+
+
 # --------------------------------------------------------------------------- diagnostics
 
 class Diagnostics:
-    """What a person needs to see at log steps to know whether training is learning."""
+    """What the run's log shows beside the losses: chance levels, predictions, the non-finite stop.
+    The per-step warnings (zero targets, exact 0, at chance) are runlog.StepReport's."""
 
-    def __init__(self, vocab_size: int, audio_classes: int, warmup_steps: int, decode=None):
+    def __init__(self, vocab_size: int, audio_classes: int, decode=None):
         self.chance = {"text": math.log(vocab_size), "audio": math.log(audio_classes)}
-        self.warmup_steps = warmup_steps
         self.decode = decode
 
     def check_finite(self, loss: torch.Tensor, step: int, sample_index) -> None:
         if not torch.isfinite(loss).all():
             raise FloatingPointError(
                 f"non-finite loss {loss.item()} at step {step}; samples (JSONL lines) {list(map(int, sample_index))}")
-
-    def report(self, step: int, losses: dict, text: TextScores, audio: AudioScores) -> list[str]:
-        """Return the log lines for one step and emit warnings. `losses`: name -> float."""
-        lines = [f"step {step}: scored text logits {text.logits_shape} (per chunk) for {text.count} text targets; "
-                 f"audio logits {audio.logits_shape} for {int(audio.counts.sum())} audio targets"]
-        if text.count == 0 and int(audio.counts.sum()) == 0:
-            log.warning("step %d: batch has zero targets", step)
-        for name in ("text", "audio"):
-            value, chance = losses.get(name), self.chance[name]
-            if value is None:
-                continue
-            ratio = value / chance
-            lines.append(f"  {name} loss {value:.4f} | chance ln {'V' if name == 'text' else '(C+2)'} = "
-                         f"{chance:.4f} | ratio {ratio:.3f}")
-            if value == 0.0:
-                log.warning("step %d: %s loss is exactly 0: check that labels are not leaking into inputs", step, name)
-            if step > self.warmup_steps and abs(ratio - 1) < 0.03:
-                log.warning("step %d: %s loss at chance level (%.4f vs %.4f): the model is not learning",
-                            step, name, value, chance)
-        lines.extend(self.predictions(text, audio))
-        return lines
 
     def predictions(self, text: TextScores, audio: AudioScores) -> list[str]:
         out = []

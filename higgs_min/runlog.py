@@ -4,9 +4,10 @@ and train.log holding every line from the first.
     setup(is_main)            console handler (through tqdm.write while a bar is shown) + a buffer
     attach_file(path)         train.log: the buffered lines first, then every later one
     StepReport                the per-step line (losses beside chance, lr, grad norm, tokens/s, ETA) and,
-                              every `detail_every` log steps, one line of prediction analysis; the
-                              "at chance" warning only with evidence: every logged loss of the last
-                              WINDOW log steps within 3% of chance while the learning rate was > 0
+                              every `detail_every` log steps, one line of prediction analysis; the run's
+                              only warnings about the losses: zero targets, a loss of exactly 0, and
+                              "at chance" only with evidence: every logged loss of the last WINDOW log
+                              steps within 3% of chance while the learning rate was > 0
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ class StepReport:
         parts = [f"step {step}/{self.max_steps}: loss {row['loss']:.4f}"]
         for name in ("text", "audio"):
             value = row[f"{name}_loss"]
-            if not math.isnan(value):
+            if value is not None:  # None: no targets of this kind in the step
                 parts.append(f"{name} {value:.4f} ({value / self.diag.chance[name]:.2f}× chance)")
         parts.append(f"lr {row['lr']:.2e}, grad norm {row['grad_norm']:.3f}, {row['tokens_per_s']:.0f} tok/s, "
                      f"eta {duration(self.eta(step))}, next save {next_save}")
@@ -147,14 +148,14 @@ class StepReport:
             log.warning("step %d: batch has zero targets", step)
         losses = {"text": row["text_loss"], "audio": row["audio_loss"]}
         for name, value in losses.items():
-            if value == 0.0:
+            if value == 0.0:  # not None: a part without targets is not a zero loss
                 log.warning("step %d: %s loss is exactly 0: check that labels are not leaking into inputs", step, name)
         self.history = (self.history + [(step, row["lr"], losses)])[-WINDOW:]
         if len(self.history) < WINDOW or any(lr <= 0 for _, lr, _ in self.history):
             return
         for name, chance in self.diag.chance.items():
             seen = [h[2][name] for h in self.history]
-            if all(abs(v / chance - 1) < 0.03 for v in seen):
+            if all(v is not None and abs(v / chance - 1) < 0.03 for v in seen):
                 log.warning("%s loss at chance level for the last %d log steps (%s at steps %d-%d, chance %.4f, "
                             "lr %.1e-%.1e): the model is not learning", name, WINDOW,
                             ", ".join(f"{v:.4f}" for v in seen), self.history[0][0], step, chance,

@@ -7,8 +7,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from higgs_min.data import IGNORE_INDEX
-from higgs_min.loss import (Diagnostics, audio_scores, multi_codebook_cross_entropy, reduce_codebooks,
-                            text_scores)
+from types import SimpleNamespace
+
+from higgs_min import runlog
+from higgs_min.loss import (Diagnostics, audio_scores, loss_row, multi_codebook_cross_entropy, reduce_codebooks,
+                            text_scores, weighted_loss)
 
 
 def _labels(B, L, V, g, hole_p=0.4):
@@ -143,29 +146,58 @@ def _scores(V=1024, C2=1026, K=8, n_text=50, n_audio=40, seed=0):
     return t, a
 
 
+def _row(step, t, a, lr=1e-3):
+    counts = torch.cat([torch.tensor([float(t.count)]), a.counts.double()])
+    row = loss_row(t.loss_sum.double(), a.loss_sums.double(), counts, ARGS)
+    return {"step": step, **row, "lr": lr, "grad_norm": 1.0, "tokens_per_s": 1.0}
+
+
+ARGS = SimpleNamespace(text_weight=1.0, audio_weight=1.0, audio_reduction="codebook_mean")
+
+
 def test_random_logits_trip_the_chance_warning(caplog):
+    """Random logits score at chance; the run's one chance rule (runlog.StepReport) says so after its window."""
     t, a = _scores()
-    d = Diagnostics(1024, 1026, warmup_steps=5)
-    text_loss = (t.loss_sum / t.count).item()
-    audio_loss = reduce_codebooks(a.loss_sums, a.counts)[0].item()
-    assert abs(text_loss / math.log(1024) - 1) < 0.03
-    lines = d.report(3, {"text": text_loss, "audio": audio_loss}, t, a)
-    assert not any("chance level" in r.message for r in caplog.records)  # still in warmup
-    d.report(10, {"text": text_loss, "audio": audio_loss}, t, a)
+    report = runlog.StepReport(Diagnostics(1024, 1026), 0, 100)
+    assert abs(t.loss_sum.item() / t.count / math.log(1024) - 1) < 0.03
+    lines = []
+    for step in range(1, runlog.WINDOW + 1):
+        lines += report.lines(_row(step, t, a), t, a, next_save=100)
     warned = [r.message for r in caplog.records if "chance level" in r.message]
-    assert len(warned) == 2 and "text" in warned[0] and "audio" in warned[1]
-    assert any("ratio 1.0" in line for line in lines)
-    assert any("codebook 0 predicted" in line for line in lines)
+    assert len(warned) == 2 and warned[0].startswith("text") and warned[1].startswith("audio")
+    assert "(1.00× chance)" in lines[0] and any("codebook 0 predicted" in line for line in lines)
 
 
-def test_zero_targets_and_exact_zero_warn(caplog):
+def test_zero_targets_and_exact_zero_warn_and_absent_parts_do_not(caplog):
     t, a = _scores(n_text=0, n_audio=0)
     assert t.count == 0 and int(a.counts.sum()) == 0
-    Diagnostics(1024, 1026, 0).report(1, {"text": 0.0}, t, a)
+    row = _row(1, t, a)
+    assert row["text_loss"] is None and row["audio_loss"] is None and row["loss"] == 0.0
+    report = runlog.StepReport(Diagnostics(1024, 1026), 0, 100)
+    report.lines(row, t, a, next_save=100)
     msgs = [r.message for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("zero targets" in m for m in msgs) and any("exactly 0" in m for m in msgs)
+    assert any("zero targets" in m for m in msgs) and not any("exactly 0" in m for m in msgs)
+    report.lines({**row, "text_loss": 0.0}, t, a, next_save=100)
+    assert any("text loss is exactly 0" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("n_text,n_audio", [(50, 40), (50, 0), (0, 40)])
+def test_logged_loss_is_the_sum_of_the_micro_batch_objectives(n_text, n_audio):
+    """The objective of each micro-batch (backward's loss) and the step's logged loss are one formula
+    (weighted_loss): their sum equals the logged loss, and a part without targets is None, not NaN."""
+    args = SimpleNamespace(text_weight=0.7, audio_weight=1.3, audio_reduction="codebook_mean")
+    micro = [_scores(n_text=n_text, n_audio=n_audio, seed=s) for s in range(3)]
+    counts = sum(torch.cat([torch.tensor([float(t.count)]), a.counts.double()]) for t, a in micro)
+    objectives = sum(weighted_loss(t.loss_sum, a.loss_sums, counts.float(), args)[0].double() for t, a in micro)
+    row = loss_row(sum(t.loss_sum.double() for t, _ in micro), sum(a.loss_sums.double() for _, a in micro),
+                   counts, args)
+    assert row["loss"] == pytest.approx(objectives.item(), rel=1e-6)
+    assert (row["text_loss"] is None) == (n_text == 0) and (row["audio_loss"] is None) == (n_audio == 0)
+    assert all(math.isfinite(v) for v in (row["loss"], row["text_loss"] or 0, row["audio_loss"] or 0))
+    present = [w * row[k] for w, k in ((0.7, "text_loss"), (1.3, "audio_loss")) if row[k] is not None]
+    assert row["loss"] == pytest.approx(sum(present), rel=1e-12)  # the total is the sum of the defined parts
 
 
 def test_non_finite_loss_stops_with_step_and_samples():
     with pytest.raises(FloatingPointError, match=r"step 7; samples \(JSONL lines\) \[3, 9\]"):
-        Diagnostics(10, 10, 0).check_finite(torch.tensor(float("nan")), 7, torch.tensor([3, 9]))
+        Diagnostics(10, 10).check_finite(torch.tensor(float("nan")), 7, torch.tensor([3, 9]))

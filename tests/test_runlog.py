@@ -23,7 +23,7 @@ def _step(report, step, text, lr=1e-3):
 
 
 def test_chance_warning_needs_a_window_at_nonzero_lr(caplog):
-    diag = Diagnostics(1024, 1026, warmup_steps=0)
+    diag = Diagnostics(1024, 1026)
     report = runlog.StepReport(diag, 0, 100)
     for step, value in enumerate([8.0, CHANCE, 5.0, CHANCE, 3.0], 1):  # passing through chance: no warning
         lines = _step(report, step, value)
@@ -41,7 +41,7 @@ def test_chance_warning_needs_a_window_at_nonzero_lr(caplog):
 
 
 def test_analysis_line_only_every_few_log_steps():
-    report = runlog.StepReport(Diagnostics(1024, 1026, 0), 0, 20, detail_every=4)
+    report = runlog.StepReport(Diagnostics(1024, 1026), 0, 20, detail_every=4)
     counts = [len(_step(report, s, 5.0)) for s in range(1, 21)]
     assert [i + 1 for i, c in enumerate(counts) if c == 2] == [1, 4, 8, 12, 16, 20]  # first, every 4th, last
     assert counts[0] == 2 and counts[-1] == 2 and counts[1] == 1

@@ -34,8 +34,11 @@ def plot(output_dir: Path) -> Path:
     for split, style in (("train", "-"), ("eval", "o--")):
         steps = sorted(rows[split])
         for key, label, color in (("loss", "total", "C0"), ("text_loss", "text", "C1"), ("audio_loss", "audio", "C2")):
-            if steps:
-                ax.plot(steps, [rows[split][s][key] for s in steps], style, color=color, label=f"{split} {label}")
+            # null (no targets of that kind at a step): a gap in the curve; a curve of nulls is not drawn
+            values = [rows[split][s].get(key) for s in steps]
+            if any(v is not None for v in values):
+                ax.plot(steps, [float("nan") if v is None else v for v in values], style, color=color,
+                        label=f"{split} {label}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats)")
     ax.set_title(f"{output_dir.name}: training" + (" and held-out" if rows["eval"] else "") + " loss")

@@ -146,7 +146,7 @@ def build_run(args) -> loop.Run:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     evaluator = evaluate.Evaluator(scorer, eval_samples, args.batch_size, encoder.ids["end_of_text"], dist_info,
                                    autocast, args) if eval_samples else None
-    diag = Diagnostics(cfg.vocab_size, cfg.audio_num_classes, args.warmup_steps, encoder.decode)
+    diag = Diagnostics(cfg.vocab_size, cfg.audio_num_classes, encoder.decode)
     return loop.Run(args=args, dist=dist_info, model=model, scorer=scorer, optimizer=optimizer, stream=stream,
                     evaluator=evaluator, diag=diag, start_step=start_step, base_name=base_name, resolved=resolved,
                     identity=record.identity, data_report=dataset.report)
