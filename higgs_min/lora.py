@@ -52,7 +52,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=torch.float32)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=torch.float32)
         self.r, self.alpha, self.rslora = r, alpha, rslora
-        self.scale = alpha / math.sqrt(r) if rslora else alpha / r
+        self.scale = lora_scale(r, alpha, rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self._unmerged_weight: torch.Tensor | None = None
@@ -71,20 +71,13 @@ class LoRALinear(nn.Module):
         return y + (self.lora_B(self.lora_A(a)) * self.scale).to(y.dtype)
 
     @torch.no_grad()
-    def delta_weight(self) -> torch.Tensor:
-        """scale · B @ A in fp32, (out, in)."""
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale
-
-    @torch.no_grad()
     def merge(self, name: str = "") -> None:
-        """W ← W + scale·B@A (computed in fp32, cast once). A second merge does nothing."""
+        """W ← merged_weight(W, A, B, scale): the export's merge, in place. A second merge does nothing."""
         if self.merged:
             return
-        delta = self.delta_weight()
-        if not torch.isfinite(delta).all():
-            raise ValueError(f"LoRA update of {name or 'layer'} is not finite; refusing to merge")
+        w = merged_weight(self.weight, self.lora_A.weight, self.lora_B.weight, self.scale, name or "layer")
         self._unmerged_weight = self.weight.detach().clone()
-        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+        self.weight.copy_(w)
         self.merged = True
 
     @torch.no_grad()
@@ -98,6 +91,23 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}"
+
+
+def lora_scale(r: int, alpha: float, rslora: bool = False) -> float:
+    """The update's scale: alpha / r, or alpha / √r with rsLoRA (PEFT's `use_rslora`)."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+@torch.no_grad()
+def merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, name: str) -> torch.Tensor:
+    """W + scale · B @ A, computed in fp32 and cast once to W's dtype: the one merge (LoRALinear.merge and the
+    export of a base folder). w (out, in), a (r, in), b (out, r). Refuses a misfit or non-finite update."""
+    delta = (b.float() @ a.float()) * scale  # (out, in)
+    if delta.shape != w.shape:
+        raise ValueError(f"{name}: LoRA update {tuple(delta.shape)} != weight {tuple(w.shape)}")
+    if not torch.isfinite(delta).all():
+        raise ValueError(f"{name}: LoRA update is not finite; refusing to merge")
+    return (w.float() + delta).to(w.dtype)
 
 
 def matches(path: str, pattern: str) -> bool:

@@ -38,7 +38,7 @@ import torch
 from higgs_min.export import transformers_format as tf
 from higgs_min.config import REFUSED_FIELDS, ModelConfig
 from higgs_min.errors import Parser, guard
-from higgs_min.lora import PEFT_PREFIX, merge_lora, read_adapter
+from higgs_min.lora import PEFT_PREFIX, lora_scale, merge_lora, merged_weight, read_adapter
 from higgs_min.model import HiggsAudioModel
 from higgs_min.weights import load_pretrained, weight_files
 from higgs_min.train.runs import load_trained, read_settings, resolve_checkpoint
@@ -70,7 +70,7 @@ def lora_deltas(adapter_dir) -> tuple[dict, float, dict]:
     """(weight name -> (A, B), scale, adapter config) from a PEFT-format adapter folder."""
     cfg, tensors = read_adapter(adapter_dir)
     r, alpha = cfg["r"], cfg["lora_alpha"]
-    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    scale = lora_scale(r, alpha, bool(cfg.get("use_rslora")))
     pairs = {}
     for key in tensors:
         if not key.startswith(PEFT_PREFIX) or not key.endswith(".lora_A.weight"):
@@ -84,15 +84,11 @@ def lora_deltas(adapter_dir) -> tuple[dict, float, dict]:
 
 
 def merged(name: str, w: torch.Tensor, pairs: dict, scale: float) -> torch.Tensor:
+    """One base tensor of the merged folder: lora.merged_weight where the adapter has a pair for it."""
     if name not in pairs:
         return w.contiguous()
     a, b = pairs[name]
-    delta = (b.float() @ a.float()) * scale  # (out, in)
-    if delta.shape != w.shape:
-        raise ValueError(f"{name}: LoRA update {tuple(delta.shape)} != weight {tuple(w.shape)}")
-    if not torch.isfinite(delta).all():
-        raise ValueError(f"{name}: LoRA update is not finite; refusing to merge")
-    return (w.float() + delta).to(w.dtype).contiguous()
+    return merged_weight(w, a, b, scale, name).contiguous()
 
 
 def _commit(out: Path, fill) -> Path:
