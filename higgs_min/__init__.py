@@ -29,7 +29,7 @@ Follow one sample from a JSONL line to a gradient (one hop a line):
     higgs_min/lora.py:LoRALinear.forward           W x + (alpha / r) · B A dropout(x), inside every target
     higgs_min/loss.py:text_scores                  next-token text CE over labelled rows, in chunks
     higgs_min/loss.py:audio_scores                 next-token CE of all K codebooks in one call
-    higgs_min/loop.py:objective                    Σ losses / global counts: N ranks × b == 1 rank × N·b
+    higgs_min/loss.py:weighted_loss                Σ losses / global counts (the objective and the logged loss)
     higgs_min/loop.py:save_everywhere              rank 0 writes; every rank learns the outcome
     higgs_min/checkpoint.py:save                   temp folder, fsync, manifest last, rename
 
