@@ -17,6 +17,12 @@ merged/ holds
     tokenizer.json (+ tokenizer_config.json, special_tokens_map.json when the base has them)
                                                    --tokenizer, else the base folder's, else the run's recorded one
 
+Higgs Audio v3 (a v3 BASE folder, or a run on a v3 preset) is exported the same way, in the released layout
+that sglang-omni serves: the released tensor names and shards, each tied matrix once (text embedding = text
+head, fused audio matrix = audio head), the bundled codec's tensors copied unchanged, the base's config.json (a
+preset run: V3Config.released_config()); a fused audio matrix the run trained (--train-audio-embedding) replaces
+the base's, cast once to its dtype. --format transformers refuses v3 (transformers has no v3 model).
+
 BASE is a folder (sharded with `model.safetensors.index.json`, or holding `model.safetensors`) or a
 `.safetensors` file with config.json beside it. Without --base-weights the base is the run's seeded
 preset, rebuilt by `runs.build_base` from the settings the checkpoint recorded. Works shard by shard;
@@ -42,6 +48,8 @@ from higgs_min.lora import PEFT_PREFIX, lora_scale, merge_lora, merged_weight, r
 from higgs_min.model import HiggsAudioModel
 from higgs_min.weights import load_pretrained, weight_files
 from higgs_min.train.runs import load_trained, read_settings, resolve_checkpoint
+from higgs_min.v3.config import PRESETS as V3_PRESETS
+from higgs_min.v3.config import V3Config, is_v3_config
 
 log = logging.getLogger(__name__)
 INDEX = "model.safetensors.index.json"
@@ -83,8 +91,14 @@ def lora_deltas(adapter_dir) -> tuple[dict, float, dict]:
     return pairs, scale, cfg
 
 
-def merged(name: str, w: torch.Tensor, pairs: dict, scale: float) -> torch.Tensor:
-    """One base tensor of the merged folder: lora.merged_weight where the adapter has a pair for it."""
+def merged(name: str, w: torch.Tensor, pairs: dict, scale: float, trained: dict | None = None) -> torch.Tensor:
+    """One base tensor of the merged folder: the run's trained tensor (fp32 master, cast once to W's dtype) for a
+    trained one, lora.merged_weight where the adapter has a pair for it, else W unchanged."""
+    if trained and name in trained:
+        t = trained[name]
+        if t.shape != w.shape:
+            raise ValueError(f"{name}: trained tensor {tuple(t.shape)} != base {tuple(w.shape)}")
+        return t.to(w.dtype).contiguous()
     if name not in pairs:
         return w.contiguous()
     a, b = pairs[name]
@@ -140,14 +154,17 @@ def _recorded_tokenizer(adapter_dir) -> Path | None:
     return Path(path) if path and Path(path).is_file() else None
 
 
-def merge_into_weights(adapter_dir, base, out, tokenizer=None) -> Path:
-    """Adapter + released-format base -> `out`, a base folder (see the module docstring)."""
+def merge_into_weights(adapter_dir, base, out, tokenizer=None, trained: dict | None = None) -> Path:
+    """Adapter + released-format base -> `out`, a base folder (see the module docstring). trained: tensors the run
+    trained whole ({name: fp32}, e.g. v3's fused audio matrix), written in place of the base's. A Higgs Audio v3
+    base keeps its layout: same names and shards, each tied matrix once, the bundled codec's tensors unchanged."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     pairs, scale, _ = lora_deltas(adapter_dir)
+    trained = trained or {}
     name_to_file, index = weight_files(base)
-    unknown = sorted(set(pairs) - set(name_to_file))
+    unknown = sorted((set(pairs) | set(trained)) - set(name_to_file))
     if unknown:
         raise KeyError(f"{adapter_dir}: adapter modules not in the base weights {base}: {unknown[:3]}")
     folder = Path(base) if Path(base).is_dir() else Path(base).parent
@@ -162,7 +179,7 @@ def merge_into_weights(adapter_dir, base, out, tokenizer=None) -> Path:
         for file, names in sorted(by_file.items()):
             with safe_open(str(file), framework="pt") as f:
                 metadata = f.metadata()
-                shard = {name: merged(name, f.get_tensor(name), pairs, scale) for name in names}
+                shard = {name: merged(name, f.get_tensor(name), pairs, scale, trained) for name in names}
             save_file(shard, str(tmp / file.name), metadata=metadata)
         if index is not None:
             shutil.copyfile(index, tmp / index.name)
@@ -171,7 +188,7 @@ def merge_into_weights(adapter_dir, base, out, tokenizer=None) -> Path:
         if config.is_file():
             shutil.copyfile(config, tmp / "config.json")
         if tokenizer is not None:
-            vocab = ModelConfig.from_pretrained_config(config).vocab_size if config.is_file() else math.inf
+            vocab = _config_class(config).from_pretrained_config(config).vocab_size if config.is_file() else math.inf
             _tokenizer_files(tmp, tokenizer, vocab)
 
     out = _commit(out, fill)
@@ -181,7 +198,16 @@ def merge_into_weights(adapter_dir, base, out, tokenizer=None) -> Path:
     return out
 
 
-def export_rebuilt(adapter_dir, out, tokenizer=None) -> Path:
+def _config_class(config: Path):
+    """V3Config for a Higgs Audio v3 config.json, else ModelConfig."""
+    return V3Config if is_v3_config(config) else ModelConfig
+
+
+def _config_json(cfg) -> dict:
+    return cfg.released_config() if getattr(cfg, "family", None) == "v3" else released_config(cfg)
+
+
+def export_rebuilt(adapter_dir, out, tokenizer=None, trained: dict | None = None) -> Path:
     """A run trained on a preset: rebuild its seeded base from the checkpoint's record, merge, write a base folder."""
     from safetensors.torch import save_file
 
@@ -199,15 +225,15 @@ def export_rebuilt(adapter_dir, out, tokenizer=None) -> Path:
     pairs, scale, _ = lora_deltas(adapter_dir)
     model, cfg, base_name = build_base(settings.get("preset", "tiny"), None, int(settings.get("seed", 0)))
     state = model.state_dict()
-    unknown = sorted(set(pairs) - set(state))
+    unknown = sorted((set(pairs) | set(trained or {})) - set(state))
     if unknown:
         raise KeyError(f"{adapter_dir}: adapter modules not in {base_name}: {unknown[:3]}")
 
     def fill(tmp: Path) -> None:
-        save_file({n: merged(n, w, pairs, scale) for n, w in state.items()}, str(tmp / "model.safetensors"),
+        save_file({n: merged(n, w, pairs, scale, trained) for n, w in state.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         _write_index(tmp, {n: "model.safetensors" for n in state})
-        (tmp / "config.json").write_text(json.dumps(released_config(cfg), indent=2))
+        (tmp / "config.json").write_text(json.dumps(_config_json(cfg), indent=2))
         _tokenizer_files(tmp, tokenizer, cfg.vocab_size)
 
     return _commit(out, fill)
@@ -241,6 +267,11 @@ def export_transformers(source: str | Path, out: str | Path, base_weights: str |
     base_only: write the run's base without its LoRA (what an --adapter-only export loads onto).
     """
     source = resolve_checkpoint(source)
+    v3_base = source if not (source / "adapter_config.json").exists() else (
+        base_weights or read_settings(source).get("base_weights"))
+    if (v3_base and is_v3_config(v3_base)) or read_settings(source).get("preset") in V3_PRESETS:
+        raise ValueError(f"{source}: --format transformers: transformers has no Higgs Audio v3 model (the release's "
+                         f"config.json has no auto_map); the default format writes the released v3 layout")
     if not (source / "adapter_config.json").exists():
         if adapter_only:
             raise ValueError(f"{source}: --adapter-only needs a checkpoint or adapter folder (no adapter_config.json)")
