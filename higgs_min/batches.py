@@ -10,7 +10,10 @@ samples themselves, so a corpus of a million conversations costs a few arrays of
 
 With `workers > 0` a torch DataLoader materializes and collates batches in worker processes
 (prefetching `prefetch` batches each); the cursor still counts only the batches `next()` returned,
-so a checkpoint taken after step k resumes at batch k whatever was prefetched.
+so a checkpoint taken after step k resumes at batch k whatever was prefetched (tested with 2 workers: a
+mid-epoch resume from a corpus is bitwise equal to an uninterrupted run). The trainer's --data-workers
+defaults to 0 on CPU and 2 on CUDA (pinned memory on CUDA). A test compares epoch_order with
+torch.utils.data.DistributedSampler itself.
 """
 
 from __future__ import annotations

@@ -9,9 +9,18 @@ the same positions as the text, so one rule scores both streams:
     audio_codes  ·            ·                 ·               delay([BOS|codes|EOS])  (K columns each)
     audio_labels -100         -100              -100            delay([-100|codes|EOS])
 
-S = T + K + 1 for codes (K, T) (T + 2 when use_delay_pattern is false). THE NEXT-TOKEN RULE (`next_token_targets`, the
-only place it is written): the logits at position i are scored against the
-label at position i + 1, for text and audio alike.
+Each turn is `<|start_header_id|>role<|end_header_id|>\\n\\n … <|eot_id|>`. S = T + K + 1 for codes (K, T)
+(T + 2 when use_delay_pattern is false). User (and system) audio is input only:
+`<|audio_bos|><|AUDIO|>×S<|audio_eos|>`, every label -100. Text labels are the assistant's text,
+`<|audio_out_bos|>`, `<|audio_eos|>` and its `<|eot_id|>`; everything else is -100.
+
+THE NEXT-TOKEN RULE (`next_token_targets`, the only place it is written): the logits at position i are
+scored against the label at position i + 1, for text and audio alike. A test puts all mass on the label
+at i + 1 and gets a loss near 0; the same logits scored unshifted give a loss far from 0.
+
+Audio codes are stored per position (`audio_codes`, `audio_labels`: (B, L, K)) rather than as the batch's
+streams concatenated with offsets: one shift then serves text and audio, and no offset bookkeeping can go
+wrong. The cost is K integers per position, 258 KB at the seed's batch.
 """
 
 from __future__ import annotations

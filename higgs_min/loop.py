@@ -9,6 +9,18 @@ One optimizer step (`train_step`, then `train_loop` logs, evaluates and saves):
     4. clip, AdamW step (the learning rate of this step set first: warmup + cosine)
     5. log; evaluate when due; save at save_steps, at the last step, and on SIGTERM/SIGINT.
 
+Saves: rank 0 writes (checkpoint.save); every rank learns the outcome, so a failed save raises the same error
+everywhere (or warns, with --on-save-error continue) and nothing hangs. A failed save logs the path and errno,
+removes its temporary folder and retries once into --backup-dir when given. SIGTERM/SIGINT: all ranks agree
+(all-reduce) to stop at the next step boundary, save, and exit 0. --keep-last N deletes older valid
+checkpoints only after a new one is committed, never `best`. Before step 1, checkpoint.preflight writes,
+fsyncs and removes a probe file, compares free space with the estimated checkpoint size (--strict-space: an
+error), and logs the absolute path and the steps at which saves happen (save_steps > max_steps is a warning;
+the final save still happens).
+
+Rank 0 writes metrics.jsonl, one JSON row per log step: split "train", step, loss, text_loss, audio_loss,
+per-codebook losses, lr, grad_norm, tokens_per_s, elapsed_s (evaluate.py writes split "eval" rows).
+
 Everything the loop touches is built before it starts (higgs_min/train/run.py:build_run) and handed over
 as one `Run`; the loop itself opens no file but metrics.jsonl, TensorBoard and the checkpoints.
 """

@@ -17,7 +17,10 @@
 
 The forward returns hidden states only; heads are applied by the caller to the
 rows it scores (see loss.py), so nobody builds (B, L, V) logits by accident.
-State-dict names are the released checkpoint's names exactly.
+State-dict names are the released checkpoint's names exactly (higgs-v2-3b: 397 tensors, 5,771,283,456
+parameters): embed_tokens, layers.N.self_attn.{q,k,v,o}_proj, layers.N.mlp.*, layers.N.audio_mlp.*, four
+layernorms per layer, norm, audio_codebook_embeddings (one Embedding(K·(C+2), H), codebook k offset by
+k·(C+2)), audio_decoder_proj.text_lm_head, audio_decoder_proj.audio_lm_head.
 
 Generation passes a `KVCache`: the L new positions sit at P..P+L-1 after the P
 cached ones (RoPE at those positions), their keys/values are written into the

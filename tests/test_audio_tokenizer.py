@@ -4,6 +4,25 @@ Independent formulations: torchaudio's resample, transformers' HubertModel and
 HiggsAudioV2TokenizerModel (test-only dependency), the pinned descript-audio-codec layers,
 and hand-built inputs whose codes are known. Models are tiny (tests/audiotok_util.py) except
 one shape check at the released size on the meta device.
+
+What is bit-exact and what is not (on tiny random weights, since the released weights are not in CI):
+- the codes equal transformers' HiggsAudioV2TokenizerModel (its independent port) on the same weights, for
+  clip lengths that are multiples of 960: in these tests at a tiny shape, and once at the released shape
+  (`PYTHONPATH=. .venv/bin/python tests/check_released_shape_parity.py`: a 2 s clip, 8 x 50 codes, all equal;
+  about a minute). For other lengths transformers pads 480 samples where the official code pads 320 and does
+  not trim, so its frame count can differ; higgs_min follows the official code.
+- weight norm is folded with torch._weight_norm, the function the official forward calls on every step, so
+  the folded weights are those the official computes; HuBERT equals transformers' HubertModel to 1e-5 (SDPA
+  attention here); the 24k->16k resampling equals torchaudio.functional.resample to 1e-6; the DAC layers equal
+  the pinned descript-audio-codec's (with the official copy's two changes: output_padding = stride % 2, no
+  final Tanh); the quantizer uses the official distance expression and argmax, and a vector built from
+  codebook entries quantizes back to exactly those codes.
+- not bit-exact: float results of a different summation order (SDPA vs eager attention, batched vs per-layer
+  matmuls) can move an argmax that sits on a near tie; the official encode(path) resamples files with
+  librosa's default (soxr), encode_file/prepare use the windowed-sinc resampler above (torchaudio's
+  algorithm). Give 24 kHz wavs for codes identical to the official pipeline's.
+- not implemented: the other semantic teachers and RFSQ (refused when the config asks for them), the official
+  encode's optional loudness normalization (off by default there), training the tokenizer.
 """
 import json
 import math

@@ -21,7 +21,8 @@ decode, codes (8,T):
         and no final Tanh (descriptaudiocodec/dac/model/dac.py L94-149, the official copy).
 
 Frames: T = N / 960 when N is a multiple of 960 (acoustic and semantic paths agree); otherwise the
-official count `frames(N)` below (the shorter of the two paths after the padded re-encode).
+official count `frames(N)` below (the shorter of the two paths after the padded re-encode): 1000 samples give
+1 frame, not 2. Clips under 960 samples (40 ms) are refused (the official gives no frame or fails there).
 
 Loading (`load`): any of the three layouts users download (audio/tokenizer_files.py): the original
 folder (config.json + model.pth, read only with torch.load(weights_only=True), or the model.safetensors

@@ -22,6 +22,29 @@ Facts it relies on (transformers 5.24, models/higgs_audio_v2/modeling_higgs_audi
   the audio FFN; `generate()` writes `audio_delay_token_id` after a stream ends, so it must be in the vocabulary;
 - `from_pretrained` takes the dtype from the config's `dtype` field.
 
+What `python -m higgs_min.export --format transformers` writes and refuses:
+- the merged folder: model-0000i-of-0000N.safetensors + model.safetensors.index.json, config.json holding only
+  fields HiggsAudioV2Config defines (no `use_text_head` field: it would swallow the keyword), tokenizer.json +
+  tokenizer_config.json. The LoRA is merged into the base the run trained on (its recorded --base-weights, or
+  its preset rebuilt from the recorded seed by runs.load_trained) in fp32 and cast once; the weights keep the
+  base's dtype (float32 for a preset; --dtype changes it) and config.json's `dtype` says which. A base folder
+  given instead of a checkpoint is converted as it is; --base-only writes a run's base without its LoRA (for a
+  preset run, the base an --adapter-only export loads onto: peft.PeftModel.from_pretrained(
+  HiggsAudioV2ForConditionalGeneration.from_pretrained(BASE, use_text_head=True), "hf-adapter")).
+- names: NAME_MAP, after transformers' convert_higgs_audio_v2_to_hf.py (the wheel does not ship it):
+  layers.N.… -> model.layers.N.…, audio_codebook_embeddings -> model.embed_audio_tokens.embed_audio_tokens,
+  audio_decoder_proj. dropped from the heads; adapter keys gain the same `model.` level
+  (base_model.model.model.layers.N.…) and prefixed target_modules are renamed.
+- one audio placeholder there: user audio (<|AUDIO|> here) goes in as <|AUDIO_OUT|> positions, the frames as
+  audio_input_ids (B, F, K) with audio_input_ids_mask. The exported tokenizer carries audio_delay_token_id
+  <|reserved_special_token_6|> (id 128014 in the released tokenizer; added at the next free id, 705, to the
+  demo tokenizer).
+- refused in one line naming the field: audio_dual_ffn_layers not covering every layer,
+  audio_ffn_intermediate_size != intermediate_size, use_delay_pattern false, audio_embed_avg true,
+  hidden_size not a multiple of num_attention_heads, any config field added later at a non-default value.
+- the reverse: `train --base-weights DIR` accepts such a folder (model_type higgs_audio_v2 in its config.json;
+  it must hold text_lm_head.weight), so a transformers-format checkpoint can be fine-tuned here.
+
 Reading such a folder is the core's job (config.py: the config; weights.py: the tensor names); this module
 writes them. It imports nothing from transformers (a test-only dependency).
 """

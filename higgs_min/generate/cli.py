@@ -1,6 +1,6 @@
 """`python -m higgs_min.generate`: a trained adapter (or a base) -> generated codes -> a wav.
 
-    python -m higgs_min.generate --adapter output/checkpoint-000300 --random-codec-seed 0 \\
+    python -m higgs_min.generate --adapter output/checkpoint-300 --random-codec-seed 0 \\
         --system "You are a helpful voice assistant. Answer in the language of the question." \\
         --text "What is the capital of France?" --out out.wav --codes-out out.npy
 
@@ -10,7 +10,10 @@ weights (and the adapter, if given, applied with the project's LoRA code, merged
 Decoding: `--audio-tokenizer DIR` (the released Higgs audio tokenizer, higgs_min.audio.tokenizer), or DAC
 (`--codec-weights dac.pth`, or the demo's seeded random DAC `--random-codec-seed N`); with none of them
 only `--codes-out` is written. Sampling defaults are those of the official examples/generation.py
-(README: "Generate").
+(README: "Generation"). Voice cloning (--reference-codes + --reference-text, or --reference-audio encoded
+with the chosen codec) adds a user turn with the transcript and an assistant turn holding the reference audio
+before your text, as the official examples/generation.py does. A progress bar counts steps (on a terminal);
+the end prints the text, frames, seconds of audio, frames/s and the real-time factor.
 
 Higgs Audio v3 (`--base-weights` a v3 folder, or `--adapter` of a run trained on a v3 preset or folder): the
 same command, dispatched on the loaded model's config to generate/v3.py (TTS prompt, serving's sampler).

@@ -17,7 +17,24 @@ Every step counts against `max_new_tokens`. Per segment, `audio` keeps the delay
 clips to [0, C-1] and drops the first (BOS) and last (EOS) frame as serve_engine does, segments
 concatenated along time.
 
-The CLI (`python -m higgs_min.generate`, see `main`) lives in generate_cli.py.
+Prompt: `ChatEncoder.prompt` = the training layout of the turns, then
+`<|start_header_id|>assistant<|end_header_id|>\\n\\n` (+ `<|audio_out_bos|>` with --force-audio). Column j of a
+segment forces codebooks >= j to BOS; the first codebook that emits EOS forces those before it to EOS and the
+EOS prefix grows one codebook per step until the last; then <|audio_eos|> is fed (the final column is kept,
+not fed). A segment cut short with fewer than K columns yields no codes (the official crashes there);
+<|AUDIO_OUT|> sampled in text mode is an error naming the step. Stop ids: <|eot_id|>, <|end_of_text|>.
+
+Sampling: temperature -> top-k -> top-p (transformers' warpers, checked against them) -> multinomial, each
+codebook on its own; temperature 0 is argmax. Repetition-aware sampling (RAS): a codebook whose candidate
+occurs >= ras_max_repeat times in its last ras_win_len audio-out columns (prompt audio included) is redrawn
+from the raw softmax; as in the official this also applies at temperature 0 (ras_win_len 0 turns it off).
+A seed seeds one torch.Generator: a run repeats exactly on CPU.
+
+KV cache (model.KVCache): tests check that any chunking of the prefill equals the full forward (hidden states
+and both heads, 1e-5), that greedy decoding with and without the cache gives the same tokens, and that a
+model overfit on one demo conversation regenerates its text and codes exactly.
+
+The CLI (`python -m higgs_min.generate`, see `main`) lives in generate/cli.py.
 """
 
 from __future__ import annotations

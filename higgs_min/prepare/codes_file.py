@@ -5,6 +5,13 @@ order), shape (K, T) with T >= 1, and the byte size the header implies against t
 claiming 10^12 frames is a refusal, not a MemoryError. Non-regular files (a FIFO named x.npy) are refused
 before opening; too-long paths before touching the file system. Every refusal is a `Refused(field, reason,
 detail)`: `reason` is short and counted, `detail` names the file and what would work.
+
+Accepted: `.npy` or `.safetensors` (one tensor), shape (K, T) with T >= 1, any integer dtype (int8..int64,
+uint8..uint64, little or big endian, C or Fortran order) whose values lie in [0, codebook_size). Refused by
+name: a header claiming more (or fewer) bytes than the file holds, a safetensors header over 1 MiB,
+float/bf16/bool dtypes, an `.npz` saved as `.npy`, empty files, non-regular files (a FIFO or a folder named
+x.npy; never opened for reading), names over 255 bytes, paths over 4,095 bytes, and more frames than
+--max-length allows (from the header alone).
 """
 
 from __future__ import annotations

@@ -18,6 +18,15 @@ A sample is `materialize(read(i))`: the same function as the JSONL path's `mater
 so the two cannot drift apart. Opening reads the manifest, stats each shard, parses each shard's
 header and concatenates the `lengths` arrays: no sample is built to learn its length, and the
 resident memory is ~4-8 bytes per sample. `verify` hashes every shard against the manifest.
+
+manifest.json holds the format version; the tokenizer's sha256, vocabulary size and special ids; the
+codebook count and size and the audio tokenizer that made the codes (`codec`; a mix is refused at pack);
+every source's path, bytes, sha256 and line count; counts packed / rejected / skipped by reason; each
+shard's name, samples, bytes, sha256. Opening checks the tokenizer, codebook count and size against this
+run's model and tokenizer (a mismatch names both sides); a truncated shard is an error at open naming it; a
+flipped byte is caught by `prepare verify` and by the trainer's start check (full sha256 on each node's
+local rank 0, skipped with --no-verify-data), naming the shard. Shards are memory-mapped; samples are built
+in `__getitem__`. A test compares every field of every demo sample on the corpus and JSONL paths.
 """
 
 from __future__ import annotations

@@ -8,8 +8,28 @@ checked against the file and against max_length before any data is read; non-reg
 before opening), and a text's length is bounded from below before it is tokenized. Errors nobody foresaw
 still become a rejection whose reason names the exception type.
 
-`RejectReport` collects rejections: counts per reason, the first lines logged, all of them written as
-rejected.jsonl rows {file, line, field, reason, detail}, and the --max-bad-fraction check.
+`RejectReport` collects rejections: counts per reason, the first 20 logged, all of them written as
+rejected.jsonl rows {file, line, field, reason, detail}, and the --max-bad-fraction check (0.01: a wrong codes
+folder or tokenizer makes most lines bad). Lines with no supervised token (no assistant turn) or longer than
+--max-length are counted skips, not bad lines; loading ends with `loaded N, skipped M (reasons…)`.
+
+What a data line may contain (tests/fuzzgen.py decides each damaged line's outcome from these rules):
+- Encoding: UTF-8. A byte-order mark at the very start of the file is accepted (utf-8-sig); anywhere else
+  it is a malformed line. Blank lines are ignored (not counted).
+- JSON: one object with a non-empty "messages" list. Keys the loader does not read are ignored whatever
+  valid JSON they hold, except, anywhere in the line: NaN/Infinity literals (and numbers beyond a 64-bit
+  float), integer literals longer than 20 characters (beyond int64/uint64), strings holding a lone UTF-16
+  surrogate ("\\udc00\\ud800" is two; a valid pair such as "\\ud83d\\ude00" is a character), nesting deeper
+  than the parser's recursion limit (~1,000). For duplicate keys, the last wins.
+- Messages: role exactly system, user or assistant; content a string or a list of {"type": "text", "text":
+  STR} / {"type": "audio", "codes": PATH[, "codec": STR]}. A line with no assistant turn is a counted skip.
+- Codes files: PATH relative to the JSONL's folder, or to --audio-root; absolute paths as they are. The
+  file rules are codes_file.py's.
+- Length: for a byte-level BPE tokenizer (the released one) a text of n characters is at least
+  n / (longest token) tokens, so a 300,000-character line is refused untokenized (0.6 ms; tokenizing it
+  would take 811 ms); other tokenizers are tokenized first.
+- Special-token text: a text containing `<|eot_id|>` or another special token's spelling is tokenized as
+  that special token (as the released tokenizer does); clean such text beforehand.
 """
 
 from __future__ import annotations
