@@ -19,7 +19,8 @@ error), and logs the absolute path and the steps at which saves happen (save_ste
 the final save still happens).
 
 Rank 0 writes metrics.jsonl, one JSON row per log step: split "train", step, loss, text_loss, audio_loss,
-per-codebook losses, lr, grad_norm, tokens_per_s, elapsed_s (evaluate.py writes split "eval" rows).
+per-codebook losses (null for a part without targets), lr, grad_norm, tokens_per_s, elapsed_s (evaluate.py
+writes split "eval" rows).
 
 Everything the loop touches is built before it starts (higgs_min/train/run.py:build_run) and handed over
 as one `Run`; the loop itself opens no file but metrics.jsonl, TensorBoard and the checkpoints.

@@ -1,6 +1,6 @@
 """Audio <-> codes: the Higgs Audio v2 tokenizer (tokenizer, layers, hubert) and DAC (codec), with wav io.
 
-    tok = higgs_min.audio.tokenizer.load("hat/")   # config.json + model.safetensors (preferred) or model.pth
+    tok = higgs_min.audio.tokenizer.load("hat/")   # any layout of tokenizer_files.py (original, transformers, v3)
     tok.encode(wav)          1-D float waveform at tok.sample_rate (24000) -> (8, T) int64 codes in [0, 1023]
     tok.decode(codes)        (8, T) -> 960·T samples
     tok.encode_file(path)    any integer-PCM wav (8/16/24/32-bit; channels averaged, resampled to 24 kHz)
