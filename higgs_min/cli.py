@@ -2,7 +2,7 @@
 
     higgs-min train --help                          = python -m higgs_min.train --help
     torchrun --nproc-per-node 2 --no-python higgs-min train --device cpu
-    higgs-min prepare | export | checkpoint | plot | bench | generate | pack ...
+    higgs-min prepare | export | eval | checkpoint | plot | bench | generate | pack ...
 
 Each subcommand is the same parser as its `python -m higgs_min.<module>` form: the words after the
 subcommand go to that module's main(argv). A new command is one line in COMMANDS
@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("higgs_min.prepare.encode:main", "wav -> codes, codes -> wav, and the data subcommands"),
     "export": ("higgs_min.export.merge:main", "merge an adapter into base weights: a complete base folder"),
     "checkpoint": ("higgs_min.checkpoint:main", "verify or list checkpoints"),
+    "eval": ("higgs_min.train.eval_cli:main", "score a checkpoint on held-out data (the in-training eval's figures)"),
     "plot": ("higgs_min.train.plot:main", "metrics.jsonl -> loss.png"),
     "bench": ("higgs_min.bench.rows:main", "the benchmark rows (make bench)"),
     "generate": ("higgs_min.generate.cli:main", "speech from a trained adapter: text -> codes -> wav"),

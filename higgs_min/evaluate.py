@@ -14,6 +14,8 @@ one all-reduce of that vector, then training's reduction (loss.loss_row / loss.w
     (a part without any is null in the row).
 So 1 rank and N ranks give the same figures (up to float32 batch-composition noise; tested to 1e-6).
 The model runs in eval mode (LoRA dropout off) under no_grad, then goes back to train mode.
+
+    OverfitWatch(chance)   warnings from the history of eval rows and the training losses between them
 """
 
 from __future__ import annotations
@@ -96,3 +98,54 @@ def report(row: dict, tb=None) -> None:
         for k in ("loss", "text_loss", "audio_loss", "text_accuracy"):
             if row[k] is not None:
                 tb.add_scalar(f"eval/{k}", row[k], row["step"])
+
+
+# --------------------------------------------------------------------------- overfitting watch
+
+class OverfitWatch:
+    """Warnings from the evaluation history, one line each (rank 0):
+
+    rising: the eval loss rose at 2 evaluations in a row (e1 < e2 < e3) while the mean training loss
+            of the steps before each of them fell (t1 > t2 > t3; the step-0 evaluation has no steps
+            before it and does not take part in the training side): the adapter is fitting the training
+            set at the expense of held-out data.
+    chance: an eval loss part (text, audio) above chance (ln V, ln(C+2): a uniform guess) while the
+            training loss of that part since the last evaluation is below it.
+    Training losses are means over the steps since the previous evaluation, not the last step's (noisy).
+    """
+
+    KEYS = ("loss", "text_loss", "audio_loss")
+
+    def __init__(self, chance: dict):
+        self.chance = chance  # {"text": ln V, "audio": ln(C+2)} (loss.Diagnostics.chance)
+        self.sums = {k: [0.0, 0] for k in self.KEYS}  # since the last eval: sum, count (a part may be null)
+        self.history = []  # (step, eval loss, mean training loss since the previous eval or None)
+
+    def train(self, row: dict) -> None:
+        for k in self.KEYS:
+            if row.get(k) is not None:
+                self.sums[k][0] += row[k]
+                self.sums[k][1] += 1
+
+    def eval(self, row: dict) -> list[str]:
+        """The warnings this evaluation raises (also logged)."""
+        means = {k: total / n if n else None for k, (total, n) in self.sums.items()}
+        self.sums = {k: [0.0, 0] for k in self.KEYS}
+        self.history.append((row["step"], row["loss"], means["loss"]))
+        out = []
+        if len(self.history) >= 3:
+            (s1, e1, t1), (s2, e2, t2), (s3, e3, t3) = self.history[-3:]
+            train = [t for t in (t1, t2, t3) if t is not None]
+            if e1 < e2 < e3 and len(train) >= 2 and all(a > b for a, b in zip(train, train[1:])):
+                out.append(f"eval loss rose at 2 evaluations in a row ({e1:.4f} -> {e2:.4f} -> {e3:.4f} at steps "
+                           f"{s1}, {s2}, {s3}) while the training loss fell ({' -> '.join(f'{t:.4f}' for t in train)}"
+                           f"): overfitting; OUT/best keeps the checkpoint with the lowest eval loss")
+        for part in ("text", "audio"):
+            ev, tr, chance = row.get(f"{part}_loss"), means[f"{part}_loss"], self.chance[part]
+            if ev is not None and tr is not None and ev > chance > tr:
+                out.append(f"eval {part} loss {ev:.4f} at step {row['step']} is above chance ({chance:.4f}, a uniform "
+                           f"guess) while the training {part} loss is {tr:.4f}: held-out data is predicted worse "
+                           f"than by guessing (overfitting, or eval data unlike the training data)")
+        for line in out:
+            log.warning("%s", line)
+        return out

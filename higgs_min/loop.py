@@ -229,6 +229,7 @@ class Outputs:
         self.metrics = args.output_dir / "metrics.jsonl"
         self.bar = self.tb = None
         self.report = runlog.StepReport(run.diag, run.start_step, args.max_steps)
+        self.watch = evaluate.OverfitWatch(run.diag.chance)
         if not run.dist.is_main:
             return
         from tqdm import tqdm
@@ -243,6 +244,7 @@ class Outputs:
 
     def step(self, row: dict, text, audio) -> None:
         args, step = self.run.args, row["step"]
+        self.watch.train(row)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
@@ -261,6 +263,7 @@ class Outputs:
         if self.run.dist.is_main:
             append_metrics(self.metrics, row)
             evaluate.report(row, self.tb)
+            self.watch.eval(row)
 
     def close(self) -> None:
         runlog.set_bar(None)
@@ -278,6 +281,8 @@ def train_loop(run: Run) -> tuple[int, dict]:
     out, stop = Outputs(run), StopFlag()
     step, t0, tokens_seen, last = run.start_step, time.time(), 0, {}
     try:
+        if run.evaluator is not None and step == 0:  # the untrained adapter's figures: the curve's first point
+            out.evaluation(run.evaluator.run(0))
         while step < args.max_steps:
             step += 1
             last, text, audio, tokens = train_step(run, step, ddp, autocast)          # steps 1-4

@@ -1,14 +1,20 @@
 """Results one path away: OUT/best and OUT/latest wherever a checkpoint is accepted (generate, export,
 load_trained, --resume), the held-out lines written with the run, `higgs-min eval` equal to the in-training eval."""
 import argparse
+import json
 
 import pytest
 
 from higgs_min.export.merge import main as export_main
 from higgs_min.generate.cli import main as generate_main
+from higgs_min.evaluate import OverfitWatch
+from higgs_min.train.eval_cli import main as eval_main
 from higgs_min.train.runconfig import _resume_folder
 from higgs_min.train.runs import RunError, load_trained, resolve_checkpoint
-from tests.trainutil import run
+from tests.trainutil import ROOT, metrics, run
+
+KEYS = ("loss", "text_loss", "audio_loss", "text_accuracy", "audio_loss_per_codebook", "audio_accuracy_per_codebook",
+        "samples", "text_targets", "audio_targets")
 
 
 @pytest.fixture(scope="module")
@@ -46,3 +52,66 @@ def test_a_pointer_to_a_deleted_checkpoint_is_one_line(out, tmp_path, capsys):
                           str(tmp_path / "g.npy")]) == 1
     err = capsys.readouterr().err
     assert "checkpoint-9" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_eval_split_lines_step0_eval_and_higgs_min_eval_equal_the_run(out, tmp_path, capsys):
+    evals = {r["step"]: r for r in metrics(out) if r.get("split") == "eval"}
+    assert sorted(evals) == [0, 1, 2]  # an evaluation before the first step, then at each save
+    # eval_split.txt names the held-out lines; those lines, copied to a file, are the same eval set
+    listed = [w for w in (out / "eval_split.txt").read_text().splitlines() if not w.startswith("#")]
+    source = ROOT / "data" / "demo.jsonl"
+    assert len(listed) == 8 and all(w.startswith(f"{source}:") for w in listed)
+    lines = source.read_text().splitlines()
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(lines[int(w.rsplit(":", 1)[1]) - 1] + "\n" for w in listed))
+    (tmp_path / "codes").symlink_to(ROOT / "data" / "codes")  # the lines' relative codes paths
+    best = (out / "best").read_text().strip()
+    want = evals[int(best.split("-")[1])]
+    for extra in (["--data", str(held)], []):  # --data X, and the run's own held-out set rebuilt
+        assert eval_main([str(out / "best"), "--json", *extra]) == 0
+        o = capsys.readouterr()
+        row = json.loads(o.out.strip().splitlines()[-1])
+        assert "Traceback" not in o.err and row["step"] == want["step"]
+        for key in KEYS:
+            assert row[key] == pytest.approx(want[key], rel=0, abs=1e-6), key
+
+
+def test_eval_without_held_out_data_is_one_line(tmp_path, capsys):
+    plain = tmp_path / "plain"
+    assert run(plain, "--max-steps", "1") == 0
+    capsys.readouterr()
+    assert eval_main([str(plain / "latest")]) == 2
+    err = capsys.readouterr().err
+    assert "no held-out set" in err and "--data" in err and len(err.strip().splitlines()) == 1
+
+
+def _rows(step, loss, text, audio):
+    return {"step": step, "loss": loss, "text_loss": text, "audio_loss": audio}
+
+
+def test_overfitting_warnings_on_a_scripted_history(caplog):
+    chance = {"text": 7.0, "audio": 6.93}
+    w = OverfitWatch(chance)
+    script = [  # (train rows before this eval: (text, audio) each), eval (text, audio)
+        ([], (7.2, 7.5)),                          # step 0: no training yet, never warns
+        ([(6.0, 6.0), (5.8, 5.9)], (6.0, 6.5)),    # eval falls
+        ([(5.0, 5.0), (4.8, 4.9)], (6.1, 6.6)),    # eval rises once
+        ([(4.0, 4.0), (3.9, 3.98)], (6.2, 7.59)),  # rises again while training fell; audio above chance
+    ]
+    said, step = [], 0
+    for train, (et, ea) in script:
+        for t, a in train:
+            step += 1
+            w.train(_rows(step, t + a, t, a))
+        said.append(w.eval(_rows(step, et + ea, et, ea)))
+    assert said[:3] == [[], [], []]
+    rising, above = said[3]
+    assert rising.startswith("eval loss rose at 2 evaluations in a row (12.5000 -> 12.7000 -> 13.7900 at steps 2, 4, 6)")
+    assert "while the training loss fell (11.8500 -> 9.8500 -> 7.9400)" in rising
+    assert above.startswith("eval audio loss 7.5900 at step 6 is above chance (6.9300") and "3.9900" in above
+    assert [r.levelname for r in caplog.records].count("WARNING") == 2
+    # the same eval rise with the training loss rising too is not overfitting: no warning
+    w2 = OverfitWatch(chance)
+    for i, (tr, ev) in enumerate([(9.0, 8.0), (9.5, 8.1), (9.9, 8.2)]):
+        w2.train(_rows(i, tr, tr / 2, tr / 2))
+        assert w2.eval(_rows(i, ev, 6.0, 6.0)) == []

@@ -3,6 +3,7 @@
     open_data(args, dist_info, cfg) -> (encoder, dataset)      --data: a JSONL file or a packed corpus folder
     open_eval(args, encoder, dataset) -> (train set, eval set or None)   --eval-data, or --eval-split of --data
     holdout(n, fraction, seed) -> (train indices, eval indices)          deterministic given n, fraction, seed
+    write_heldout(OUT, eval set)                                         OUT/eval_split.txt: source:line per sample
 """
 
 from __future__ import annotations
@@ -60,6 +61,29 @@ def holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     held = sorted(random.Random(f"higgs_min eval split {seed}").sample(range(n), k))
     keep = set(held)
     return [i for i in range(n) if i not in keep], held
+
+
+HELDOUT = "eval_split.txt"
+
+
+def write_heldout(output_dir: Path, held: "Subset", fraction: float, seed: int) -> Path:
+    """OUT/eval_split.txt: which lines --eval-split held out, one `source:line` per sample, in eval order
+    (the order the evaluator scores them). Rewritten identically on resume (the split is deterministic)."""
+    lines = [held.dataset.where(i) for i in held.indices]
+    text = (f"# --eval-split {fraction:g} (seed {seed}): {len(lines)} of {len(held.dataset)} samples held out "
+            f"for evaluation, as source:line\n" + "".join(f"{w}\n" for w in lines))
+    path = Path(output_dir) / HELDOUT
+    _write_text(path, text)
+    return path
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Temp file + fsync + rename: never a half-written file. (To become atomic.write_text.)"""
+    from higgs_min import checkpoint
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    checkpoint.write_file(tmp, text.encode())
+    tmp.replace(path)
 
 
 class Subset:

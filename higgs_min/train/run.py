@@ -31,7 +31,7 @@ from higgs_min.loop import Scorer
 from higgs_min.loss import Diagnostics
 from higgs_min.model import HiggsAudioModel
 from higgs_min.train import runconfig
-from higgs_min.train.datasets import open_data, open_eval
+from higgs_min.train.datasets import Subset, open_data, open_eval, write_heldout
 from higgs_min.train.options import check_inputs, parse_args
 from higgs_min.train.runs import build_base
 
@@ -136,6 +136,8 @@ def build_run(args) -> loop.Run:
     prepare_output(args, dist_info, sum(p.numel() for p in params))
     if dist_info.is_main:
         runlog.attach_file(args.output_dir / "train.log")  # with every line logged so far
+        if isinstance(eval_samples, Subset) and args.eval_split:
+            log.info("held-out lines: %s", write_heldout(args.output_dir, eval_samples, args.eval_split, args.seed))
     resolved = runconfig.settings_of(args)
     if dist_info.is_main:
         log.info("resolved config: %s", json.dumps(resolved, sort_keys=True))
