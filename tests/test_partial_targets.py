@@ -44,7 +44,7 @@ def test_text_only_and_audio_only_runs_log_no_nan(tmp_path, drop, absent):
                "--eval-split", 0.25, "--eval-every", 1) == 0
     rows = [_strict(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train, evals = [r for r in rows if r["split"] == "train"], [r for r in rows if r["split"] == "eval"]
-    assert [r["step"] for r in train] == [1, 2] and [r["step"] for r in evals] == [1, 2]
+    assert [r["step"] for r in train] == [1, 2] and [r["step"] for r in evals] == [0, 1, 2]  # step 0: before training
     for r in rows:
         present = [k for k in ("text_loss", "audio_loss") if k != absent]
         assert all(math.isfinite(r[k]) for k in ["loss"] + present), r
