@@ -203,3 +203,28 @@ def test_released_shape_on_meta():
     assert n == 4_022_468_096 + 8 * 1026 * 2560
     assert model.audio_logits(torch.empty(1, 2560, device="meta")).shape == (1, 8, 1026)
     assert "v3-4b: 4,043,480,576 parameters" in describe("v3-4b")
+
+
+def test_activation_checkpointing_gives_the_same_grads(released):
+    """LoRA + the fused matrix trainable: recomputing each layer in backward changes nothing (bitwise)."""
+    from higgs_min import lora
+
+    folder, _ = released
+    ids, rows = prompt_with_reference(folder)
+    x_ids, x_codes, x_mask = ours_inputs(ids, rows)
+    grads = []
+    for ckpt in (False, True):
+        model = build_v3(folder)
+        torch.manual_seed(0)  # the same LoRA A init both times
+        lora.apply_lora(model, ["q_proj", "down_proj"], r=2, alpha=4.0)
+        model.audio_embedding.weight.requires_grad_(True)
+        with torch.no_grad():
+            for m in lora.lora_layers(model).values():
+                m.lora_B.weight.fill_(0.01)
+        model.activation_checkpointing = ckpt
+        h = model(x_ids, None, x_codes, x_mask)[0]
+        model.audio_logits(h).logsumexp(-1).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert len(grads[0]) == 2 * 2 * 2 + 1
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

@@ -112,9 +112,6 @@ class HiggsV3Model(nn.Module):
             elif isinstance(m, RMSNorm):
                 m.weight.fill_(1.0)
 
-    def init_buffers(self):
-        """No buffers (the codebook offsets are computed per call); kept for v2's meta-device loading path."""
-
     def embed(self, input_ids, audio_codes, audio_mask):
         """input_ids (B, L); audio_codes (B, L, K) in [0, C+2), read where audio_mask (B, L) -> x (B, L, H).
 
