@@ -137,6 +137,26 @@ def test_two_nodes_on_localhost(tmp_path):
     assert json.loads((tmp_path / "out" / "run_config.json").read_text())["world_size"] == 2
 
 
+def test_resume_stops_every_rank_when_a_node_cannot_see_the_checkpoint(tmp_path):
+    """Two "nodes" (gloo, one rank each) whose --output-dir differ, as node-local disks would: rank 0 finds
+    checkpoint-2, rank 1 cannot read it. Both exit 1 with the same error naming node, rank, path and fix."""
+    import socket
+    shared, local = tmp_path / "shared", tmp_path / "local"
+    common = ["--max-steps", "2", "--device", "cpu", "--lora-rank", "4", "--batch-size", "2", "--log-samples", "0"]
+    assert run(shared, *common) == 0 and (shared / "checkpoint-2").is_dir()
+    port = free_port()
+    nodes = [torchrun(1, train_args(folder, *common), nnodes=2, port=port, node_rank=rank)
+             for rank, folder in enumerate([shared, local])]
+    logs = [n.communicate(timeout=240)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [1, 1], "\n".join(l[-2000:] for l in logs)
+    for text in logs:
+        line = next(line for line in text.splitlines() if "cannot resume" in line)
+        assert f"rank 1 on node {socket.gethostname()}: cannot read {local / 'checkpoint-2'}" in line, line
+        assert "rank 0 on" not in line and "shared file system" in line
+        assert f"copy the checkpoint to {local / 'checkpoint-2'} on node {socket.gethostname()}" in line
+        assert 'higgs_min/' not in "".join(x for x in text.splitlines() if x.lstrip().startswith("File "))
+
+
 def test_sigterm_saves_and_exits_zero_then_resumes_to_the_same_weights(tmp_path):
     out, ref = tmp_path / "out", tmp_path / "ref"
     cmd = [sys.executable, "-m", "higgs_min.train"] + train_args(out, "--max-steps", 40, "--save-steps", 1000)

@@ -52,11 +52,14 @@ def env() -> dict:
 
 
 def torchrun(nproc: int, args: list[str], nnodes: int = 1, port: int | None = None, script=None,
-             timeout: float = 240, **popen) -> subprocess.Popen:
+             timeout: float = 240, node_rank: int | None = None, **popen) -> subprocess.Popen:
+    """nnodes > 1: one launcher per call (a "node"); with node_rank, a static rendezvous that fixes which
+    node holds rank 0, else c10d (first come, first ranked)."""
     port = port or free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}"]
-    if nnodes == 1:
+    if nnodes == 1 or node_rank is not None:
         cmd += ["--master-addr=127.0.0.1", f"--master-port={port}"]
+        cmd += [f"--node-rank={node_rank}"] if node_rank is not None else []
     else:
         cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=higgs-test"]
     cmd += [script] if script else ["-m", "higgs_min.train"]

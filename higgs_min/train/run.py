@@ -12,10 +12,12 @@ checkpoint restored (train_state.py). Then loop.train_loop trains.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import random
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -79,13 +81,39 @@ def prepare_output(args, dist_info, n_trainable: int) -> None:
 
 
 def resume(folder, args, model, optimizer, stream, dist_info) -> int:
-    """Restore adapter, optimizer, data position and RNG from a checkpoint; return its step (0: none)."""
+    """Restore adapter, optimizer, data position and RNG from a checkpoint; return its step (0: none).
+
+    Every rank reads the checkpoint itself: the one rank 0 chose, looked up by name in this rank's own
+    --output-dir under --resume auto (the same path on every node of a run), else the --resume path. The
+    ranks then agree (one gather): when any rank could not read it, or read another copy (its manifest
+    differs from rank 0's), every rank stops with the same error naming each such node, rank and path.
+    """
     if folder is None:
         return 0
+    if args.resume == "auto":
+        folder = Path(args.output_dir) / Path(folder).name
+    state, problem, manifest = None, None, None
     try:
+        manifest = hashlib.sha256((Path(folder) / checkpoint.MANIFEST).read_bytes()).hexdigest()
         state = train_state.load_training_state(folder, model, optimizer)
+    except OSError as e:  # this node does not see the folder (or its manifest)
+        problem = f"cannot read {e.filename or folder} ({e.strerror or e})"
+    except checkpoint.CheckpointError as e:
+        problem = str(e)
     except (KeyError, ValueError) as e:  # tensor names or shapes that do not fit this model
-        raise RunError(f"cannot resume from {folder}: {e}") from e
+        problem = f"cannot resume from {folder}: {e}"
+    seen = distributed.gather_objects((socket.gethostname(), dist_info.rank, str(folder), problem, manifest))
+    other_copy = "its manifest differs from rank 0's (another copy of the checkpoint)"
+    bad = [(host, rank, path, why or other_copy) for host, rank, path, why, digest in seen
+           if why or (seen[0][3] is None and digest != seen[0][4])]
+    if bad:
+        msg = "cannot resume: " + "; ".join(f"rank {rank} on node {host}: {why}" for host, rank, _, why in bad)
+        if any(rank != 0 for _, rank, _, _ in bad):
+            msg += (f". Every rank reads the checkpoint rank 0 chose ({Path(folder).name}) itself: put --output-dir"
+                    " (and --resume) on storage that every node sees (a shared file system), or copy the checkpoint"
+                    " to " + ", ".join(f"{path} on node {host}" for host, rank, path, _ in bad if rank != 0)
+                    + " before resuming")
+        raise RunError(msg)
     stream.epoch, stream.position = state["epoch"], state["batch_in_epoch"]
     if state["world_size"] != dist_info.world_size or state["batch_size"] != args.batch_size:
         log.warning("resuming with world_size %d / batch %d; the checkpoint had %d / %d: data order differs",
