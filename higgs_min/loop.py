@@ -133,7 +133,8 @@ def save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base
             try:
                 Path(target).mkdir(parents=True, exist_ok=True)
                 path = checkpoint.save(target, step, files)
-                log.info("saved %s (%.2f MB, manifest verified)", path.resolve(),
+                # what save checked: names and sizes against the manifest (the hashes are checked when read)
+                log.info("saved %s (%.2f MB; names and sizes checked against the manifest)", path.resolve(),
                          sum(f.stat().st_size for f in path.iterdir()) / 1e6)
                 ev = trainer_state.get("eval")
                 if ev and math.isfinite(ev["loss"]) and checkpoint.update_best(target, path.name, ev["loss"]):
