@@ -118,7 +118,8 @@ def prompt_of(folder, ref_frames: int | None):
 def stopping(tmp_path_factory):
     """A tiny release whose greedy rollout emits EOC in codebook 0 at row 12: the fused matrix's cb0 EOC row is
     set so that its logit is 0 at the hidden states predicting rows 0 .. 11 and 1 above the best other code at
-    the one predicting row 12 (those states are unchanged: the row is only read as an input once EOC is chosen). Returns (folder, prompt ids, ref rows)."""
+    the one predicting row 12 (those states are unchanged: the row is only read as an input once EOC is chosen).
+    Returns (folder, the wheel's prompt ids, reference rows (None: zero-shot), our prompt)."""
     folder = tmp_path_factory.mktemp("v3gen") / "release"
     tensors = oracle.write_released(folder, seed=3)
     # zero-shot: a reference clip's delayed rows hold cb0's EOC, whose input embedding is the row changed here

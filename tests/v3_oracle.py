@@ -128,13 +128,14 @@ def reverse_delay_pattern(delayed_LK: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- a tiny released folder
 
 def tiny_config(vocab_size: int = 64, layers: int = 2) -> dict:
-    """A released-format config.json (the keys hf_config.HiggsMultimodalQwen3Config reads), tiny, rope_theta null."""
+    """A released-format config.json (the keys hf_config.HiggsMultimodalQwen3Config reads), tiny, rope_theta null;
+    shaped like the release where it matters: 4 query heads per kv head, heads * head_dim (64) != hidden (32)."""
     return {
         "model_type": "higgs_multimodal_qwen3", "audio_token_id": -100,
         "audio_encoder_config": {"encoder_type": "discrete", "num_codebooks": 8, "vocab_size": 1026,
                                  "tie_word_embeddings": True},
         "text_config": {"model_type": "qwen3", "vocab_size": vocab_size, "hidden_size": 32,
-                        "intermediate_size": 48, "num_hidden_layers": layers, "num_attention_heads": 4,
+                        "intermediate_size": 48, "num_hidden_layers": layers, "num_attention_heads": 8,
                         "num_key_value_heads": 2, "head_dim": 8, "rms_norm_eps": 1e-6, "rope_theta": None,
                         "max_position_embeddings": 512, "hidden_act": "silu", "attention_bias": False,
                         "tie_word_embeddings": True},
