@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
+# The system message of the official single-speaker TTS prompt (boson-ai/higgs-audio examples/generation.py
+# `prepare_generation_context`, no scene): what converters write and generate uses when a run records none.
+DEFAULT_SYSTEM = "Generate audio following instruction."
 SPECIAL_TOKENS = {
     "begin_of_text": "<|begin_of_text|>",
     "end_of_text": "<|end_of_text|>",  # the released config's pad_token_id

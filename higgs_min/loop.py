@@ -172,6 +172,7 @@ class Run:
     resolved: dict               # the settings recorded in every checkpoint
     identity: dict               # content hashes of data, tokenizer and base (run_config.json)
     data_report: str
+    prompt: dict | None = None   # the system turn the data trains on (train/datasets.py prompt_format)
 
 
 def train_step(run: Run, step: int, ddp, autocast) -> tuple[dict, object, object, int]:
@@ -218,6 +219,7 @@ def trainer_state(run: Run, step: int, evaluated) -> dict:
                       "max_steps": args.max_steps, "lr": args.lr, "min_lr_ratio": args.min_lr_ratio,
                       "last_lr": run.optimizer.param_groups[0]["lr"]},
         "config": run.resolved, "identity": run.identity, "data": run.data_report, "eval": evaluated,
+        "prompt": run.prompt,
         "rng": distributed.gather_objects(train_state.rng_state()),  # every rank's, in rank order
     }
 

@@ -53,7 +53,11 @@ def test_ljspeech(tmp_path):
     assert b["messages"][1]["content"] == "Say: Raw only."  # no normalized text: the raw one
     assert [p.resolve() for p in audio_paths(a, out)] == [(src / "wavs" / "LJ001.wav").resolve()]
     assert convert("--from", "ljspeech", src, "--out", out, "--raw-text") == 0
-    assert lines(out)[0]["messages"][0]["content"] == "Printing, in 1st."
+    # the official TTS layout by default: its system turn, then the text, then the audio
+    assert lines(out)[0]["messages"][:2] == [{"role": "system", "content": "Generate audio following instruction."},
+                                             {"role": "user", "content": "Printing, in 1st."}]
+    assert convert("--from", "ljspeech", src, "--out", out, "--system", "") == 0
+    assert [m["role"] for m in lines(out)[0]["messages"]] == ["user", "assistant"]  # --system "": none
     (src / "wavs" / "LJ002.wav").unlink()
     assert convert("--from", "ljspeech", src, "--out", tmp_path / "x.jsonl") == 1
     assert not (tmp_path / "x.jsonl").exists()  # nothing half-written
@@ -68,7 +72,7 @@ def test_folder_of_wavs_with_transcripts(tmp_path, capsys):
     out = tmp_path / "f.jsonl"
     assert convert("--from", "folder", src, "--out", out) == 0
     rows = lines(out)
-    assert [r["messages"][0]["content"] for r in rows] == ["text of a", "text of sub/b"]
+    assert [r["messages"][1]["content"] for r in rows] == ["text of a", "text of sub/b"]
     assert [p.resolve() for p in audio_paths(rows[1], out)] == [(src / "sub/b.wav").resolve()]
     (src / "c.wav").write_bytes(wav_bytes())
     assert convert("--from", "folder", src, "--out", out) == 1

@@ -115,3 +115,43 @@ def test_overfitting_warnings_on_a_scripted_history(caplog):
     for i, (tr, ev) in enumerate([(9.0, 8.0), (9.5, 8.1), (9.9, 8.2)]):
         w2.train(_rows(i, tr, tr / 2, tr / 2))
         assert w2.eval(_rows(i, ev, 6.0, 6.0)) == []
+
+
+# --------------------------------------------------------------------------- one prompt from data to generation
+
+@pytest.fixture(scope="module")
+def no_system(tmp_path_factory):
+    """A run trained on the demo conversations with their system turn removed."""
+    d = tmp_path_factory.mktemp("nosys")
+    rows = [json.loads(line) for line in (ROOT / "data" / "demo.jsonl").read_text().splitlines()]
+    (d / "data.jsonl").write_text("".join(json.dumps({"messages": r["messages"][1:]}) + "\n" for r in rows))
+    (d / "codes").symlink_to(ROOT / "data" / "codes")
+    assert run(d / "out", "--data", d / "data.jsonl", "--max-steps", "1") == 0
+    return d / "out"
+
+
+def _generate(monkeypatch, caplog, adapter, tmp_path, *extra):
+    import higgs_min.generate.cli as gen_cli
+
+    seen, real = [], gen_cli.build_messages
+    monkeypatch.setattr(gen_cli, "build_messages", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    caplog.clear()
+    assert generate_main(["--adapter", str(adapter), "--text", "hi", "--max-new-tokens", "2",
+                          "--codes-out", str(tmp_path / "g.npy"), *extra]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "prompt" in r.getMessage()]
+    return seen[-1], warned
+
+
+def test_generate_uses_the_prompt_the_run_trained_on(out, no_system, tmp_path, monkeypatch, caplog):
+    ckpt = no_system / (no_system / "latest").read_text().strip()
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["prompt"]["system"] is None and state["prompt"]["distinct"] == 1
+    messages, warned = _generate(monkeypatch, caplog, no_system / "latest", tmp_path)
+    assert [m["role"] for m in messages] == ["user"] and warned == []  # trained without a system turn: none
+    demo_system = json.loads((ROOT / "data" / "demo.jsonl").read_text().splitlines()[0])["messages"][0]["content"]
+    messages, warned = _generate(monkeypatch, caplog, out / "best", tmp_path)
+    assert messages[0] == {"role": "system", "content": demo_system} and warned == []  # the demo's system turn
+    messages, warned = _generate(monkeypatch, caplog, no_system / "latest", tmp_path, "--system", "Speak.")
+    assert messages[0] == {"role": "system", "content": "Speak."}
+    assert warned == ["prompt differs from training: system turn 'Speak.', the run trained on no system turn "
+                      "(drop --system/--scene to use the run's)"]

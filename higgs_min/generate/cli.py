@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-merge", action="store_true", help="keep LoRA layers instead of merging them into the weights")
     a("--tokenizer", type=Path, help="tokenizer.json (default: the run's, else BASE/tokenizer.json)")
     a("--text", required=True, help="the user's text (what to say)")
-    a("--system", help="system message (default: 'Generate audio following instruction.' + scene)")
+    a("--system", help="system message; \"\" for none (default: the one the run trained on, else "
+                       "'Generate audio following instruction.' + scene)")
     a("--scene", help="scene description for the default system message")
     a("--reference-codes", type=Path, help="voice cloning: reference codes (K, T) .npy/.safetensors")
     a("--reference-audio", type=Path, help="voice cloning: reference 16-bit wav, encoded with the chosen codec")
@@ -183,6 +184,8 @@ def write_atomic(path: Path, write) -> None:
 def run(args) -> dict:
     from tqdm import tqdm
 
+    from higgs_min.train import runs
+
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.adapter is None and args.base_weights is None:
@@ -200,6 +203,7 @@ def run(args) -> dict:
         raise UsageError("nothing to write: pass --out out.wav and/or --codes-out out.npy")
     adapter = find_adapter(args.adapter) if args.adapter is not None else None
     model, run_tokenizer = load_model(adapter, args.base_weights, device, dtype, merge=not args.no_merge)
+    args.trained_prompt = runs.read_prompt(adapter) if adapter is not None else None
     cfg = model.config
     tok = args.tokenizer or run_tokenizer
     if tok is None:
@@ -260,6 +264,18 @@ def run(args) -> dict:
     return summary
 
 
+def chosen_system(args, recorded: dict | None) -> str | None:
+    """--system wins ("" = no system turn); else --scene (the official default system message with it); else
+    the system turn the run trained on ("" when it had none); else None: the official default."""
+    if args.system is not None or args.scene or recorded is None:
+        return args.system
+    return recorded["system"] or ""
+
+
+def _turn(system: str | None) -> str:
+    return "no system turn" if system is None else f"system turn {system!r}"
+
+
 def generate_v2(args, model, tokenizer, ref, on_step) -> tuple[torch.Tensor, dict]:
     """The v2 chat prompt and sampler -> (codes (K, T), the summary's generation fields)."""
     cfg = model.config
@@ -267,7 +283,14 @@ def generate_v2(args, model, tokenizer, ref, on_step) -> tuple[torch.Tensor, dic
         raise UsageError("voice cloning needs --reference-text together with --reference-codes/--reference-audio")
     enc = ChatEncoder(tokenizer, cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size)
     ref_item = {"type": "audio", "codes": ref} if ref is not None else None
-    messages = build_messages(args.text, args.system, args.scene, args.reference_text, ref_item)
+    recorded = getattr(args, "trained_prompt", None)
+    messages = build_messages(args.text, chosen_system(args, recorded), args.scene, args.reference_text, ref_item)
+    used = messages[0]["content"] if messages[0]["role"] == "system" else None
+    if recorded is not None and used != recorded["system"]:
+        log.warning("prompt differs from training: %s, the run trained on %s (drop --system/--scene to use the run's)",
+                    _turn(used), _turn(recorded["system"]))
+    else:
+        log.info("prompt: %s%s", _turn(used), " (as the run trained)" if recorded is not None else "")
     prompt = make_prompt(enc, messages, force_audio=args.force_audio)
     g = generate(model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k or None, top_p=args.top_p, ras_win_len=args.ras_win_len,

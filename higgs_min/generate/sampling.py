@@ -46,12 +46,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from higgs_min.data import DataError, revert_delay_pattern
+from higgs_min.data import DEFAULT_SYSTEM, DataError, revert_delay_pattern
 from higgs_min.prepare.codes_file import load_codes
 from higgs_min.model import KVCache
-
-# examples/generation.py `prepare_generation_context` (single speaker).
-DEFAULT_SYSTEM = "Generate audio following instruction."
 
 
 class GenerationError(RuntimeError):
@@ -73,12 +70,14 @@ def build_messages(text: str, system: str | None = None, scene: str | None = Non
     Voice cloning (reference_text + reference_audio, an audio item {"type": "audio", "codes": ...}):
     a user turn with the reference transcript and an assistant turn whose content is the reference
     audio, before the target text. As the official, a reference without a scene gets no system message.
+    system "" means no system turn (what a run trained without one records).
     """
     if (reference_text is None) != (reference_audio is None):
         raise ValueError("voice cloning needs both the reference audio and its transcript (--reference-text)")
     messages = []
     if system is not None:
-        messages.append({"role": "system", "content": system})
+        if system:
+            messages.append({"role": "system", "content": system})
     elif reference_audio is None or scene:
         messages.append({"role": "system", "content": system_message(scene)})
     if reference_audio is not None:

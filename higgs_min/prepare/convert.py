@@ -7,8 +7,9 @@
 
 Every output line is {"messages": [{"role", "content"}]} with audio items {"type": "audio", "audio": PATH}
 (PATH relative to OUT's folder). Speech corpora (ljspeech, folder) become "say this" conversations: the user
-turn is the text (with --user-prefix), the assistant turn is the audio. The role mapping (--role FROM=TO) and
-the system prompt (--system) are options. A line or folder of unknown layout is an error naming the keys
+turn is the text (with --user-prefix), the assistant turn is the audio, after the system turn of the official
+TTS prompt ("Generate audio following instruction.", examples/generation.py; --system to change it, --system ""
+for none): the prompt generate uses by default. The role mapping (--role FROM=TO) is an option. A line or folder of unknown layout is an error naming the keys
 found and the layouts known.
 """
 
@@ -22,6 +23,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from higgs_min.data import DEFAULT_SYSTEM
 
 # Known layouts: name -> how to recognize one parsed line (JSON layouts) and what it looks like.
 LAYOUTS = {
@@ -80,6 +83,7 @@ def _audio(path: Path, out_dir: Path) -> dict:
 
 
 def _speech_conversation(text: str, wav: Path, out_dir: Path, system: str | None, prefix: str) -> dict:
+    system = DEFAULT_SYSTEM if system is None else system  # the official TTS prompt unless --system says
     msgs = [{"role": "system", "content": system}] if system else []
     msgs += [{"role": "user", "content": prefix + text}, {"role": "assistant", "content": [_audio(wav, out_dir)]}]
     return {"messages": msgs}
@@ -266,7 +270,9 @@ def main(argv) -> int:
     ap.add_argument("--from", dest="layout", required=True, choices=sorted(CONVERTERS), help="input layout")
     ap.add_argument("input", type=Path, help="folder (ljspeech, folder) or JSON/JSONL file (sharegpt, openai)")
     ap.add_argument("--out", type=Path, required=True, help="output JSONL (audio paths written relative to it)")
-    ap.add_argument("--system", help="system prompt put first in every conversation (default: none)")
+    ap.add_argument("--system", help="system prompt put first in every conversation; \"\" for none (default: "
+                                     "ljspeech/folder: the official TTS prompt 'Generate audio following "
+                                     "instruction.'; sharegpt/openai: none unless the record has one)")
     ap.add_argument("--role", action="append", default=[], metavar="FROM=TO",
                     help=f"role mapping, repeatable (defaults: {DEFAULT_ROLES}); TO in system, user, assistant")
     ap.add_argument("--user-prefix", default="", help="ljspeech/folder: text put before the transcript in the "

@@ -4,6 +4,7 @@
     open_eval(args, encoder, dataset) -> (train set, eval set or None)   --eval-data, or --eval-split of --data
     holdout(n, fraction, seed) -> (train indices, eval indices)          deterministic given n, fraction, seed
     write_heldout(OUT, eval set)                                         OUT/eval_split.txt: source:line per sample
+    prompt_format(dataset, encoder) -> {"system", ...}                   the system turn the data trains on
 """
 
 from __future__ import annotations
@@ -61,6 +62,30 @@ def holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     held = sorted(random.Random(f"higgs_min eval split {seed}").sample(range(n), k))
     keep = set(held)
     return [i for i in range(n) if i not in keep], held
+
+
+PROMPT_SAMPLES = 64  # conversations read to learn the prompt format (evenly spaced over the data)
+
+
+def prompt_format(dataset, encoder: ChatEncoder) -> dict:
+    """The prompt the run trains on, recorded in every checkpoint so that generate uses the same by default:
+    {"system": the system turn's text, or None when the conversations start with the user, "samples": read,
+    "distinct": how many different ones were seen}. The most common one wins; read back from each plan's
+    tokens (`<|begin_of_text|>` + the system header + text + `<|eot_id|>`, ChatEncoder.plan), so a packed
+    corpus answers as well as a JSONL file."""
+    head, eot = encoder.header("system"), encoder.ids["eot"]
+    n = len(dataset)
+    picks = sorted({round(i * (n - 1) / max(PROMPT_SAMPLES - 1, 1)) for i in range(min(n, PROMPT_SAMPLES))})
+    seen = {}
+    for i in picks:
+        tokens = [int(t) for t in dataset.plan(i).tokens]
+        system = None
+        if tokens[1:1 + len(head)] == head and eot in tokens[1 + len(head):]:
+            body = tokens[1 + len(head):]
+            system = encoder.decode(body[:body.index(eot)])
+        seen[system] = seen.get(system, 0) + 1
+    best = max(seen, key=seen.get) if seen else None
+    return {"system": best, "samples": len(picks), "distinct": len(seen)}
 
 
 HELDOUT = "eval_split.txt"

@@ -33,7 +33,7 @@ from higgs_min.loop import Scorer
 from higgs_min.loss import Diagnostics
 from higgs_min.model import HiggsAudioModel
 from higgs_min.train import runconfig
-from higgs_min.train.datasets import Subset, open_data, open_eval, write_heldout
+from higgs_min.train.datasets import Subset, open_data, open_eval, prompt_format, write_heldout
 from higgs_min.train.options import check_inputs, parse_args
 from higgs_min.train.runs import build_base
 
@@ -142,6 +142,9 @@ def build_run(args) -> loop.Run:
         torch.use_deterministic_algorithms(True)
 
     encoder, dataset = open_data(args, dist_info, model_config(args))  # all validated before the model is built
+    prompt = prompt_format(dataset, encoder)  # recorded in every checkpoint: generate's default prompt
+    log.info("prompt: %s (%d of %d conversations read, %d distinct)", f"system turn {prompt['system']!r}"
+             if prompt["system"] is not None else "no system turn", prompt["samples"], len(dataset), prompt["distinct"])
     dataset, eval_samples = open_eval(args, encoder, dataset)
     model, cfg, base_name = build_model(args, dist_info.device)
     cuda = dist_info.device.type == "cuda"
@@ -179,7 +182,7 @@ def build_run(args) -> loop.Run:
     diag = Diagnostics(cfg.vocab_size, cfg.audio_num_classes, encoder.decode)
     return loop.Run(args=args, dist=dist_info, model=model, scorer=scorer, optimizer=optimizer, stream=stream,
                     evaluator=evaluator, diag=diag, start_step=start_step, base_name=base_name, resolved=resolved,
-                    identity=record.identity, data_report=dataset.report)
+                    identity=record.identity, data_report=dataset.report, prompt=prompt)
 
 
 def train(args) -> dict:

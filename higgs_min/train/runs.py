@@ -96,6 +96,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return target
 
 
+def read_prompt(folder: Path) -> dict | None:
+    """The prompt format the run trained on (trainer_state.json "prompt": {"system": text or None, ...});
+    None for a bare adapter or a run recorded before prompts were."""
+    try:
+        prompt = json.loads((Path(folder) / "trainer_state.json").read_text()).get("prompt")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return prompt if isinstance(prompt, dict) and "system" in prompt else None
+
+
 def read_settings(folder: Path) -> dict:
     """The trainer's resolved options recorded in a checkpoint ({} when the folder is a bare adapter)."""
     state = folder / "trainer_state.json"
