@@ -278,8 +278,9 @@ def test_prepare_with_the_tokenizer_then_train_the_demo_a_few_steps(released, tm
             {"type": "text", "text": "the cat"}, {"type": "audio", "audio": f"a{i}.wav"}]}]})
     write_jsonl(tmp_path / "in.jsonl", rows * 2)
     out = tmp_path / "prep" / "o.jsonl"
-    with pytest.raises(SystemExit, match=r"in.jsonl:1: messages\[1\].content\[1\].audio: .*a0.wav is 1.0 s, "
-                                         r"longer than --max-seconds 0.9"):
+    from higgs_min.errors import RunError
+    with pytest.raises(RunError, match=r"(?s)4 bad clip\(s\) of 8 \(too long: 4\).*\n  .*in.jsonl:1: "
+                                       r"messages\[1\].content\[1\].audio: .*a0.wav is 1.0 s, longer than --max-seconds 0.9"):
         prepare(tmp_path / "in.jsonl", out, audio_tokenizer=root / "st", max_seconds=0.9)
     with pytest.raises(SystemExit, match="--dtype bfloat16 --device cpu: the audio tokenizer runs in float32 on CPU"):
         prepare(tmp_path / "in.jsonl", out, audio_tokenizer=root / "st", dtype="bfloat16")

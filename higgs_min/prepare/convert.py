@@ -95,19 +95,35 @@ def from_ljspeech(src: Path, out_dir: Path, opts) -> list[dict]:
     if not meta.is_file():
         raise ConvertError(f"{src}: no metadata.csv: not an LJSpeech folder ({LAYOUTS['ljspeech']}); found "
                            f"{sorted(p.name for p in src.iterdir())[:8] if src.is_dir() else 'no folder'}")
-    rows = []
+    rows, problems = [], []  # every bad line of the file, reported together
     for n, line in enumerate(meta.read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip():
             continue
         cols = line.split("|")
         if len(cols) < 2 or not cols[0]:
-            raise ConvertError(f"{meta}:{n}: expected id|text|normalized text, got {len(cols)} column(s)")
+            problems.append(f"{meta}:{n}: expected id|text|normalized text, got {len(cols)} column(s)")
+            continue
         text = cols[2] if len(cols) > 2 and cols[2].strip() and not opts.raw_text else cols[1]
         wav = src / "wavs" / f"{cols[0]}.wav"
         if not wav.is_file():
-            raise ConvertError(f"{meta}:{n}: {wav} does not exist")
-        rows.append(_speech_conversation(text.strip(), wav, out_dir, opts.system, opts.user_prefix))
+            problems.append(f"{meta}:{n}: {wav} does not exist")
+        elif not text.strip():
+            problems.append(f"{meta}:{n}: empty transcript for {wav.name} (nothing to say: fill in the text or "
+                            f"remove the line)")
+        else:
+            rows.append(_speech_conversation(text.strip(), wav, out_dir, opts.system, opts.user_prefix))
+    if problems and problems[0].startswith(f"{meta}:1: ") and len(problems) == 1 and rows:
+        raise ConvertError(f"{problems[0]}; line 1 looks like a header row ({line_of(meta, 1)!r}): LJSpeech's "
+                           f"metadata.csv has none; remove it")
+    if problems:
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ConvertError(problems[0] if len(problems) == 1 else
+                           f"{meta}: {len(problems)} bad line(s), nothing written:\n  " + "\n  ".join(problems[:20]) + more)
     return rows
+
+
+def line_of(path: Path, n: int) -> str:
+    return path.read_text(encoding="utf-8-sig").splitlines()[n - 1][:60]
 
 
 def from_folder(src: Path, out_dir: Path, opts) -> list[dict]:
@@ -121,8 +137,11 @@ def from_folder(src: Path, out_dir: Path, opts) -> list[dict]:
     if missing:
         raise ConvertError(f"{src}: {len(missing)} wav file(s) without a transcript beside them, e.g. "
                            f"{missing[0].with_suffix('.txt')} does not exist")
-    return [_speech_conversation(w.with_suffix(".txt").read_text(encoding="utf-8-sig").strip(), w, out_dir,
-                                 opts.system, opts.user_prefix) for w in wavs]
+    texts = {w: w.with_suffix(".txt").read_text(encoding="utf-8-sig").strip() for w in wavs}
+    empty = [w.with_suffix(".txt") for w in wavs if not texts[w]]
+    if empty:
+        raise ConvertError(f"{src}: {len(empty)} empty transcript(s) (nothing to say), e.g. {empty[0]}")
+    return [_speech_conversation(texts[w], w, out_dir, opts.system, opts.user_prefix) for w in wavs]
 
 
 def _records(src: Path):

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from higgs_min.checkpoint import sha256_file, write_file
-from higgs_min.errors import Parser, UsageError, guard
+from higgs_min.errors import Parser, RunError, UsageError, guard
+from higgs_min.prepare.audio_check import check_clip, transcript_of
 
 log = logging.getLogger("higgs_min.prepare")
 
@@ -91,13 +92,32 @@ class _Codec:
         return codec.decode(self.model, codes), self.model.sample_rate
 
 
-def wav_seconds(path: Path) -> float:
-    import wave
-    try:
-        with wave.open(str(path), "rb") as w:
-            return w.getnframes() / w.getframerate()
-    except (wave.Error, EOFError) as e:
-        raise SystemExit(f"{path}: not a readable WAV file: {e}")
+def check_all(data: Path, out: Path, found: list, max_seconds: float) -> list[float]:
+    """audio_check.check_clip on every clip -> their seconds. Any error: every bad clip of the file listed in
+    one error (and all of them in OUT.rejected.jsonl, OUT without its .jsonl), nothing encoded. Warnings: counted, listed, encoded."""
+    from higgs_min.prepare.sanitize import RejectReport, Rejection
+
+    errors, warnings, seconds = RejectReport(), RejectReport(), []
+    for n, where, wav, transcript in found:
+        clip = check_clip(wav, transcript, max_seconds)
+        seconds.append(clip.seconds)
+        for report, problems in ((errors, clip.errors), (warnings, clip.warnings)):
+            for reason, detail in problems:
+                report.add(Rejection(str(data), n, where, reason, detail))
+    if warnings.rows:
+        for r in warnings.rows[:20]:
+            log.warning("%s", r.message())
+        log.warning("%s: %d clip warning(s) (%s); encoded anyway", data, len(warnings), warnings.summary())
+    if errors.rows:
+        path = out.with_suffix(".rejected.jsonl")
+        errors.write(path)
+        if len(errors) == 1:
+            raise RunError(f"{errors.rows[0].message()} (nothing was encoded)")
+        first = "\n  ".join(r.message() for r in errors.rows[:20])
+        more = f"\n  ... and {len(errors.rows) - 20} more" if len(errors.rows) > 20 else ""
+        raise RunError(f"{data}: {len(errors)} bad clip(s) of {len(found)} ({errors.summary()}); nothing was encoded "
+                       f"(all of them in {path}):\n  {first}{more}")
+    return seconds
 
 
 def prepare(data: Path, out: Path, codec_weights=None, random_seed=None, audio_tokenizer=None,
@@ -113,6 +133,7 @@ def prepare(data: Path, out: Path, codec_weights=None, random_seed=None, audio_t
     lines = data.read_text(encoding="utf-8").splitlines()
     jobs = []  # (line index, message index, item index, wav path, seconds)
     convs = []
+    found = []  # (line, where, wav, transcript): every clip, checked below before any is encoded
     for n, line in enumerate(lines, 1):
         if not line.strip():
             convs.append(None)
@@ -122,23 +143,20 @@ def prepare(data: Path, out: Path, codec_weights=None, random_seed=None, audio_t
         except json.JSONDecodeError as e:
             raise SystemExit(f"{data}:{n}: malformed JSON: {e.msg} at column {e.colno}")
         convs.append(obj)
-        for m_i, msg in enumerate(obj.get("messages", [])):
+        messages = obj.get("messages", []) if isinstance(obj, dict) else []
+        for m_i, msg in enumerate(messages):
             content = msg.get("content") if isinstance(msg, dict) else None
             for i_i, item in enumerate(content if isinstance(content, list) else []):
                 if isinstance(item, dict) and item.get("type") == "audio" and "audio" in item:
-                    where = f"{data}:{n}: messages[{m_i}].content[{i_i}].audio"
+                    where = f"messages[{m_i}].content[{i_i}].audio"
                     if not isinstance(item["audio"], str):
-                        raise UsageError(f"{where}: expected a wav path "
+                        raise UsageError(f"{data}:{n}: {where}: expected a wav path "
                                          f"string, got {json.dumps(item['audio'])[:60]}; write "
                                          '{"type": "audio", "audio": "a.wav"}')
-                    wav = data.parent / item["audio"]
-                    if not wav.exists():
-                        raise SystemExit(f"{where}: {wav} does not exist")
-                    seconds = wav_seconds(wav)  # header only: refuse before any encoding, not by running out of memory
-                    if seconds > max_seconds:
-                        raise SystemExit(f"{where}: {wav} is {seconds:.1f} s, longer than --max-seconds "
-                                         f"{max_seconds:g}; split it or raise the limit")
-                    jobs.append((len(convs) - 1, m_i, i_i, wav, seconds))
+                    found.append((n, where, data.parent / item["audio"], transcript_of(messages, m_i)))
+                    jobs.append((len(convs) - 1, m_i, i_i, data.parent / item["audio"]))
+    seconds = check_all(data, out, found, max_seconds)
+    jobs = [(*job, s) for job, s in zip(jobs, seconds)]
     codes_dir = out.parent / "codes"
     codes_dir.mkdir(parents=True, exist_ok=True)
     counts = {"encoded": 0, "cached": 0}
