@@ -31,7 +31,12 @@ class RunError(RuntimeError):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse.ArgumentParser with short errors and a nearest-option suggestion."""
+    """argparse.ArgumentParser with short errors and a nearest-option suggestion. No abbreviations: a
+    mistyped `--max-step 10` is an error naming --max-steps, never silently taken for it."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         hint = f"`{self.prog} --help` lists every option"

@@ -300,7 +300,7 @@ def convert_main(argv) -> int:
     (the original layout's form), which loads without pickle and with the same identity."""
     import argparse
     from higgs_min.checkpoint import json_bytes, safetensors_chunks, write_file
-    ap = argparse.ArgumentParser(prog="python -m higgs_min.prepare convert-audio-tokenizer",
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m higgs_min.prepare convert-audio-tokenizer",
                                  description=convert_main.__doc__)
     ap.add_argument("src", type=Path, help="the tokenizer folder (any layout) or a Higgs Audio v3 model folder")
     ap.add_argument("out", type=Path, help="output folder (created; not SRC)")

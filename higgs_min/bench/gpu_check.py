@@ -120,7 +120,7 @@ def trainer(steps: int) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m higgs_min.bench.gpu_check", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m higgs_min.bench.gpu_check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--seq", type=int, default=4096, help="positions of the bench sample")
     ap.add_argument("--steps", type=int, default=3, help="trainer steps")
     ap.add_argument("--skip-trainer", action="store_true", help="bench only")

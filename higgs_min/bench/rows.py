@@ -274,7 +274,7 @@ def bench_corpus_rows(quick=False):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m higgs_min.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m higgs_min.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json", help="where to write the rows")
     ap.add_argument("--only", default="", help="comma-separated subset: audio_loss,text_memory,train_step,mfu,"
                                                "act_ckpt,peer,checkpoint,data,audio_tokenizer,generate,corpus")

@@ -284,7 +284,7 @@ def convert(layout: str, src: Path, out: Path, opts) -> int:
 
 
 def main(argv) -> int:
-    ap = argparse.ArgumentParser(prog="python -m higgs_min.prepare convert", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m higgs_min.prepare convert", description=__doc__.split("\n\n")[0],
                                  epilog="layouts: " + "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items()))
     ap.add_argument("--from", dest="layout", required=True, choices=sorted(CONVERTERS), help="input layout")
     ap.add_argument("input", type=Path, help="folder (ljspeech, folder) or JSON/JSONL file (sharegpt, openai)")
@@ -313,5 +313,6 @@ def main(argv) -> int:
         print(f"error: {opts.input}: {e}", file=sys.stderr)
         return 1
     print(f"{opts.out}: {n} conversations from {opts.input} ({opts.layout}); next: python -m higgs_min.prepare "
-          f"--data {opts.out} --out PREPARED.jsonl --codec-weights PATH")
+          f"--data {opts.out} --out PREPARED.jsonl --audio-tokenizer DIR (the released Higgs audio tokenizer; "
+          f"--codec-weights dac.pth only to train from scratch)")
     return 0

@@ -145,6 +145,10 @@ def read_manifest(folder: Path) -> dict:
     if not folder.is_dir():
         raise CorpusError(f"{folder}: not a folder (a packed corpus is a folder made by `prepare pack`)")
     if not path.exists():
+        from higgs_min.prepare.convert import file_hint  # an LJSpeech folder or a folder of wavs: convert it
+        hint = file_hint(folder, b"")
+        if hint:
+            raise CorpusError(f"{folder}: not a packed corpus (no {MANIFEST}){hint}")
         raise CorpusError(f"{folder}: no {MANIFEST}, so not a corpus (an unfinished pack?); "
                           f"pack it with: python -m higgs_min.prepare pack --data DATA.jsonl --tokenizer T --out {folder}")
     try:
@@ -319,7 +323,7 @@ def verify(folder: str | Path, check_sources: bool = True) -> dict:
 
 
 def verify_main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m higgs_min.prepare verify",
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m higgs_min.prepare verify",
                                  description="Check a packed corpus: every shard's sha256 against its manifest, "
                                              "and whether its sources changed since packing.")
     ap.add_argument("corpus", type=Path, help="the corpus folder")

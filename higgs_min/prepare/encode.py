@@ -161,7 +161,8 @@ def prepare(data: Path, out: Path, codec_weights=None, random_seed=None, audio_t
     codes_dir.mkdir(parents=True, exist_ok=True)
     counts = {"encoded": 0, "cached": 0}
     audio_s, compute_s = 0.0, 0.0
-    bar = tqdm(jobs, desc=f"encoding audio ({enc.identity})", unit="clip", disable=not jobs)
+    bar = tqdm(jobs, desc=f"encoding audio ({enc.identity})", unit="clip",
+               disable=None if jobs else True)  # None: no bar into a pipe or a log file
     for conv_i, m_i, i_i, wav, seconds in bar:
         key = hashlib.sha256(f"{enc.identity}:{sha256_file(wav)}".encode()).hexdigest()[:20]
         target = codes_dir / f"{key}.npy"

@@ -236,7 +236,7 @@ def _check(manifest, report: RejectReport, records, report_path, skip_bad, max_b
 
 
 def pack_main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m higgs_min.prepare pack", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m higgs_min.prepare pack", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--data", type=Path, nargs="+", required=True, help="JSONL files (codes prepared)")
     ap.add_argument("--tokenizer", type=Path, required=True, help="the tokenizer.json training will use")

@@ -185,7 +185,8 @@ def check_conversation(obj, where_file: Path):
                 elif "audio" in item:
                     raise Refused(f"{iw}.audio", "raw audio not encoded",
                                   f"raw audio must be encoded first: python -m higgs_min.prepare --data "
-                                  f"{where_file} --out OUT.jsonl --codec-weights PATH")
+                                  f"{where_file} --out OUT.jsonl --audio-tokenizer DIR (the released Higgs "
+                                  f"audio tokenizer; --codec-weights dac.pth only to train from scratch)")
                 else:
                     raise Refused(iw, "audio item without codes", "an audio item needs 'codes' (or 'audio', then prepare)")
                 audio.append((iw, item))

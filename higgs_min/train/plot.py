@@ -51,7 +51,7 @@ def plot(output_dir: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m higgs_min.train.plot", description="Write OUTPUT_DIR/loss.png.")
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m higgs_min.train.plot", description="Write OUTPUT_DIR/loss.png.")
     ap.add_argument("output_dir", type=Path, help="a training output folder holding metrics.jsonl")
     print(f"wrote {plot(ap.parse_args(argv).output_dir)}")
     return 0
