@@ -155,3 +155,18 @@ def test_generate_uses_the_prompt_the_run_trained_on(out, no_system, tmp_path, m
     assert messages[0] == {"role": "system", "content": "Speak."}
     assert warned == ["prompt differs from training: system turn 'Speak.', the run trained on no system turn "
                       "(drop --system/--scene to use the run's)"]
+
+
+def test_exported_folders_carry_the_prompt(no_system, tmp_path, monkeypatch, caplog):
+    ckpt = no_system / "latest"
+    assert export_main([str(ckpt), "--out", str(tmp_path / "merged")]) == 0
+    assert export_main(["--format", "transformers", str(ckpt), "--adapter-only", "--out", str(tmp_path / "hf")]) == 0
+    for folder in (tmp_path / "merged", tmp_path / "hf"):
+        assert json.loads((folder / "prompt.json").read_text())["system"] is None, folder
+    import higgs_min.generate.cli as gen_cli
+
+    seen, real = [], gen_cli.build_messages
+    monkeypatch.setattr(gen_cli, "build_messages", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    assert generate_main(["--base-weights", str(tmp_path / "merged"), "--text", "hi", "--max-new-tokens", "2",
+                          "--codes-out", str(tmp_path / "g.npy")]) == 0
+    assert [m["role"] for m in seen[-1]] == ["user"]  # the merged model is generated from as it was trained

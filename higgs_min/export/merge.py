@@ -47,7 +47,7 @@ from higgs_min.errors import Parser, guard
 from higgs_min.lora import PEFT_PREFIX, lora_scale, merge_lora, merged_weight, read_adapter
 from higgs_min.model import HiggsAudioModel
 from higgs_min.weights import load_pretrained, weight_files
-from higgs_min.train.runs import load_trained, read_settings, resolve_checkpoint
+from higgs_min.train.runs import PROMPT_FILE, load_trained, read_prompt, read_settings, resolve_checkpoint
 from higgs_min.v3.config import PRESETS as V3_PRESETS
 from higgs_min.v3.config import V3Config, is_v3_config
 
@@ -149,6 +149,14 @@ def _tokenizer_files(tmp: Path, tokenizer, vocab_size: int) -> None:
             shutil.copyfile(tokenizer.parent / name, tmp / name)
 
 
+def _prompt_file(tmp: Path, adapter_dir) -> None:
+    """prompt.json: the prompt the run trained on (runs.read_prompt), so that `generate --base-weights OUT`
+    uses it as it would with the adapter. Nothing when the adapter records none."""
+    prompt = read_prompt(Path(adapter_dir))
+    if prompt is not None:
+        (tmp / PROMPT_FILE).write_text(json.dumps(prompt, indent=2) + "\n")
+
+
 def _recorded_tokenizer(adapter_dir) -> Path | None:
     path = read_settings(Path(adapter_dir)).get("tokenizer")
     return Path(path) if path and Path(path).is_file() else None
@@ -190,6 +198,7 @@ def merge_into_weights(adapter_dir, base, out, tokenizer=None, trained: dict | N
         if tokenizer is not None:
             vocab = _config_class(config).from_pretrained_config(config).vocab_size if config.is_file() else math.inf
             _tokenizer_files(tmp, tokenizer, vocab)
+        _prompt_file(tmp, adapter_dir)
 
     out = _commit(out, fill)
     missing = [n for n in ("config.json", "tokenizer.json") if not (out / n).exists()]
@@ -235,6 +244,7 @@ def export_rebuilt(adapter_dir, out, tokenizer=None, trained: dict | None = None
         _write_index(tmp, {n: "model.safetensors" for n in state})
         (tmp / "config.json").write_text(json.dumps(_config_json(cfg), indent=2))
         _tokenizer_files(tmp, tokenizer, cfg.vocab_size)
+        _prompt_file(tmp, adapter_dir)
 
     return _commit(out, fill)
 
@@ -294,7 +304,9 @@ def export_transformers(source: str | Path, out: str | Path, base_weights: str |
                 plain = HiggsAudioModel(cfg)
             linears = [n for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear)]
             adapter_cfg, tensors = tf.adapter_to_transformers(adapter_cfg, tensors, linears, PEFT_PREFIX)
-            return tf.write_adapter_folder(out, adapter_cfg, tensors)
+            prompt = read_prompt(source)
+            extra = {PROMPT_FILE: json.dumps(prompt, indent=2) + "\n"} if prompt is not None else {}
+            return tf.write_adapter_folder(out, adapter_cfg, tensors, extra)
         if not base_only:
             merge_lora(model)  # W + scale·B@A in fp32, cast once to W's dtype
         tokenizer = tokenizer or trained.tokenizer

@@ -312,8 +312,10 @@ def adapter_to_transformers(adapter_cfg: dict, tensors: dict[str, torch.Tensor],
     return {**adapter_cfg, "target_modules": new_patterns}, out
 
 
-def write_adapter_folder(out: str | Path, adapter_cfg: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    """adapter_config.json + adapter_model.safetensors (PEFT's file names), all or nothing."""
+def write_adapter_folder(out: str | Path, adapter_cfg: dict, tensors: dict[str, torch.Tensor],
+                         extra: dict[str, str] | None = None) -> Path:
+    """adapter_config.json + adapter_model.safetensors (PEFT's file names) and `extra` text files (the
+    run's prompt.json), all or nothing."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -323,6 +325,8 @@ def write_adapter_folder(out: str | Path, adapter_cfg: dict, tensors: dict[str, 
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2) + "\n")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"),
                   metadata={"format": "pt"})
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
         _commit(tmp, out)
         committed = True
     finally:

@@ -203,7 +203,8 @@ def run(args) -> dict:
         raise UsageError("nothing to write: pass --out out.wav and/or --codes-out out.npy")
     adapter = find_adapter(args.adapter) if args.adapter is not None else None
     model, run_tokenizer = load_model(adapter, args.base_weights, device, dtype, merge=not args.no_merge)
-    args.trained_prompt = runs.read_prompt(adapter) if adapter is not None else None
+    # the prompt the run trained on: its checkpoint's record, or an exported folder's prompt.json
+    args.trained_prompt = runs.read_prompt(adapter if adapter is not None else args.base_weights)
     cfg = model.config
     tok = args.tokenizer or run_tokenizer
     if tok is None:

@@ -96,14 +96,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return target
 
 
+PROMPT_FILE = "prompt.json"  # an exported folder's copy of the run's prompt record (export/merge.py)
+
+
 def read_prompt(folder: Path) -> dict | None:
-    """The prompt format the run trained on (trainer_state.json "prompt": {"system": text or None, ...});
-    None for a bare adapter or a run recorded before prompts were."""
-    try:
-        prompt = json.loads((Path(folder) / "trainer_state.json").read_text()).get("prompt")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return prompt if isinstance(prompt, dict) and "system" in prompt else None
+    """The prompt format the run trained on: a checkpoint's trainer_state.json "prompt" ({"system": text or
+    None, ...}), else an exported folder's prompt.json; None for a bare adapter, a released base, or a run
+    recorded before prompts were."""
+    for name, key in (("trainer_state.json", "prompt"), (PROMPT_FILE, None)):
+        try:
+            raw = json.loads((Path(folder) / name).read_text())
+            prompt = raw.get(key) if key else raw
+        except (OSError, ValueError, AttributeError):
+            continue
+        return prompt if isinstance(prompt, dict) and "system" in prompt else None
+    return None
 
 
 def read_settings(folder: Path) -> dict:
