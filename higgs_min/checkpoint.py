@@ -42,6 +42,10 @@ from pathlib import Path
 
 import torch
 
+from higgs_min import atomic
+from higgs_min.atomic import (SAFETENSORS_DTYPES, fsync_dir, json_bytes, read_safetensors_header,  # noqa: F401
+                              safetensors_chunks, write_file)
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1
@@ -62,62 +66,6 @@ def sha256_file(path: Path) -> str:
         while n := f.readinto(buf):
             h.update(view[:n])  # hashlib releases the GIL on large buffers
     return h.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file(path: Path, chunks) -> str:
-    """Write byte chunks to `path`, flush and fsync; return the sha256 of what was meant to be written.
-
-    Hashing runs in a helper thread while the main thread writes the same chunk, so
-    the hash costs (almost) no extra time, and the re-read in verify() compares
-    the disk against an independent record of the intended bytes.
-    """
-    if isinstance(chunks, (bytes, bytearray, memoryview)):
-        chunks = [chunks]
-    h = hashlib.sha256()
-    with open(path, "wb") as f, ThreadPoolExecutor(1) as hasher:
-        for chunk in chunks:
-            pending = hasher.submit(h.update, chunk)
-            f.write(chunk)
-            pending.result()
-        f.flush()
-        os.fsync(f.fileno())
-    return h.hexdigest()
-
-
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                      torch.uint8: "U8", torch.bool: "BOOL"}
-
-
-def safetensors_chunks(tensors: dict):
-    """The safetensors format, streamed without a copy of the data:
-    u64 little-endian header length | JSON header (name -> dtype, shape, data_offsets),
-    space-padded to 8 bytes | each tensor's raw little-endian bytes, in header order."""
-    names, header, offset = sorted(tensors), {}, 0
-    for name in names:
-        t = tensors[name]
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    yield struct.pack("<Q", len(head)) + head
-    for name in names:
-        t = tensors[name].detach().cpu().contiguous()
-        if t.numel():
-            yield memoryview(t.view(-1).view(torch.uint8).numpy())
-
-
-def json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 def verify(folder: str | Path, hashes: bool = True) -> dict:
@@ -204,9 +152,8 @@ def tensors_from_safetensors(buf, source: str) -> dict[str, torch.Tensor]:
     """Parse safetensors bytes (the layout `safetensors_chunks` writes) into tensors that share `buf`."""
     by_code = {v: k for k, v in SAFETENSORS_DTYPES.items()}
     try:
-        (n,) = struct.unpack_from("<Q", buf, 0)
-        header = json.loads(bytes(buf[8:8 + n]))
-        base, out = 8 + n, {}
+        header, base = read_safetensors_header(buf)
+        out = {}
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
@@ -274,10 +221,7 @@ def save(output_dir: str | Path, step: int, files: dict) -> Path:
 
 
 def write_latest(output_dir: Path, name: str) -> None:
-    tmp = output_dir / f".latest.tmp-{secrets.token_hex(4)}"
-    write_file(tmp, (name + "\n").encode())
-    os.replace(tmp, output_dir / "latest")
-    fsync_dir(output_dir)
+    atomic.write_text(output_dir / "latest", name + "\n")
 
 
 def read_pointer(output_dir: str | Path, name: str = "latest") -> str | None:
@@ -299,17 +243,14 @@ def eval_loss_of(folder: Path) -> float | None:
 
 def update_best(output_dir: str | Path, name: str, loss: float) -> bool:
     """Point output_dir/best at `name` when its eval loss is lower than the current best's.
-    Same atomic update as `latest` (temp file + rename + fsync). Returns whether it moved."""
+    Same atomic update as `latest` (atomic.write_text). Returns whether it moved."""
     output_dir = Path(output_dir)
     current = read_pointer(output_dir, "best")
     if current and current != name and (output_dir / current).is_dir():
         previous = eval_loss_of(output_dir / current)
         if previous is not None and not loss < previous:
             return False
-    tmp = output_dir / f".best.tmp-{secrets.token_hex(4)}"
-    write_file(tmp, (name + "\n").encode())
-    os.replace(tmp, output_dir / "best")
-    fsync_dir(output_dir)
+    atomic.write_text(output_dir / "best", name + "\n")
     return True
 
 

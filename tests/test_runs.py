@@ -7,7 +7,8 @@ import torch
 from higgs_min.config import ModelConfig
 from higgs_min.lora import lora_layers
 from higgs_min.model import HiggsAudioModel
-from higgs_min.train.runs import RunError, load_trained
+from higgs_min.errors import RunError
+from higgs_min.train.runs import load_trained
 from tests.trainutil import adapter, run
 
 

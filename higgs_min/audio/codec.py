@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from higgs_min import atomic
+
 NUM_CODEBOOKS = 8
 
 # A small random DAC at the released audio tokenizer's framing (24 kHz, hop 960
@@ -65,8 +67,9 @@ def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
 
 
 def write_wav(path: str | Path, x: torch.Tensor, rate: int) -> None:
+    """Mono 16-bit PCM, written through the atomic writer (the wav appears whole or not at all)."""
     pcm = (x.clamp(-1, 1) * 32767).round().to(torch.int16).numpy()
-    with wave.open(str(path), "wb") as w:
+    with atomic.replacing(path, "wb") as f, wave.open(f, "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(rate)

@@ -41,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,7 +229,7 @@ def load_state(folder: str | Path) -> tuple[AudioTokenizerConfig, dict, files.Fo
 
 def weights_sha16(state: dict) -> str:
     """sha256 of the folded tensors in safetensors layout (same for .pth and converted files)."""
-    from higgs_min.checkpoint import safetensors_chunks
+    from higgs_min.atomic import safetensors_chunks
     h = hashlib.sha256()
     for chunk in safetensors_chunks(state):
         h.update(chunk)
@@ -299,7 +298,7 @@ def convert_main(argv) -> int:
     codec inside a v3 model folder) -> OUT/model.safetensors (official names, folded, strict) + config.json
     (the original layout's form), which loads without pickle and with the same identity."""
     import argparse
-    from higgs_min.checkpoint import json_bytes, safetensors_chunks, write_file
+    from higgs_min.atomic import json_bytes, replace_file, safetensors_chunks
     ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m higgs_min.prepare convert-audio-tokenizer",
                                  description=convert_main.__doc__)
     ap.add_argument("src", type=Path, help="the tokenizer folder (any layout) or a Higgs Audio v3 model folder")
@@ -316,9 +315,7 @@ def convert_main(argv) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     for name, data in (("model.safetensors", safetensors_chunks(state)), ("config.json", json_bytes(found.config))):
-        tmp = args.out / f".{name}.tmp-{os.getpid()}"
-        write_file(tmp, data)
-        os.replace(tmp, args.out / name)
+        replace_file(args.out / name, data)
     print(f"wrote {args.out}/model.safetensors ({len(state)} tensors from {found.source}, {found.layout} layout); "
           f"identity {NAME}:{weights_sha16(state)}")
     return 0

@@ -34,13 +34,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from higgs_min import atomic
 from higgs_min.export import transformers_format as tf
 from higgs_min.config import REFUSED_FIELDS, ModelConfig
 from higgs_min.errors import Parser, guard
@@ -111,18 +110,8 @@ def _commit(out: Path, fill) -> Path:
     if out.exists():
         raise FileExistsError(f"{out}: already exists; choose a new output folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    committed = False
-    try:
+    with atomic.staged_folder(out) as tmp:  # never a half-written folder: renamed in only when complete
         fill(tmp)
-        for p in tmp.iterdir():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.rename(tmp, out)
-        committed = True
-    finally:
-        if not committed:  # never leave a half-written folder behind
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -220,7 +209,8 @@ def export_rebuilt(adapter_dir, out, tokenizer=None, trained: dict | None = None
     """A run trained on a preset: rebuild its seeded base from the checkpoint's record, merge, write a base folder."""
     from safetensors.torch import save_file
 
-    from higgs_min.train.runs import RunError, build_base
+    from higgs_min.errors import RunError
+    from higgs_min.train.runs import build_base
 
     settings = read_settings(Path(adapter_dir))
     if not settings:

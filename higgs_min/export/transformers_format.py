@@ -53,13 +53,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from higgs_min import atomic
 from higgs_min.config import MODEL_TYPE, ROPE_KEYS
 from higgs_min.weights import NAME_MAP, to_transformers_name
 
@@ -210,23 +208,12 @@ def tokenizer_config() -> dict:
 
 # --------------------------------------------------------------------------- folders
 
-def _commit(tmp: Path, out: Path) -> None:
-    for p in tmp.iterdir():
-        with open(p, "rb") as fh:
-            os.fsync(fh.fileno())
-    os.rename(tmp, out)
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _new_tmp(out: Path) -> Path:
+def _staged(out: Path):
+    """The atomic writer's staged folder: `out` appears only complete (files 0644, folder 0755 under umask 022)."""
     if out.exists():
         raise FileExistsError(f"{out}: already exists; choose a new output folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    return atomic.staged_folder(out)
 
 
 def write_model_folder(out: str | Path, state: dict[str, torch.Tensor], config: dict, tokenizer_json: str | None,
@@ -249,9 +236,7 @@ def write_model_folder(out: str | Path, state: dict[str, torch.Tensor], config: 
         shards[-1].append(name)
         size += nbytes
     out = Path(out)
-    tmp = _new_tmp(out)
-    committed = False
-    try:
+    with _staged(out) as tmp:
         weight_map, total = {}, 0
         for i, group in enumerate(shards):
             file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -267,11 +252,6 @@ def write_model_folder(out: str | Path, state: dict[str, torch.Tensor], config: 
             (tmp / "tokenizer.json").write_text(tokenizer_json)
             (tmp / "tokenizer_config.json").write_text(
                 json.dumps(tokenizer_config(), indent=2) + "\n")
-        _commit(tmp, out)
-        committed = True
-    finally:
-        if not committed:  # never leave a half-written folder behind
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -319,17 +299,10 @@ def write_adapter_folder(out: str | Path, adapter_cfg: dict, tensors: dict[str, 
     from safetensors.torch import save_file
 
     out = Path(out)
-    tmp = _new_tmp(out)
-    committed = False
-    try:
+    with _staged(out) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2) + "\n")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"),
                   metadata={"format": "pt"})
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
-        _commit(tmp, out)
-        committed = True
-    finally:
-        if not committed:
-            shutil.rmtree(tmp, ignore_errors=True)
     return out

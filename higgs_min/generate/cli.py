@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from higgs_min import atomic
 from higgs_min.data import ChatEncoder, DataError
 from higgs_min.prepare.codes_file import load_codes
 from higgs_min.errors import Parser, UsageError, guard
@@ -170,17 +171,6 @@ class Decoder:
         return self.model.encode_file(path).numpy()
 
 
-def write_atomic(path: Path, write) -> None:
-    """write(tmp_path) then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def run(args) -> dict:
     from tqdm import tqdm
 
@@ -250,10 +240,9 @@ def run(args) -> dict:
                "frames_per_second": round(codes.shape[1] / wall, 2) if wall > 0 else None,
                "rtf": round(wall / seconds, 3) if seconds > 0 else None}
     if args.codes_out is not None:
-        def save_codes(p):
-            with open(p, "wb") as f:
-                np.save(f, codes)
-        write_atomic(args.codes_out, save_codes)
+        args.codes_out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic.replacing(args.codes_out, "wb") as f:
+            np.save(f, codes)
     if args.out is not None:
         if codes.shape[1] == 0:
             hint = "more --max-new-tokens" if v3 else "--force-audio or more --max-new-tokens"
@@ -261,7 +250,8 @@ def run(args) -> dict:
                                   f"{summary['stopped']}; text: {summary['text']!r}); try {hint}")
         from higgs_min.audio import codec
         wave = decoder.decode(codes).float().cpu()
-        write_atomic(args.out, lambda p: codec.write_wav(p, wave, decoder.rate))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        codec.write_wav(args.out, wave, decoder.rate)
     return summary
 
 

@@ -16,17 +16,16 @@ x.npy; never opened for reading), names over 255 bytes, paths over 4,095 bytes, 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import stat
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from higgs_min.atomic import HeaderError, read_safetensors_header
 from higgs_min.data import DataError
 
 MAX_PATH_BYTES, MAX_NAME_BYTES = 4095, 255  # PATH_MAX - 1 and NAME_MAX on Linux: longer cannot be opened
@@ -103,18 +102,13 @@ def read_codes_header(path: Path, field: str, K: int) -> CodesHeader:
                 raise Refused(field, "codes header invalid", f"cannot read {path}: bad .npy header ({e})") from None
             offset = f.tell()
         else:
-            if len(head) < 8:
-                raise Refused(field, "codes file truncated", f"cannot read {path}: shorter than a safetensors header")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, MAX_ST_HEADER):
-                raise Refused(field, "codes header invalid", f"cannot read {path}: safetensors header of {n} bytes "
-                                                             f"in a file of {size}")
-            try:  # ValueError covers bad UTF-8, bad JSON and integer literals past Python's digit limit
-                header = json.loads(f.read(n).decode("utf-8"))
-            except (ValueError, RecursionError) as e:
-                raise Refused(field, "codes header invalid", f"cannot read {path}: bad safetensors header "
-                                                             f"({type(e).__name__})") from None
-            shape, dtype, offset = _safetensors_entry(header, path, field, n)
+            f.seek(0)
+            try:
+                header, start = read_safetensors_header(f, size, MAX_ST_HEADER)
+            except HeaderError as e:
+                raise Refused(field, "codes file truncated" if e.truncated else "codes header invalid",
+                              f"cannot read {path}: {e}") from None
+            shape, dtype, offset = _safetensors_entry(header, path, field, start)
             fortran = False
     if dtype.kind not in "iu":
         raise Refused(field, "codes dtype", f"{path} has dtype {dtype}, expected integers")
@@ -129,9 +123,7 @@ def read_codes_header(path: Path, field: str, K: int) -> CodesHeader:
     return CodesHeader(path, dtype, tuple(shape), offset, fortran)
 
 
-def _safetensors_entry(header, path: Path, field: str, n: int):
-    if not isinstance(header, dict):
-        raise Refused(field, "codes header invalid", f"cannot read {path}: safetensors header is not an object")
+def _safetensors_entry(header: dict, path: Path, field: str, start: int):
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
     if len(tensors) != 1:
         raise Refused(field, "codes header invalid", f"{path} holds {len(tensors)} tensors, expected 1")
@@ -150,7 +142,7 @@ def _safetensors_entry(header, path: Path, field: str, n: int):
     if begin != 0 or end != math.prod(shape) * dtype.itemsize:
         raise Refused(field, "codes header invalid", f"cannot read {path}: data_offsets {[begin, end]} do not "
                                                      f"match shape {list(shape)} of {entry['dtype']}")
-    return shape, dtype, 8 + n
+    return shape, dtype, start
 
 
 def read_codes(h: CodesHeader, field: str, C: int) -> np.ndarray:

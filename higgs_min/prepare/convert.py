@@ -24,6 +24,7 @@ import os
 import sys
 from pathlib import Path
 
+from higgs_min import atomic
 from higgs_min.data import DEFAULT_SYSTEM
 
 # Known layouts: name -> how to recognize one parsed line (JSON layouts) and what it looks like.
@@ -223,9 +224,7 @@ def _write_audio(where: str, b64, fmt, out_dir: Path) -> Path:
     target = out_dir / "audio" / f"{hashlib.sha256(data).hexdigest()[:20]}.wav"
     if not target.exists():  # named by content: a second run writes nothing
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        atomic.replace_file(target, data)
     return target
 
 
@@ -270,16 +269,12 @@ CONVERTERS = {"ljspeech": from_ljspeech, "folder": from_folder, "sharegpt": from
 
 def convert(layout: str, src: Path, out: Path, opts) -> int:
     """Convert and write `out` atomically; returns the number of conversations."""
-    from higgs_min.checkpoint import write_file
-
     out_dir = out.resolve().parent
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = CONVERTERS[layout](src.resolve(), out_dir, opts)
     if not rows:
         raise ConvertError(f"{src}: no conversation found")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    write_file(tmp, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
-    os.replace(tmp, out)
+    atomic.write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return len(rows)
 
 

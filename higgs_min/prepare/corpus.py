@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from higgs_min.atomic import HeaderError, read_safetensors_header
 from higgs_min.checkpoint import sha256_file
 from higgs_min.data import DataError, LoadReport, Plan, ChatEncoder, materialize
 from higgs_min.prepare.sanitize import read_jsonl
@@ -81,20 +82,15 @@ def shard_bytes(arrays: dict[str, np.ndarray]) -> list:
 def read_header(path: Path, size: int) -> tuple[int, dict]:
     """(data start, header) of a shard, checked against the file size. Raises CorpusError naming the shard."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CorpusError(f"{path}: {size} bytes, too short for a shard header (truncated?)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > min(size - 8, 1 << 20):
-                raise CorpusError(f"{path}: header length {n} does not fit the file's {size} bytes (damaged?)")
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        header, start = read_safetensors_header(path, size, max_header=1 << 20)
+    except HeaderError as e:
+        raise CorpusError(f"{path}: {e} ({'truncated' if e.truncated else 'damaged'}?)") from e
+    except OSError as e:
         raise CorpusError(f"{path}: cannot read the shard header: {e}") from e
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end != size:
-        raise CorpusError(f"{path}: header describes {8 + n + end} bytes, the file has {size} (truncated or damaged)")
-    return 8 + n, header
+    if start + end != size:
+        raise CorpusError(f"{path}: header describes {start + end} bytes, the file has {size} (truncated or damaged)")
+    return start, header
 
 
 class Shard:

@@ -26,17 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from higgs_min.checkpoint import sha256_file, write_file
+from higgs_min import atomic
+from higgs_min.checkpoint import sha256_file
 from higgs_min.errors import Parser, RunError, UsageError, guard
 from higgs_min.prepare.audio_check import check_clip, transcript_of
 
 log = logging.getLogger("higgs_min.prepare")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write_file(tmp, data)
-    os.replace(tmp, path)
 
 
 class _Codec:
@@ -179,9 +174,8 @@ def prepare(data: Path, out: Path, codec_weights=None, random_seed=None, audio_t
                 codes = enc.encode(x, rate)  # (8, T) int16
             except ValueError as e:  # a clip shorter than one frame
                 raise SystemExit(f"{where}: {wav}: {e}")
-            tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}.npy")
-            np.save(tmp, codes)
-            os.replace(tmp, target)
+            with atomic.replacing(target, "wb") as f:
+                np.save(f, codes)
             counts["encoded"] += 1
             audio_s, compute_s = audio_s + seconds, compute_s + time.perf_counter() - t0
             bar.set_postfix_str(f"{audio_s / compute_s:.1f} audio-s/s")
@@ -192,7 +186,7 @@ def prepare(data: Path, out: Path, codec_weights=None, random_seed=None, audio_t
         item["source_audio"] = src
         item["codec"] = enc.identity  # provenance: which tokenizer's codes these are
     body = "".join((json.dumps(c, ensure_ascii=False) if c is not None else "") + "\n" for c in convs)
-    _write_atomic(out, body.encode("utf-8"))
+    atomic.write_text(out, body)
     counts["audio_items"] = len(jobs)
     counts["codec"] = enc.identity
     if compute_s:

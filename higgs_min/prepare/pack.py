@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from higgs_min.checkpoint import fsync_dir, json_bytes, sha256_file, write_file
+from higgs_min import atomic
+from higgs_min.checkpoint import sha256_file
 from higgs_min.prepare.corpus import FORMAT, MANIFEST, VERSION, CorpusError, shard_bytes
 from higgs_min.data import ChatEncoder, DataError
 from higgs_min.prepare.sanitize import RejectReport, Rejection, line_to_plan
@@ -88,9 +89,7 @@ def pack_shard(task: dict) -> dict:
     }
     name = SHARD_NAME.format(task["shard"])
     staging = Path(task["staging"])
-    tmp = staging / f".{name}.tmp"
-    digest = write_file(tmp, shard_bytes(arrays))
-    os.replace(tmp, staging / name)
+    digest = atomic.replace_file(staging / name, shard_bytes(arrays))
     return {"name": name, "samples": n, "bytes": (staging / name).stat().st_size, "sha256": digest,
             "source": task["source"], "lines": [task["line_start"], task["line_end"] - 1],
             "rejected": [asdict(r) for r in rejected], "skipped": dict(skipped), "codecs": dict(codecs),
@@ -134,9 +133,9 @@ def pack(sources: list[Path], tokenizer: Path, out: Path, num_codebooks: int = 8
             raise CorpusError(f"{s}: --data file does not exist")
     enc = ChatEncoder(tokenizer, num_codebooks, codebook_size, vocab_size=2**31 - 1)
     t0 = time.time()
-    staging.mkdir(parents=True)
-    published = False
-    try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # --overwrite (or an empty folder): the old folder is swapped out once the new one is complete
+    with atomic.staged_folder(out, replace=out.exists(), tmp=staging):
         tasks, source_records = [], []
         for i, src in enumerate(sources):
             ranges, n_lines = line_ranges(src, shard_lines)
@@ -160,22 +159,7 @@ def pack(sources: list[Path], tokenizer: Path, out: Path, num_codebooks: int = 8
                 report.add(Rejection(**r))
         report.write(report_path)
         _check(manifest, report, records, report_path, skip_bad, max_bad_fraction)
-        write_file(staging / MANIFEST, json_bytes(manifest))
-        fsync_dir(staging)
-        if out.exists():  # --overwrite (or an empty folder): swap, then remove the old one
-            old = out.parent / f".{out.name}.old"
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out, old)
-            os.replace(staging, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, out)
-        fsync_dir(out.parent)
-        published = True
-    finally:
-        if not published:  # any failure, Ctrl-C included: no staged folder left behind (the error propagates)
-            shutil.rmtree(staging, ignore_errors=True)
+        atomic.write_json(staging / MANIFEST, manifest)  # last: a folder with a manifest is complete
     c = manifest["counts"]
     log.info("packed %s: %d samples in %d shards (%.1f MB) from %d lines in %.1f s (%.0f samples/s); "
              "rejected %d, skipped %d", out, c["packed"], len(manifest["shards"]),

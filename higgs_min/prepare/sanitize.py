@@ -37,12 +37,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from higgs_min import atomic
 from higgs_min.prepare.codes_file import Refused, read_codes, read_codes_header
 from higgs_min.data import ROLES, SUPERVISED, ChatEncoder, DataError, LoadReport, Plan, Sample, materialize
 
@@ -319,14 +319,9 @@ class RejectReport:
 
     def write(self, path: Path) -> None:
         """All rows, one JSON object a line, written to a temporary name then renamed (never half-written)."""
-        from higgs_min.checkpoint import write_file
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        body = "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in self.rows).encode()
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        write_file(tmp, body)
-        os.replace(tmp, path)
+        atomic.write_text(path, "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in self.rows))
 
     def check_fraction(self, total: int, max_frac: float) -> str | None:
         """None when the bad share is within max_frac, else the sentence saying it is not."""

@@ -26,7 +26,7 @@ import logging
 import time
 from pathlib import Path
 
-from higgs_min import checkpoint, distributed
+from higgs_min import atomic, checkpoint, distributed
 from higgs_min.errors import UsageError
 from higgs_min.train.options import NOT_CONFIG, OPERATIONAL, RESUME_CLASS, SHAPE, TRAINED
 from higgs_min.train.runs import RunError, resolve_checkpoint
@@ -105,10 +105,8 @@ class Run:
         output_dir = Path(args.output_dir)
         self.settings = settings_of(args)
         if self.previous is None or self.previous.get("_source") != "run_config":
-            tmp = output_dir / f".{RUN_CONFIG}.tmp"
-            checkpoint.write_file(tmp, checkpoint.json_bytes({
-                "train": self.settings, "identity": self.identity, "model": model_config, "world_size": world_size}))
-            tmp.replace(output_dir / RUN_CONFIG)
+            atomic.write_json(output_dir / RUN_CONFIG, {
+                "train": self.settings, "identity": self.identity, "model": model_config, "world_size": world_size})
         if self.changes:
             with open(Path(output_dir) / CHANGES, "a") as f:
                 f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -26,14 +26,11 @@ from pathlib import Path
 
 import torch
 
+from higgs_min.errors import RunError  # a run folder that cannot be turned back into its model
 from higgs_min.config import ModelConfig
 from higgs_min.lora import load_adapter
 from higgs_min.model import HiggsAudioModel
 from higgs_min.weights import load_pretrained
-
-
-class RunError(ValueError):
-    """A run folder that cannot be turned back into its model, with what would work."""
 
 
 @dataclass
