@@ -351,15 +351,28 @@ class LoadReport:
         return f"loaded {self.loaded}, skipped {total} ({reasons})"
 
 
+def targets_of(text_labels: torch.Tensor, audio_labels: torch.Tensor, audio_out_mask: torch.Tensor):
+    """The scored targets of a batch, made once (collate calls this; the losses and eval only read them):
+
+        text_targets  (B, L)      next_token_targets(text_labels): what the logits at i are scored against
+        audio_targets (B, L, K)   next_token_targets(audio_labels), IGNORE_INDEX wherever position i is not an
+                                  audio-out position (the audio head reads only the assistant's audio rows)
+    """
+    audio = next_token_targets(audio_labels)
+    audio[~audio_out_mask] = IGNORE_INDEX
+    return next_token_targets(text_labels), audio
+
+
 def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sample. Returns (B, L) and (B, L, K) tensors."""
+    """Right-pad to the longest sample. Returns (B, L) and (B, L, K) tensors; the labels of the samples leave
+    as targets (targets_of): the next-token shift is applied here and nowhere else."""
     B, L, K = len(samples), max(len(s.input_ids) for s in samples), samples[0].audio_codes.shape[1]
     out = {
         "input_ids": torch.full((B, L), pad_id, dtype=torch.long),
         "attention_mask": torch.zeros(B, L, dtype=torch.long),
-        "text_labels": torch.full((B, L), IGNORE_INDEX, dtype=torch.long),
+        "text_targets": torch.full((B, L), IGNORE_INDEX, dtype=torch.long),  # labels until targets_of below
         "audio_codes": torch.zeros(B, L, K, dtype=torch.long),
-        "audio_labels": torch.full((B, L, K), IGNORE_INDEX, dtype=torch.long),
+        "audio_targets": torch.full((B, L, K), IGNORE_INDEX, dtype=torch.long),
         "audio_in_mask": torch.zeros(B, L, dtype=torch.bool),
         "audio_out_mask": torch.zeros(B, L, dtype=torch.bool),
         "sample_index": torch.tensor([s.index for s in samples]),
@@ -368,11 +381,13 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
         n = len(s.input_ids)
         out["input_ids"][b, :n] = s.input_ids
         out["attention_mask"][b, :n] = 1
-        out["text_labels"][b, :n] = s.text_labels
+        out["text_targets"][b, :n] = s.text_labels
         out["audio_codes"][b, :n] = s.audio_codes
-        out["audio_labels"][b, :n] = s.audio_labels
+        out["audio_targets"][b, :n] = s.audio_labels
         out["audio_in_mask"][b, :n] = s.audio_in_mask
         out["audio_out_mask"][b, :n] = s.audio_out_mask
+    out["text_targets"], out["audio_targets"] = targets_of(out["text_targets"], out["audio_targets"],
+                                                            out["audio_out_mask"])
     return out
 
 

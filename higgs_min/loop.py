@@ -73,8 +73,8 @@ class Scorer(nn.Module):
         # every trainable parameter in every step's graph (its gradient gains exactly 0), so DDP runs
         # with find_unused_parameters=False: no extra graph walk, no warning.
         hidden = hidden + 0.0 * sum(p.sum() for p in self.trainable).to(hidden.dtype)
-        text = text_scores(hidden, batch["text_labels"], self.model.audio_decoder_proj.text_lm_head, self.text_chunk)
-        audio = audio_scores(hidden, batch["audio_labels"], batch["audio_out_mask"], self.model.audio_logits)
+        text = text_scores(hidden, batch["text_targets"], self.model.audio_decoder_proj.text_lm_head, self.text_chunk)
+        audio = audio_scores(hidden, batch["audio_targets"], self.model.audio_logits)
         return text, audio
 
 
@@ -185,7 +185,7 @@ def train_step(run: Run, step: int, ddp, autocast) -> tuple[dict, object, object
     tokens = sum(int(b["attention_mask"].sum()) for b in cpu_batches) * dist.world_size
     micro = [{k: v.to(dist.device, non_blocking=True) for k, v in b.items()} for b in cpu_batches]
     counts = distributed.all_reduce_sum(sum(
-        target_counts(b["text_labels"], b["audio_labels"], b["audio_out_mask"]) for b in micro))
+        target_counts(b["text_targets"], b["audio_targets"]) for b in micro))
     sums = torch.zeros(1 + K, dtype=torch.float64, device=dist.device)  # text sum, audio sums
     # 3: forward/backward; gradients are all-reduced on the last micro-batch only
     for i, batch in enumerate(micro):

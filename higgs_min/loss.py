@@ -1,6 +1,7 @@
 """Losses: labelled-rows-only text cross-entropy and a vectorized multi-codebook one.
 
-Both streams follow `data.next_token_targets` (logits at i vs label at i+1).
+Both take the batch's targets, already shifted by `data.targets_of` (logits at i vs the label at i+1): the
+next-token rule is applied once, where the batch is built, and never here.
 
 Text: only the rows with a target go through `text_lm_head`: (N, H) -> (N, V),
 never (B, L, V). Above `chunk_rows` rows the head + cross-entropy run chunk by
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from higgs_min.data import IGNORE_INDEX, next_token_targets
+from higgs_min.data import IGNORE_INDEX
 
 
 def _text_chunk(head, h, t):
@@ -43,9 +44,9 @@ class TextScores:
     logits_shape: tuple  # (N, V): what was materialized
 
 
-def text_scores(hidden, text_labels, head, chunk_rows: int = 128) -> TextScores:
-    """hidden (B, L, H), text_labels (B, L), head: H -> V."""
-    targets = next_token_targets(text_labels)  # (B, L)
+def text_scores(hidden, text_targets, head, chunk_rows: int = 128) -> TextScores:
+    """hidden (B, L, H), text_targets (B, L) (data.targets_of), head: H -> V."""
+    targets = text_targets
     sel = targets != IGNORE_INDEX
     h, t = hidden[sel], targets[sel]  # (N, H), (N,)
     row = sel.nonzero()[:, 0]
@@ -115,28 +116,18 @@ class AudioScores:
     logits_shape: tuple  # (N, K, C + 2)
 
 
-def scored_audio(audio_labels, audio_out_mask):
-    """Which rows the audio head scores, and against what: (targets (B, L, K), rows (B, L)).
-
-    Audio-out positions whose next position carries at least one codebook target.
-    """
-    targets = next_token_targets(audio_labels)  # (B, L, K)
-    return targets, audio_out_mask & (targets != IGNORE_INDEX).any(-1)
-
-
-def target_counts(text_labels, audio_labels, audio_out_mask) -> torch.Tensor:
+def target_counts(text_targets, audio_targets) -> torch.Tensor:
     """(1 + K,) float64: the text targets, then the audio targets per codebook, that will be scored."""
-    text = (next_token_targets(text_labels) != IGNORE_INDEX).sum()
-    targets, rows = scored_audio(audio_labels, audio_out_mask)
-    audio = ((targets != IGNORE_INDEX) & rows[..., None]).sum((0, 1))  # (K,)
+    text = (text_targets != IGNORE_INDEX).sum()
+    audio = (audio_targets != IGNORE_INDEX).sum((0, 1))  # (K,)
     return torch.cat([text.view(1), audio]).double()
 
 
-def audio_scores(hidden, audio_labels, audio_out_mask, audio_logits_fn) -> AudioScores:
-    """hidden (B, L, H), audio_labels (B, L, K), audio_out_mask (B, L)."""
-    targets, sel = scored_audio(audio_labels, audio_out_mask)  # (B, L, K), (B, L)
+def audio_scores(hidden, audio_targets, audio_logits_fn) -> AudioScores:
+    """hidden (B, L, H), audio_targets (B, L, K) (data.targets_of: set only at audio-out positions)."""
+    sel = (audio_targets != IGNORE_INDEX).any(-1)  # (B, L): rows with at least one codebook target
     logits = audio_logits_fn(hidden[sel])  # (N, K, C + 2)
-    t = targets[sel]  # (N, K)
+    t = audio_targets[sel]  # (N, K)
     sums, counts, correct = multi_codebook_sums(logits, t)
     if t.numel() == 0:
         sums = sums + hidden.sum() * 0.0  # keep the graph connected for DDP

@@ -122,7 +122,15 @@ def test_collate_pads_and_masks(tmp_path, encoder):
     L0, L1 = len(samples[0].input_ids), len(samples[1].input_ids)
     assert L1 == L0 + 4 and b["input_ids"].shape == (2, L1) and b["audio_codes"].shape == (2, L1, K)
     assert b["attention_mask"][0].tolist() == [1] * L0 + [0] * 4
-    assert (b["text_labels"][0, L0:] == IGNORE_INDEX).all() and (b["audio_labels"][0, L0:] == IGNORE_INDEX).all()
+    assert (b["text_targets"][0, L0 - 1:] == IGNORE_INDEX).all() and (b["audio_targets"][0, L0 - 1:] == IGNORE_INDEX).all()
+    # the targets are the samples' labels shifted once (logits at i vs label at i + 1), audio only at audio-out rows
+    for i, s in enumerate(samples):
+        n = len(s.input_ids)
+        assert torch.equal(b["text_targets"][i, :n - 1], s.text_labels[1:])
+        want = s.audio_labels[1:].clone()
+        want[~s.audio_out_mask[:-1]] = IGNORE_INDEX
+        assert torch.equal(b["audio_targets"][i, :n - 1], want)
+        assert s.audio_out_mask.any() and (want != IGNORE_INDEX).any()
     assert (b["input_ids"][0, L0:] == encoder.ids["end_of_text"]).all()
     assert torch.equal(b["audio_codes"][1], samples[1].audio_codes)
     assert b["sample_index"].tolist() == [1, 2]

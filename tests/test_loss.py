@@ -6,10 +6,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from higgs_min.data import IGNORE_INDEX
 from types import SimpleNamespace
 
 from higgs_min import runlog
+from higgs_min.data import IGNORE_INDEX, next_token_targets, targets_of
 from higgs_min.loss import (Diagnostics, audio_scores, loss_row, multi_codebook_cross_entropy, reduce_codebooks,
                             text_scores, weighted_loss)
 
@@ -28,7 +28,7 @@ def test_text_loss_matches_full_logits_reference(chunk):
     head = nn.Linear(H, V, bias=False)
     hidden = torch.randn(B, L, H, generator=g, requires_grad=True)
     labels = _labels(B, L, V, g)
-    s = text_scores(hidden, labels, head, chunk_rows=chunk)
+    s = text_scores(hidden, next_token_targets(labels), head, chunk_rows=chunk)
     loss = s.loss_sum / s.count
     (grad,) = torch.autograd.grad(loss, hidden)
     # Reference: full (B, L, V) logits, shifted by hand.
@@ -90,12 +90,6 @@ def _oracle_head(V, scale=50.0):
     return head
 
 
-def _shift_right(labels):
-    out = torch.full_like(labels, IGNORE_INDEX)
-    out[:, 1:] = labels[:, :-1]
-    return out
-
-
 def test_oracle_next_token_rule_text():
     """Logits at i that put all mass on the label at i+1 score ~0; scored unshifted they sit far from 0."""
     g = torch.Generator().manual_seed(0)
@@ -104,10 +98,10 @@ def test_oracle_next_token_rule_text():
     nxt = torch.cat([labels[:, 1:], torch.zeros(B, 1, dtype=torch.long)], 1).clamp(min=0)
     hidden = F.one_hot(nxt, V).float()  # position i "predicts" the label at i + 1
     head = _oracle_head(V)
-    right = text_scores(hidden, labels, head)
+    right = text_scores(hidden, next_token_targets(labels), head)
     assert right.loss_sum / right.count < 1e-6
     # The bug: logits at i scored against the label at i (what an unshifted trainer does).
-    wrong = text_scores(hidden, _shift_right(labels), head)
+    wrong = text_scores(hidden, labels, head)  # targets = labels unshifted
     assert wrong.loss_sum / wrong.count > 10
 
 
@@ -121,10 +115,10 @@ def test_oracle_next_token_rule_audio():
     hidden = F.one_hot(nxt, C2).float().view(B, L, K * C2)  # (B, L, K*C2)
     head = _oracle_head(K * C2)
     fn = lambda h: head(h).view(-1, K, C2)  # noqa: E731
-    right = audio_scores(hidden, labels, out_mask, fn)
+    right = audio_scores(hidden, targets_of(labels[..., 0], labels, out_mask)[1], fn)
     loss, _ = reduce_codebooks(right.loss_sums, right.counts)
     assert loss < 1e-6 and (right.correct == right.counts).all()
-    wrong = audio_scores(hidden, torch.cat([torch.full((B, 1, K), IGNORE_INDEX), labels[:, :-1]], 1), out_mask, fn)
+    wrong = audio_scores(hidden, labels, fn)  # targets = labels unshifted
     loss, _ = reduce_codebooks(wrong.loss_sums, wrong.counts)
     assert loss > 10
 
@@ -141,8 +135,9 @@ def _scores(V=1024, C2=1026, K=8, n_text=50, n_audio=40, seed=0):
     audio_head = nn.Linear(H, K * C2, bias=False)
     nn.init.normal_(text_head.weight, std=1e-3)
     nn.init.normal_(audio_head.weight, std=1e-3)
-    t = text_scores(hidden, labels, text_head)
-    a = audio_scores(hidden, alabels, torch.ones(B, L, dtype=torch.bool), lambda h: audio_head(h).view(-1, K, C2))
+    tt, at = targets_of(labels, alabels, torch.ones(B, L, dtype=torch.bool))
+    t = text_scores(hidden, tt, text_head)
+    a = audio_scores(hidden, at, lambda h: audio_head(h).view(-1, K, C2))
     return t, a
 
 

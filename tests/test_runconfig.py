@@ -84,3 +84,77 @@ def test_epochs_sets_max_steps(tmp_path):
     assert "loaded 32" in log.split("resolved config")[0]  # the data-loading lines reach train.log too
     steps = [line for line in log.splitlines() if " higgs_min.train: step " in line]
     assert len(steps) == 2  # one line per log step (--log-every 1)
+
+
+# ----------------------------------------------------------------------------- the options table's resume classes
+
+def _actions():
+    from higgs_min.train.options import build_parser
+    return [a for a in build_parser()._actions if a.dest != "help"]
+
+
+def test_every_option_has_one_resume_class():
+    from higgs_min.train.options import OPERATIONAL, RESUME_CLASS, SHAPE, TRAINED
+    dests = [a.dest for a in _actions()]
+    assert sorted(dests) == sorted(RESUME_CLASS), "the parser and the table disagree"
+    assert set(RESUME_CLASS.values()) == {TRAINED, SHAPE, OPERATIONAL}
+    assert {k for k, v in RESUME_CLASS.items() if v == SHAPE} == {"preset", "lora_rank", "lora_targets"}
+
+
+def _other_value(action, tmp_path):
+    """A valid command-line value different from the option's default (None for a switch)."""
+    special = {"output_dir": None, "resume": None, "config": None, "backup_dir": str(tmp_path / "backup"),
+               "eval_data": str(DATA / "demo.jsonl"), "device": "cpu", "epochs": None, "max_steps": "3",
+               "audio_root": str(DATA), "eval_split": "0.25", "lora_targets": "q_proj,v_proj", "preset": "mid",
+               "tensorboard": None}
+    if action.dest in special:
+        return special[action.dest]
+    if action.nargs == 0:  # store_true
+        return ""
+    if action.choices:
+        return next(str(c) for c in action.choices if c != action.default)
+    if action.type is int:
+        return str((action.default or 0) + 1)
+    if action.type is float:
+        return str((action.default or 0.0) * 0.5 + 0.125)
+    raise AssertionError(f"no test value for --{action.dest}: add one to _other_value")
+
+
+def test_resume_continues_with_every_operational_option_changed(tmp_path, caplog, capsys):
+    from higgs_min.train.options import OPERATIONAL, RESUME_CLASS
+    out = tmp_path / "out"
+    assert run(out, "--max-steps", 2) == 0
+    argv, changed = [], []
+    for a in _actions():
+        if RESUME_CLASS[a.dest] != OPERATIONAL or a.dest in ("allow_changed_settings", "debug"):
+            continue
+        value = _other_value(a, tmp_path)
+        if value is None:
+            continue
+        argv += [a.option_strings[0]] + ([value] if value else [])
+        changed.append(a.dest)
+    assert {"data_workers", "no_verify_data", "log_every", "eval_every", "dist_timeout"} <= set(changed)
+    caplog.clear()
+    assert run(out, *argv) == 0, capsys.readouterr().err
+    logged = caplog.text.split("changed on resume (allowed): ")[1].splitlines()[0]
+    missing = [d for d in changed if f"{d}: " not in logged]
+    assert not missing, f"operational changes not logged: {missing}"
+    assert (out / "checkpoint-3").is_dir()
+
+
+def test_resume_refuses_each_trained_option_and_every_shape_option(tmp_path, capsys):
+    from higgs_min.train.options import RESUME_CLASS, SHAPE, TRAINED
+    out = tmp_path / "out"
+    assert run(out, "--max-steps", 2) == 0
+    capsys.readouterr()
+    for a in _actions():
+        cls = RESUME_CLASS[a.dest]
+        if cls not in (TRAINED, SHAPE) or a.dest in ("data", "tokenizer", "base_weights"):  # by content: above
+            continue
+        value = _other_value(a, tmp_path)
+        flag = [a.option_strings[0]] + ([value] if value else [])
+        extra = ["--allow-changed-settings"] if cls == SHAPE else []
+        assert run(out, "--max-steps", 2, *flag, *extra) == 2, a.dest
+        err = capsys.readouterr().err
+        assert f"{a.dest}: " in err, (a.dest, err)
+        assert ("trained with other shapes" in err) == (cls == SHAPE), (a.dest, err)

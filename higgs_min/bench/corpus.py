@@ -136,7 +136,7 @@ def step_consumption(dataset) -> float:
     scorer = Scorer(model, text_chunk=128)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     args = Namespace(text_weight=1.0, audio_weight=1.0, audio_reduction="codebook_mean")
-    counts = target_counts(batch["text_labels"], batch["audio_labels"], batch["audio_out_mask"])
+    counts = target_counts(batch["text_targets"], batch["audio_targets"])
 
     def step():
         text, audio = scorer(batch)

@@ -76,7 +76,7 @@ def bench_3b(seq: int, activation_checkpointing: bool, peak: float) -> str:
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     scorer = Scorer(model, text_chunk=1024)
     args = Namespace(text_weight=1.0, audio_weight=1.0, audio_reduction="codebook_mean")
-    counts = target_counts(batch["text_labels"], batch["audio_labels"], batch["audio_out_mask"])
+    counts = target_counts(batch["text_targets"], batch["audio_targets"])
     info = {}
 
     def step():

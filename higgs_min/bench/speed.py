@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from higgs_min.data import targets_of
+
 ROOT = Path(__file__).resolve().parents[2]
 MID = dict(vocab_size=128256, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
            num_attention_heads=16, num_key_value_heads=4, head_dim=64, audio_dual_ffn_layers=list(range(8)),
@@ -92,8 +94,9 @@ def audio_batch(cfg, B, L, audio_share=0.5, seed=0):
     pick = torch.rand(len(text_pos[0]), generator=g) < TEXT_TARGET_DENSITY / (1 - audio_share)
     text_labels[text_pos[0][pick], text_pos[1][pick]] = ids[text_pos[0][pick], text_pos[1][pick]]
     audio_labels = torch.where(audio[..., None], codes, torch.full_like(codes, -100))
-    return {"input_ids": ids, "attention_mask": torch.ones(B, L, dtype=torch.long), "text_labels": text_labels,
-            "audio_codes": codes, "audio_labels": audio_labels, "audio_in_mask": torch.zeros_like(audio),
+    text_targets, audio_targets = targets_of(text_labels, audio_labels, audio)
+    return {"input_ids": ids, "attention_mask": torch.ones(B, L, dtype=torch.long), "text_targets": text_targets,
+            "audio_codes": codes, "audio_targets": audio_targets, "audio_in_mask": torch.zeros_like(audio),
             "audio_out_mask": audio}
 
 
@@ -113,7 +116,7 @@ def our_step(cfg, batch, r=16, activation_checkpointing=False):
     scorer = Scorer(model, text_chunk=128)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     args = Namespace(text_weight=1.0, audio_weight=1.0, audio_reduction="codebook_mean")
-    counts = target_counts(batch["text_labels"], batch["audio_labels"], batch["audio_out_mask"])
+    counts = target_counts(batch["text_targets"], batch["audio_targets"])
     info = {}
 
     def step():
