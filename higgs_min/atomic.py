@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import secrets
@@ -231,7 +232,8 @@ def read_safetensors_header(source, size: int | None = None, max_header: int = M
     if isinstance(source, (str, Path)):
         with open(source, "rb") as f:
             return read_safetensors_header(f, os.fstat(f.fileno()).st_size if size is None else size, max_header)
-    if hasattr(source, "read"):
+    is_file = isinstance(source, io.IOBase)  # (an mmap has read() too, but is a buffer here)
+    if is_file:
         size = os.fstat(source.fileno()).st_size if size is None else size
         head = source.read(8)
     else:
@@ -241,7 +243,7 @@ def read_safetensors_header(source, size: int | None = None, max_header: int = M
     (n,) = struct.unpack("<Q", head)
     if n > min(max_header, size - 8):
         raise HeaderError(f"a safetensors header of {n} bytes in a file of {size}")
-    raw = source.read(n) if hasattr(source, "read") else bytes(source[8:8 + n])
+    raw = source.read(n) if is_file else bytes(source[8:8 + n])
     try:  # ValueError covers bad UTF-8, bad JSON and integer literals past Python's digit limit
         header = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as e:

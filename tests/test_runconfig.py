@@ -105,7 +105,7 @@ def _other_value(action, tmp_path):
     """A valid command-line value different from the option's default (None for a switch)."""
     special = {"output_dir": None, "resume": None, "config": None, "backup_dir": str(tmp_path / "backup"),
                "eval_data": str(DATA / "demo.jsonl"), "device": "cpu", "epochs": None, "max_steps": "3",
-               "audio_root": str(DATA), "eval_split": "0.25", "lora_targets": "q_proj,v_proj", "preset": "mid",
+               "audio_root": str(DATA), "eval_split": "0.25", "lora_targets": "q_proj,v_proj", "preset": "higgs-v2-3b",
                "tensorboard": None}
     if action.dest in special:
         return special[action.dest]
