@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from higgs_min import distributed
+from higgs_min import atomic, distributed
 from higgs_min.batches import lengths_of
 from higgs_min.config import ModelConfig
 from higgs_min.data import ChatEncoder, DataError
@@ -98,17 +98,8 @@ def write_heldout(output_dir: Path, held: "Subset", fraction: float, seed: int) 
     text = (f"# --eval-split {fraction:g} (seed {seed}): {len(lines)} of {len(held.dataset)} samples held out "
             f"for evaluation, as source:line\n" + "".join(f"{w}\n" for w in lines))
     path = Path(output_dir) / HELDOUT
-    _write_text(path, text)
+    atomic.write_text(path, text)
     return path
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Temp file + fsync + rename: never a half-written file. (To become atomic.write_text.)"""
-    from higgs_min import checkpoint
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    checkpoint.write_file(tmp, text.encode())
-    tmp.replace(path)
 
 
 class Subset:
