@@ -1,4 +1,4 @@
-"""Higgs Audio v3 weights on disk: read a released folder strictly, write one in the released layout.
+"""Higgs Audio v3 weights on disk: read a released folder strictly (export/merge.py writes one).
 
 A released folder (bosonai/higgs-audio-v3-tts-4b) holds config.json, tokenizer.json and safetensors (one
 model.safetensors, or shards listed by model.safetensors.index.json) whose names are the model's state-dict
@@ -12,8 +12,6 @@ mismatches are reported in one error naming the file (the index or the weights f
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -102,33 +100,10 @@ def build_v3(folder: str | Path, dtype: torch.dtype | None = None, device: str |
     return load_v3(model, folder, dtype).to(device)
 
 
-# ----------------------------------------------------------------------------- writing the released layout
-
-def released_state(model: HiggsV3Model) -> dict[str, torch.Tensor]:
-    """The LLM tensors under their released names: each tied matrix once (there are no head keys), contiguous."""
-    return {name: t.detach().contiguous() for name, t in model.state_dict().items()}
-
+# ----------------------------------------------------------------------------- the codec's tensors
 
 def codec_tensors(folder: str | Path) -> dict[str, Path]:
-    """Codec tensor name -> file in a released folder (to carry them into an exported one unchanged)."""
+    """Codec tensor name -> file in a released folder (names from the headers; no tensor read). Writing a folder
+    in the released layout is export/merge.py's (the base's shards rewritten, these tensors copied unchanged)."""
     name_to_file, _ = weight_files(folder)
     return {n: f for n, f in name_to_file.items() if is_codec(n)}
-
-
-def write_folder(out: Path, tensors: dict[str, torch.Tensor], config: dict, tokenizer: Path | None,
-                 codec_from: str | Path | None = None) -> None:
-    """Write a released-layout folder into `out` (an empty staging folder; the caller publishes it atomically):
-    config.json, model.safetensors (the LLM tensors, plus the codec's copied unchanged from `codec_from`),
-    tokenizer.json."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    tensors = dict(tensors)
-    if codec_from is not None:
-        for name, file in sorted(codec_tensors(codec_from).items()):
-            with safe_open(str(file), framework="pt") as f:
-                tensors[name] = f.get_tensor(name)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if tokenizer is not None:
-        shutil.copyfile(tokenizer, out / "tokenizer.json")
