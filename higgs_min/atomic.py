@@ -66,8 +66,8 @@ def temp_name(path: str | Path, tag: str = "tmp") -> Path:
 
 # ----------------------------------------------------------------------------- files
 
-def write_file(path: str | Path, chunks) -> str:
-    """Write byte chunks to `path`, flush and fsync; return the sha256 of what was meant to be written.
+def _write_hashed(f, chunks) -> str:
+    """Write byte chunks to the open file `f`; return the sha256 of what was meant to be written.
 
     Hashing runs in a helper thread while the main thread writes the same chunk (hashlib releases the GIL on
     large buffers), so the hash costs almost no extra time and records the intended bytes independently of
@@ -76,28 +76,27 @@ def write_file(path: str | Path, chunks) -> str:
     if isinstance(chunks, (bytes, bytearray, memoryview)):
         chunks = [chunks]
     h = hashlib.sha256()
-    with open(path, "wb") as f, ThreadPoolExecutor(1) as hasher:
+    with ThreadPoolExecutor(1) as hasher:
         for chunk in chunks:
             pending = hasher.submit(h.update, chunk)
             f.write(chunk)
             pending.result()
-        f.flush()
-        os.fsync(f.fileno())
     return h.hexdigest()
 
 
+def write_file(path: str | Path, chunks) -> str:
+    """Write byte chunks to `path` (a name nobody reads yet), flush and fsync; return their sha256."""
+    with open(path, "wb") as f:
+        digest = _write_hashed(f, chunks)
+        f.flush()
+        os.fsync(f.fileno())
+    return digest
+
+
 def replace_file(path: str | Path, chunks) -> str:
-    """Atomically (re)place `path` with the given bytes; returns their sha256."""
-    path = Path(path)
-    tmp = temp_name(path)
-    try:
-        digest = write_file(tmp, chunks)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    """Atomically (re)place `path` with the given bytes (see `replacing`); returns their sha256."""
+    with replacing(path, "wb") as f:
+        digest = _write_hashed(f, chunks)
     return digest
 
 
