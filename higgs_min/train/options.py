@@ -76,8 +76,9 @@ OPTIONS = (
     opt("--no-verify-data", OPERATIONAL, action="store_true", help="skip the sha256 check of a packed corpus's shards at start"),
     opt("--eval-data", OPERATIONAL, type=Path, help="held-out conversations (JSONL), scored at --eval-every and at the end"),
     opt("--eval-split", TRAINED, type=float, default=0.0,
-          help="without --eval-data: hold out this share of --data for evaluation (e.g. 0.1; 0: no eval)"),
-    opt("--eval-every", OPERATIONAL, type=int, default=0, help="evaluate every N steps (0: at every save) and at the end"),
+          help="without --eval-data: hold out this share of --data for evaluation (e.g. 0.1; 0: no eval); "
+               "the held-out lines are listed in OUTPUT_DIR/eval_split.txt"),
+    opt("--eval-every", OPERATIONAL, type=int, default=0, help="evaluate before the first step, every N steps (0: at every save) and at the end"),
     opt("--log-every", OPERATIONAL, type=int, default=25, help="log metrics every N steps"),
     opt("--log-samples", OPERATIONAL, type=int, default=3, help="log the label statistics of the first N samples"),
     opt("--device", OPERATIONAL, default="auto", choices=["auto", "cpu", "cuda"], help="where to train"),
