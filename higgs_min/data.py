@@ -216,6 +216,77 @@ def materialize(plan: Plan, num_codebooks: int, codebook_size: int, delay: bool 
                   torch.from_numpy(audio_out), shapes)
 
 
+# ----------------------------------------------------------------------------- the schema, checked once
+
+class SchemaError(DataError):
+    """A conversation that breaks the schema: the field (`messages[1].content[0].type`), a short reason
+    (counted in reject reports) and the detail."""
+
+    def __init__(self, field: str, reason: str, detail: str, where: str | None = None):
+        super().__init__(f"{where + ': ' if where else ''}{field}: {detail}")
+        self.field, self.reason, self.detail = field, reason, detail
+
+
+def _kind(v) -> str:
+    return {dict: "object", list: "list"}.get(type(v), type(v).__name__)
+
+
+def check_messages(messages, where: str | None = None, arrays: bool = False) -> tuple[list, list]:
+    """THE schema of a conversation's messages, for training lines, packed corpora and generation prompts
+    alike (prepare/sanitize.py:check_conversation adds the line-level checks and a layout hint; the prompt
+    path calls this through ChatEncoder.prompt). Returns (texts, audio items [(field, item)]).
+
+    A message: {"role": system|user|assistant, "content": a string, or a list of items}; an item:
+    {"type": "text", "text": str} or {"type": "audio", "codes": a path (or, with arrays=True, an array:
+    generation prompts), "codec"?: str}. {"audio": path} items must be encoded first (prepare).
+    """
+    if not isinstance(messages, list) or not messages:
+        raise SchemaError("messages", "empty conversation" if isinstance(messages, list) else "not a conversation",
+                          "the conversation is empty" if isinstance(messages, list)
+                          else f"expected a list of messages, got {_kind(messages)}", where)
+    texts, audio = [], []
+    for m_i, msg in enumerate(messages):
+        mw = f"messages[{m_i}]"
+        if not isinstance(msg, dict):
+            raise SchemaError(mw, "wrong type", f"expected an object, got {_kind(msg)}", where)
+        role = msg.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise SchemaError(f"{mw}.role", "unknown role", f"unknown role {role!r} (expected one of {ROLES})", where)
+        content = msg.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+            continue
+        if not isinstance(content, list):
+            raise SchemaError(f"{mw}.content", "wrong type", f"expected a string or a list, got {_kind(content)}",
+                              where)
+        for i_i, item in enumerate(content):
+            iw = f"{mw}.content[{i_i}]"
+            kind = item.get("type") if isinstance(item, dict) else None
+            if kind == "text":
+                if not isinstance(item.get("text"), str):
+                    raise SchemaError(f"{iw}.text", "wrong type", f"expected a string, got {_kind(item.get('text'))}",
+                                      where)
+                texts.append(item["text"])
+            elif kind == "audio":
+                if "codec" in item and not isinstance(item["codec"], str):
+                    raise SchemaError(f"{iw}.codec", "wrong type", "expected a string naming the audio tokenizer",
+                                      where)
+                if "codes" in item:
+                    if not isinstance(item["codes"], (str, Path)) and not arrays:
+                        raise SchemaError(f"{iw}.codes", "wrong type",
+                                          f"expected a path string, got {_kind(item['codes'])}", where)
+                elif "audio" in item:
+                    raise SchemaError(f"{iw}.audio", "raw audio not encoded", "raw audio must be encoded first", where)
+                else:
+                    raise SchemaError(iw, "audio item without codes",
+                                      "an audio item needs 'codes' (or 'audio', then prepare)", where)
+                audio.append((iw, item))
+            else:
+                raise SchemaError(f"{iw}.type", "unknown item type", f"expected 'text' or 'audio', got {kind!r}"
+                                  if isinstance(item, dict) else f"expected an object, got {_kind(item)}", where)
+    return texts, audio
+
+
 class ChatEncoder:
     """Turns one parsed conversation into a Plan (and a Sample). Special-token ids are looked up by name."""
 
@@ -260,8 +331,8 @@ class ChatEncoder:
         return self.tok.decode([int(i) for i in ids if 0 <= int(i) < size], skip_special_tokens=False)
 
     def plan(self, messages: list[dict], codes_of, where: str, index: int) -> Plan:
-        """The layout decision for one conversation. `codes_of(item, field_where)` returns (K, T) integer codes
-        for an audio item (already checked for range)."""
+        """The layout decision for one conversation, whose messages passed check_messages. `codes_of(item,
+        field_where)` returns (K, T) integer codes for an audio item (already checked for range)."""
         sp = self.ids
         tokens, flags, streams, segments, codecs = [], [], [], [], []
 
@@ -270,40 +341,25 @@ class ChatEncoder:
             flags.extend([SUPERVISED if supervised else 0] * len(ids))
 
         add([sp["begin_of_text"]], False)
-        for m_i, msg in enumerate(messages):
+        for m_i, msg in enumerate(messages):  # checked by check_messages (sanitize, prompt, encode)
             mw = f"{where}: messages[{m_i}]"
-            if not isinstance(msg, dict):
-                raise DataError(f"{mw}: expected an object, got {type(msg).__name__}")
-            role = msg.get("role")
-            if role not in ROLES:
-                raise DataError(f"{mw}.role: unknown role {role!r} (expected one of {ROLES})")
-            content = msg.get("content")
+            role, content = msg["role"], msg["content"]
             sup = role == "assistant"
             add(self.header(role), False)
             items = [{"type": "text", "text": content}] if isinstance(content, str) else content
-            if not isinstance(items, list):
-                raise DataError(f"{mw}.content: expected a string or a list, got {type(content).__name__}")
             for i_i, item in enumerate(items):
                 iw = f"{mw}.content[{i_i}]"
-                kind = item.get("type") if isinstance(item, dict) else None
-                if kind == "text":
-                    if not isinstance(item.get("text"), str):
-                        raise DataError(f"{iw}.text: expected a string")
+                if item["type"] == "text":
                     add(self.text(item["text"]), sup)
-                elif kind == "audio":
-                    codec = item.get("codec")
-                    if codec is not None and not isinstance(codec, str):
-                        raise DataError(f"{iw}.codec: expected a string naming the audio tokenizer")
+                else:  # audio
                     c = np.asarray(codes_of(item, iw))
-                    codecs.append(codec)
+                    codecs.append(item.get("codec"))
                     streams.append(c.T.astype(np.int16))
                     segments.append((c.shape[1], ROLES.index(role)))
                     add([sp["audio_out_bos" if sup else "audio_bos"]], sup)
                     tokens.append(sp["audio_out" if sup else "audio_in"])
                     flags.append(AUDIO)
                     add([sp["audio_eos"]], sup)
-                else:
-                    raise DataError(f"{iw}.type: expected 'text' or 'audio', got {kind!r}")
             # Official prepare_chatml_sample (dataset/chatml_dataset.py, eom_postfix): an assistant message
             # followed by another assistant message ends with <|eom_id|> (supervised like <|eot_id|>).
             nxt = messages[m_i + 1] if m_i + 1 < len(messages) else None
@@ -329,6 +385,7 @@ class ChatEncoder:
         """A generation prompt: the conversation so far, then the assistant header (and `<|audio_out_bos|>`
         when `force_audio`), as the official serve_engine `_prepare_inputs` appends it. Laid out exactly as
         training lays out the same turns; assistant audio (voice cloning) is audio-out, user/system audio audio-in."""
+        check_messages(messages, where, arrays=True)
         plan = self.plan(messages, codes_of, where, 0)
         tail = self.header("assistant") + ([self.ids["audio_out_bos"]] if force_audio else [])
         plan.tokens = np.concatenate([plan.tokens, np.asarray(tail, dtype=np.int32)])
@@ -336,7 +393,8 @@ class ChatEncoder:
         return materialize(plan, self.K, self.C, self.delay)
 
     def encode(self, messages: list[dict], codes_of, where: str, index: int) -> Sample:
-        """materialize(plan(...)): the one path from a conversation to a Sample."""
+        """check_messages, then materialize(plan(...)): the one path from a conversation to a Sample."""
+        check_messages(messages, where, arrays=True)
         return materialize(self.plan(messages, codes_of, where, index), self.K, self.C, self.delay)
 
 

@@ -44,7 +44,8 @@ from pathlib import Path
 
 from higgs_min import atomic
 from higgs_min.prepare.codes_file import Refused, read_codes, read_codes_header
-from higgs_min.data import ROLES, SUPERVISED, ChatEncoder, DataError, LoadReport, Plan, Sample, materialize
+from higgs_min.data import (SUPERVISED, ChatEncoder, DataError, LoadReport, Plan, Sample, SchemaError,
+                            check_messages, materialize)
 
 log = logging.getLogger(__name__)
 
@@ -143,58 +144,25 @@ def _expected(v) -> str:
 
 
 def check_conversation(obj, where_file: Path):
-    """The schema of a line, checked before any tokenizing or file reading.
-    Returns (messages, texts, audio items [(field, item)])."""
+    """A line's schema, checked before any tokenizing or file reading: an object with a 'messages' list, whose
+    messages pass data.check_messages (the one schema check; a layout hint is added where the line looks like
+    a layout `prepare convert` knows). Returns (messages, texts, audio items [(field, item)])."""
     if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
         keys = sorted(map(str, obj))[:8] if isinstance(obj, dict) else None
         hint = layout_hint(obj) if isinstance(obj, dict) else ""
         raise Refused("messages", "not a conversation", "expected an object with a 'messages' list"
                       + (f" (found keys {keys})" if keys is not None else f" (found {_expected(obj)})") + hint)
-    messages = obj["messages"]
-    if not messages:
-        raise Refused("messages", "empty conversation", "the conversation is empty")
-    texts, audio = [], []
-    for m_i, msg in enumerate(messages):
-        mw = f"messages[{m_i}]"
-        if not isinstance(msg, dict):
-            raise Refused(mw, "wrong type", f"expected an object, got {_expected(msg)}")
-        role = msg.get("role")
-        if not isinstance(role, str) or role not in ROLES:
-            raise Refused(f"{mw}.role", "unknown role", f"unknown role {role!r} (expected one of {ROLES})"
-                          + layout_hint(obj))
-        content = msg.get("content")
-        if isinstance(content, str):
-            texts.append(content)
-            continue
-        if not isinstance(content, list):
-            raise Refused(f"{mw}.content", "wrong type", f"expected a string or a list, got {_expected(content)}")
-        for i_i, item in enumerate(content):
-            iw = f"{mw}.content[{i_i}]"
-            kind = item.get("type") if isinstance(item, dict) else None
-            if kind == "text":
-                if not isinstance(item.get("text"), str):
-                    raise Refused(f"{iw}.text", "wrong type", f"expected a string, got {_expected(item.get('text'))}")
-                texts.append(item["text"])
-            elif kind == "audio":
-                if "codec" in item and not isinstance(item["codec"], str):
-                    raise Refused(f"{iw}.codec", "wrong type", "expected a string naming the audio tokenizer")
-                if "codes" in item:
-                    if not isinstance(item["codes"], str):
-                        raise Refused(f"{iw}.codes", "wrong type", f"expected a path string, got "
-                                                                   f"{_expected(item['codes'])}")
-                elif "audio" in item:
-                    raise Refused(f"{iw}.audio", "raw audio not encoded",
-                                  f"raw audio must be encoded first: python -m higgs_min.prepare --data "
-                                  f"{where_file} --out OUT.jsonl --audio-tokenizer DIR (the released Higgs "
-                                  f"audio tokenizer; --codec-weights dac.pth only to train from scratch)")
-                else:
-                    raise Refused(iw, "audio item without codes", "an audio item needs 'codes' (or 'audio', then prepare)")
-                audio.append((iw, item))
-            else:
-                raise Refused(f"{iw}.type", "unknown item type", (f"expected 'text' or 'audio', got {kind!r}"
-                              if isinstance(item, dict) else f"expected an object, got {_expected(item)}")
-                              + layout_hint(obj))
-    return messages, texts, audio
+    try:
+        texts, audio = check_messages(obj["messages"])
+    except SchemaError as e:
+        detail = e.detail
+        if e.reason in ("unknown role", "unknown item type"):
+            detail += layout_hint(obj)
+        elif e.reason == "raw audio not encoded":
+            detail += (f": python -m higgs_min.prepare --data {where_file} --out OUT.jsonl --audio-tokenizer DIR "
+                       f"(the released Higgs audio tokenizer; --codec-weights dac.pth only to train from scratch)")
+        raise Refused(e.field, e.reason, detail) from None
+    return obj["messages"], texts, audio
 
 
 def layout_hint(obj: dict) -> str:
