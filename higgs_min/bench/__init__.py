@@ -2,7 +2,7 @@
 
     python -m higgs_min.bench ...     (= higgs-min bench; __main__.py -> rows.main)
 
-The measured tables are in README "Benchmarks". What lies behind the figures there:
+The measured tables (moved here from the README) are at the end of this docstring. What lies behind them:
 
 - Memory figures come from fresh subprocesses: peak RSS above the set-up, the peak reset through
   /proc/self/clear_refs (or RssAnon from /proc/self/status, corpus.py).
@@ -40,4 +40,63 @@ The measured tables are in README "Benchmarks". What lies behind the figures the
   same 473 MB already in memory takes 0.67 s, the floor of any sha256 verification; load_file + copy is memory
   bandwidth. Meeting 1.2x warm would take a cheaper checksum (CRC32C/xxHash), which this project does not
   use. Cold, the hashing overlaps the reads (madvise(WILLNEED)) and the ratio is 1.07.
+
+# ---- measured tables
+
+One `make bench` (3 minutes), 2 cores (AMD EPYC), 24 GB, no GPU, torch 2.11.0, 2026-11-24; medians
+after warm-up, memory from fresh subprocesses:
+
+| benchmark | ours | alternative | ratio | target | met |
+|---|---|---|---|---|---|
+| audio loss fwd+bwd at [600, 8, 1026]: vectorized vs a per-codebook loop (max abs diff 0.0) | 8.26 ms | 29.7 ms | 3.6× faster | ≥ 3× | yes |
+| text loss extra peak memory, fwd+bwd, B=8 L=504 H=3072 V=128256, 233 targets: labelled rows vs `[B, L, V]` logits | 328 MiB | 7,894 MiB | 4.2% | ≤ 5% | yes |
+| LoRA step, `tiny` preset, demo batch (B=8, L=118): model FLOP/s ÷ fp32 matmul FLOP/s | 77 GFLOP/s | 177 GFLOP/s | 44% MFU, 4,546 tokens/s | ≥ 70% | no (per-op overhead at hidden 256) |
+| mid-size shapes, text only, vs transformers 5.23 + PEFT 0.21 LoRA (r=16, same targets, fp32) | 304 tokens/s | 126 tokens/s | 2.4× | ≥ 1.5× | yes |
+| extra peak memory of a training step, same | 1,458 MiB | 2,781 MiB | 0.52× | ≤ 0.7× | yes |
+| data: tokenize + collate (demo set) vs the tiny training step's consumption | 1,025 samples/s | 45.6 samples/s | 22× | loader never the bottleneck | yes |
+
+`python -m higgs_min.bench --only mfu,act_ckpt,checkpoint`, 2026-12-02, same machine **shared with six
+other engineers' jobs (1-minute load average shown per row)**; contestants alternate, the minimum of the
+repeats is kept, `os.sync()` before every save or load; the ratios are what the rows are for:
+
+| benchmark | ours | theirs | ratio | target | met |
+|---|---|---|---|---|---|
+| LoRA step, mid preset (H=1024, 8 layers, V=128256, B=2, L=512), half the positions audio, vs a plain PyTorch Llama stack of the same shape; MFU against the best of 3 fp32 matmuls; 1 thread, `--quick`, load 11.2 → 8.5 | 64.8% MFU (32.5 s) | 74.8% MFU (27.2 s) | 0.87 (time 0.84) | ≥ 0.85 | yes, narrowly |
+| checkpoint save, 39.5M LoRA params + AdamW moments (473 MB, 2 files), atomic vs `save_file` + fsyncs; load 5.9 → 6.3 | 0.82 s | 0.74 s | 1.10 | ≤ 1.1 | yes, at the line (0.77-0.88 in three earlier runs) |
+| checkpoint load with sha256 (one pass) vs plain `load_file`, page cache warm | 0.94 s | 0.34 s | 2.75 | ≤ 1.2 | no: sha256 alone of the bytes takes 0.67 s |
+| same, cold (`posix_fadvise(DONTNEED)` first: a resume after a restart) | 0.72 s | 0.67 s | 1.07 | ≤ 1.2 | yes |
+| activation checkpointing, mid preset B=2 L=512, half audio: bytes kept for backward, on vs off; load 6.2 → 8.0 | 85 MiB | 645 MiB | 0.13 | memory down | yes; time 38.7 s vs 27.0 s (1.43×) |
+| same at B=1 L=2048 | 161 MiB | 1,281 MiB | 0.13 | memory down | yes; time 98.3 s vs 60.2 s (1.63×) |
+
+Generation (`--only generate`, 2026-12-02, load 6-9, `OMP_NUM_THREADS=1`; mid preset: H=1024, 8
+layers, DualFFN, V=128256, 40-token prompt):
+
+| benchmark | KV-cached | alternative | ratio | target | met |
+|---|---|---|---|---|---|
+| one step at audio frame 50 vs re-running all 91 positions | 580 ms | 4,355 ms | 7.5× faster | | |
+| one step at audio frame 500 vs re-running all 541 positions | 579 ms | 14,520 ms | 25× faster | ≥ 10× | yes |
+| cached step at frame 500 vs at frame 50 | 579 ms | 580 ms | 1.00× | ≤ 1.5× | yes |
+| `generate`, forced audio, 150 steps, official sampling defaults | 2.45 frames/s | 25 frames/s (real time) | real-time factor 10.2 | | |
+
+Audio tokenizer (`--only audio_tokenizer --quick`, 2026-12-02, load 13-15; random weights, fp32, a fresh
+process per figure):
+
+| | Higgs tokenizer | DAC 24 kHz | ratio |
+|---|---|---|---|
+| encode, 10 s clip (compute s per audio s) | 5.41 | 7.21 | 0.75 |
+| decode, 10 s clip (compute s per audio s) | 2.12 | 9.90 | 0.21 |
+| encode extra peak memory, 60 s clip | 1,790 MiB | 1,758 MiB | 1.02 |
+
+Packed corpus (`--only corpus`, 12 minutes, 2026-12-02, load 6-10; ~420-position synthetic
+conversations; the 1M corpus is the 100k one's 7 shards tiled ten times; RssAnon from a fresh process):
+
+| | 10k | 100k | 1M (tiled) | target |
+|---|---|---|---|---|
+| `prepare pack`, 2 workers, codes given | | 1,100 samples/s (583 MB, 7 shards) | | ≥ 2,000 samples/s: **missed** under this load |
+| packed: open + first batch | 0.036 s | 0.031 s | 0.081 s | open ≤ 1 s at 1M |
+| packed: RssAnon added by opening | 0.4 B/sample | 5.1 B/sample | 6.7 B/sample (6.4 MiB; 14.2 MiB after the first batch) | ≤ 64 B/sample + O(batch) |
+| packed: whole-process RssAnon after the first batch | 271 MiB | | 285 MiB (1M/10k = 1.05) | ratio ≤ 1.5 |
+| JSONL path (every line planned and held): open + first batch | 7.1 s | 89.8 s | | |
+| JSONL path: RssAnon added | 6,924 B/sample | 6,828 B/sample | | |
+| old eager `load_jsonl` (every sample materialized up front) | 24.7 s | | | |
 """
