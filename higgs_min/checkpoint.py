@@ -5,7 +5,8 @@ A checkpoint is the folder `output_dir/checkpoint-{step}/` whose `manifest.json`
 exists under that name only after all of it was written, fsynced and re-read:
 
     .tmp-checkpoint-{step}-{random}/   write each file (sha256 of the very buffers written, hashed in a
-                                       second thread while the main thread writes), flush, fsync
+                                       second thread while the first writes; the files in parallel threads,
+                                       one per core), flush, fsync
                                        write manifest.json, fsync; fsync the folder
                                        check names and sizes against the manifest (no re-read: a read-back
                                        right after writing comes from the page cache and proves nothing
@@ -68,10 +69,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify(folder: str | Path, hashes: bool = True) -> dict:
+def verify(folder: str | Path, hashes: bool = True, keep: bool = False) -> dict:
     """Check a checkpoint folder against its manifest. Returns the manifest; raises CheckpointError.
 
     hashes=False checks everything but the sha256 of each file (manifest form, step, names, sizes, no extra file).
+    keep=True: the verified read is kept for the next `read_verified` of this folder (a resume chooses its
+    checkpoint, then loads it: the chosen one is hashed once, not twice).
     """
     folder = Path(folder)
     mpath = folder / MANIFEST
@@ -105,11 +108,11 @@ def verify(folder: str | Path, hashes: bool = True) -> dict:
     if extra:
         raise CheckpointError(f"{folder}: files not in the manifest: {extra}")
     if hashes:
-        with ThreadPoolExecutor(min(4, len(files))) as pool:  # one file per thread: sha256 releases the GIL
-            digests = dict(zip(files, pool.map(lambda n: sha256_file(folder / n), files)))
-        for name, meta in files.items():
-            if digests[name] != meta["sha256"]:
-                raise CheckpointError(f"{folder}: {name} does not match its sha256 in the manifest")
+        stamp = _stamp(folder)
+        data = _read_all(folder, files)
+        _kept.clear()
+        if keep:
+            _kept[folder.resolve()] = (stamp, data)
     return manifest
 
 
@@ -131,21 +134,41 @@ def _read_hashed(path: Path, nbytes: int):
     return mm, h.hexdigest()
 
 
+def _read_all(folder: Path, files: dict) -> dict:
+    """name -> buffer of every file, each hashed in its own thread (largest first) and checked against the
+    manifest's `files`; raises CheckpointError naming the first file that does not match."""
+    order = sorted(files, key=lambda n: -files[n]["bytes"])
+    with ThreadPoolExecutor(min(4, len(files))) as pool:
+        read = dict(zip(order, pool.map(lambda n: _read_hashed(folder / n, files[n]["bytes"]), order)))
+    for name in files:
+        if read[name][1] != files[name]["sha256"]:
+            raise CheckpointError(f"{folder}: {name} does not match its sha256 in the manifest")
+    return {name: read[name][0] for name in files}
+
+
+# A verified read kept by verify(keep=True), at most one, for the read_verified that follows it. It stands for
+# the folder only while every file in it is the same file (inode, size, mtime) as when it was hashed.
+_kept: dict = {}
+
+
+def _stamp(folder: Path) -> tuple:
+    return tuple((p.name, st.st_ino, st.st_size, st.st_mtime_ns)
+                 for p in sorted(folder.iterdir()) for st in (p.stat(),))
+
+
 def read_verified(folder: str | Path) -> dict:
     """Every file of a checkpoint, read once and checked against the manifest: name -> buffer (a private
     memory map; bytes(buffer) for the JSON files).
 
     Nothing is returned unless all files match, so a caller restores state only from a whole, verified
-    checkpoint. Raises CheckpointError.
+    checkpoint: the buffers are the very pages that were hashed, whether hashed here or by the verify(keep=True)
+    that chose this folder (then nothing is hashed again, unless a file changed since). Raises CheckpointError.
     """
     folder = Path(folder)
-    files = verify(folder, hashes=False)["files"]
-    with ThreadPoolExecutor(min(4, len(files))) as pool:
-        read = dict(zip(files, pool.map(lambda n: _read_hashed(folder / n, files[n]["bytes"]), files)))
-    for name, (_, digest) in read.items():
-        if digest != files[name]["sha256"]:
-            raise CheckpointError(f"{folder}: {name} does not match its sha256 in the manifest")
-    return {name: buf for name, (buf, _) in read.items()}
+    kept = _kept.pop(folder.resolve(), None)
+    if kept is not None and folder.is_dir() and kept[0] == _stamp(folder):
+        return kept[1]
+    return _read_all(folder, verify(folder, hashes=False)["files"])
 
 
 def tensors_from_safetensors(buf, source: str) -> dict[str, torch.Tensor]:
@@ -173,6 +196,30 @@ def tensors_from_safetensors(buf, source: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def _nbytes(content) -> int:
+    if isinstance(content, dict):
+        return sum(t.numel() * t.element_size() for t in content.values())
+    return len(content)
+
+
+def _write_parallel(folder: Path, files: dict) -> dict:
+    """Write every file into `folder`; returns the manifest's {name: {"sha256", "bytes"}}.
+
+    One sha256 per file cannot be split across cores, but files can: each file is written (and hashed while
+    written, in write_file) in its own thread, largest first. File writes and sha256 both release the GIL,
+    so the adapter and the optimizer state are written and hashed at the same time, each on its own core.
+    """
+    def write_one(name):
+        content = files[name]
+        digest = write_file(folder / name, safetensors_chunks(content) if isinstance(content, dict) else content)
+        return {"sha256": digest, "bytes": (folder / name).stat().st_size}
+
+    order = sorted(files, key=lambda n: -_nbytes(files[n]))
+    with ThreadPoolExecutor(min(4, len(order))) as pool:  # leaving the block waits for every write
+        written = dict(zip(order, pool.map(write_one, order)))
+    return {name: written[name] for name in files}
+
+
 def save(output_dir: str | Path, step: int, files: dict) -> Path:
     """Atomically write `files` as output_dir/checkpoint-{step}. Returns its path.
 
@@ -186,11 +233,7 @@ def save(output_dir: str | Path, step: int, files: dict) -> Path:
     tmp = output_dir / f"{TMP_PREFIX}{step}-{secrets.token_hex(4)}"
     try:
         tmp.mkdir()
-        manifest = {"format": FORMAT, "step": step, "files": {}}
-        for name, content in files.items():
-            chunks = safetensors_chunks(content) if isinstance(content, dict) else content
-            digest = write_file(tmp / name, chunks)
-            manifest["files"][name] = {"sha256": digest, "bytes": (tmp / name).stat().st_size}
+        manifest = {"format": FORMAT, "step": step, "files": _write_parallel(tmp, files)}
         write_file(tmp / MANIFEST, json_bytes(manifest))
         fsync_dir(tmp)
         verify(tmp, hashes=False)  # names, sizes and the manifest's canonical form; see the module docstring
@@ -276,12 +319,13 @@ def scan(output_dir: str | Path) -> list[dict]:
     return out
 
 
-def latest_valid(output_dir: str | Path) -> Path | None:
+def latest_valid(output_dir: str | Path, keep: bool = False) -> Path | None:
     """The newest checkpoint whose manifest verifies; broken ones are reported, never deleted.
-    Verifies newest first and stops at the first good one: a run with 300 checkpoints hashes one at resume."""
+    Verifies newest first and stops at the first good one: a run with 300 checkpoints hashes one at resume.
+    keep: as in `verify` (the resume that loads it next hashes nothing again)."""
     for _, p in _checkpoint_folders(Path(output_dir)):
         try:
-            verify(p)
+            verify(p, keep=keep)
             return p
         except CheckpointError as e:
             log.warning("passing over %s: %s", p, e)

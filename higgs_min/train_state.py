@@ -86,10 +86,10 @@ def training_files(model, optimizer, adapter_cfg: dict, trainer_state: dict) -> 
 def load_training_state(folder: str | Path, model, optimizer) -> dict:
     """Verify `folder`, restore adapter weights and optimizer state; return trainer_state.
 
-    One pass here: each file is read once, hashed while it is read, and restored from those bytes
-    (`read_verified`). A resume hashes the chosen checkpoint twice on rank 0: once when choosing it
-    (checkpoint.latest_valid, or the check of --resume PATH), then here; the second read usually comes
-    from the page cache.
+    One pass: each file is read once, hashed while it is read, and restored from those bytes
+    (`read_verified`). A resume hashes the chosen checkpoint once on rank 0: choosing it
+    (checkpoint.latest_valid, or the check of --resume PATH) keeps the verified read, and this load
+    takes it (a file changed since is hashed again); the other ranks hash it here.
     """
     folder = Path(folder)
     data = read_verified(folder)

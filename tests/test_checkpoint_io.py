@@ -1,5 +1,7 @@
 """One-pass verified checkpoint reads (issue #18): what read_verified / tensors_from_safetensors return equals
 safetensors' own load_file; damage is refused before anything is restored; resume takes the previous checkpoint."""
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -67,3 +69,55 @@ def test_damage_is_refused_before_restore_and_the_previous_one_restores(tmp_path
     assert checkpoint.latest_valid(tmp_path) == tmp_path / "checkpoint-1"
     assert train_state.load_training_state(tmp_path / "checkpoint-1", m2, o2) == {"step": 1}
     assert all(torch.equal(p, at_1[n]) for n, p in m2.named_parameters() if p.requires_grad)
+
+
+def _count_hashes(monkeypatch) -> dict:
+    """name -> how many times checkpoint hashed that file."""
+    counts, real = {}, checkpoint._read_hashed
+
+    def counting(path, nbytes):
+        counts[path.name] = counts.get(path.name, 0) + 1
+        return real(path, nbytes)
+
+    monkeypatch.setattr(checkpoint, "_read_hashed", counting)
+    return counts
+
+
+def test_resume_hashes_the_chosen_checkpoint_once(tmp_path, monkeypatch):
+    """The resume path (#27): rank 0 chooses with --resume auto, then loads; every file is hashed once, and a file
+    changed between the two is hashed again and refused."""
+    from tests.trainutil import run
+
+    out = tmp_path / "out"
+    assert run(out, "--max-steps", 2) == 0
+    counts = _count_hashes(monkeypatch)
+    assert run(out, "--max-steps", 3) == 0  # resumes from checkpoint-2 (--resume auto)
+    names = sorted(p.name for p in (out / "checkpoint-2").iterdir() if p.name != checkpoint.MANIFEST)
+    assert sorted(n for n in counts if (out / "checkpoint-2" / n).exists()) == names
+    assert all(counts[n] == 1 for n in names), counts
+    # a kept read stands only for the same files: flip a byte after choosing, the load hashes again and refuses
+    folder = checkpoint.latest_valid(out, keep=True)
+    target = folder / "optimizer.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-5] ^= 0x10
+    target.write_bytes(bytes(data))
+    st = target.stat()
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later write (the clock ticks coarsely)
+    with pytest.raises(CheckpointError, match="optimizer.safetensors does not match its sha256"):
+        checkpoint.read_verified(folder)
+
+
+def test_parallel_save_manifest_equals_the_files(tmp_path):
+    """Files written in parallel threads (#27): each manifest entry is the sha256 and size of the file on disk."""
+    import hashlib
+    import json
+
+    files = {f"t{i}.safetensors": {f"w{j}": torch.randn(64, 33 + i) for j in range(40)} for i in range(3)}
+    files["meta.json"] = b'{"k": 2}\n'
+    path = checkpoint.save(tmp_path, 1, files)
+    manifest = json.loads((path / checkpoint.MANIFEST).read_bytes())
+    for name in files:
+        raw = (path / name).read_bytes()
+        assert manifest["files"][name] == {"sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)}
+    got = checkpoint.tensors_from_safetensors(checkpoint.read_verified(path)["t2.safetensors"], "t2")
+    assert all(torch.equal(got[k], files["t2.safetensors"][k]) for k in files["t2.safetensors"])

@@ -115,12 +115,12 @@ class Run:
 
 def _resume_folder(args) -> Path | None:
     if args.resume == "auto":
-        return checkpoint.latest_valid(args.output_dir)
+        return checkpoint.latest_valid(args.output_dir, keep=True)  # kept: the load hashes nothing again
     if args.resume == "none":
         return None
     try:
         folder = resolve_checkpoint(args.resume)
-        checkpoint.verify(folder)
+        checkpoint.verify(folder, keep=True)
     except (checkpoint.CheckpointError, RunError) as e:
         raise UsageError(f"--resume {args.resume}: {e}") from e
     return folder
