@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from higgs_min import lora
 from higgs_min.export.merge import merge_into_weights
 from higgs_min.lora import (LoRALinear, adapter_config, adapter_state_dict, apply_lora, load_adapter,
                             lora_layers, merge_lora, unmerge_lora)
@@ -159,3 +160,38 @@ def test_export_merged_weights_load_and_match(micro_model, tmp_path):
     torch.testing.assert_close(merged(*batch), micro_model(*batch), rtol=1e-5, atol=1e-5)
     with pytest.raises(FileExistsError):
         merge_into_weights(tmp_path / "ad", tmp_path / "base", tmp_path / "merged")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_merge_in_place_equals_merged_weight_and_unmerges_bitwise(monkeypatch, dtype):
+    """#27: the copy-free merge (row blocks, in place) gives merged_weight's tensor bit for bit, and unmerge gives
+    W back bit for bit, -0.0, subnormals and a NaN included; the undo record is a small part of W."""
+    monkeypatch.setattr(lora, "MERGE_BLOCK", 3 * 40)  # 3 rows per block: 7 blocks and a partial one
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(22, 40, generator=g) * 0.02).to(dtype)
+    w[0, :4] = torch.tensor([-0.0, 0.0, 1e-40, float("nan")]).to(dtype)
+    a, b = torch.randn(4, 40, generator=g) * 0.02, torch.randn(22, 4, generator=g) * 0.02  # |Δ| ~ |W| / 10
+    before = w.clone()
+    expected = lora.merged_weight(w, a, b, 2.0, "x")
+    undo = lora.merge_in_place(w, a, b, 2.0, "x")
+    assert torch.equal(lora._bits(w), lora._bits(expected))
+    assert not torch.equal(lora._bits(w), lora._bits(before))
+    assert undo[0].numel() < w.numel() // 4
+    lora.unmerge_in_place(w, a, b, 2.0, undo)
+    assert torch.equal(lora._bits(w), lora._bits(before))
+
+
+def test_refused_merge_leaves_every_weight_as_it_was(micro_model, monkeypatch):
+    """A non-finite update in a later row block of a later layer: that layer and the layers merged before it are
+    restored bit for bit (merge_in_place rolls back its blocks, merge_lora its layers)."""
+    monkeypatch.setattr(lora, "MERGE_BLOCK", 64)
+    apply_lora(micro_model, r=2, alpha=4)
+    _randomize_lora(micro_model)
+    layer = micro_model.layers[1].self_attn.v_proj
+    with torch.no_grad():
+        layer.lora_B.weight[-1, 0] = float("inf")
+    before = {n: m.weight.detach().clone() for n, m in lora_layers(micro_model).items()}
+    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.v_proj"):
+        merge_lora(micro_model)
+    assert not any(m.merged for m in lora_layers(micro_model).values())
+    assert all(torch.equal(m.weight, before[n]) for n, m in lora_layers(micro_model).items())

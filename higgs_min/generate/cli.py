@@ -115,7 +115,7 @@ def load_model(adapter: Path | None, base_weights: Path | None, device: torch.de
     if merge:
         lora.merge_lora(model)
         for m in lora.lora_layers(model).values():
-            m._unmerged_weight = None  # generation never unmerges: do not hold a second copy of the weights
+            m._undo = None  # generation never unmerges: do not hold the merge's undo record
     return model.to(device=device, dtype=dtype).eval(), t.tokenizer
 
 
