@@ -170,3 +170,23 @@ def test_exported_folders_carry_the_prompt(no_system, tmp_path, monkeypatch, cap
     assert generate_main(["--base-weights", str(tmp_path / "merged"), "--text", "hi", "--max-new-tokens", "2",
                           "--codes-out", str(tmp_path / "g.npy")]) == 0
     assert [m["role"] for m in seen[-1]] == ["user"]  # the merged model is generated from as it was trained
+
+
+def test_prompt_format_reads_the_system_turn_back_from_the_tokens(tmp_path):
+    from higgs_min.config import ModelConfig
+    from higgs_min.data import ChatEncoder
+    from higgs_min.prepare.corpus import open_dataset
+    from higgs_min.train.datasets import prompt_format
+
+    cfg = ModelConfig.from_preset("tiny")
+    enc = ChatEncoder(ROOT / "data" / "tokenizer.json", cfg.audio_num_codebooks, cfg.audio_codebook_size,
+                      cfg.vocab_size)
+    rows = [json.loads(line) for line in (ROOT / "data" / "demo.jsonl").read_text().splitlines()]
+    (tmp_path / "codes").symlink_to(ROOT / "data" / "codes")
+    for name, keep in (("some", lambda i: i % 3), ("none", lambda i: False)):  # 21 of 32 keep theirs; none do
+        (tmp_path / f"{name}.jsonl").write_text("".join(
+            json.dumps(r if keep(i) else {"messages": r["messages"][1:]}) + "\n" for i, r in enumerate(rows)))
+    some = prompt_format(open_dataset(tmp_path / "some.jsonl", enc, 2048), enc)
+    assert some == {"system": rows[1]["messages"][0]["content"], "samples": 32, "distinct": 2}
+    assert prompt_format(open_dataset(tmp_path / "none.jsonl", enc, 2048), enc) == {
+        "system": None, "samples": 32, "distinct": 1}

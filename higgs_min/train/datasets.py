@@ -75,7 +75,8 @@ def prompt_format(dataset, encoder: ChatEncoder) -> dict:
     corpus answers as well as a JSONL file."""
     head, eot = encoder.header("system"), encoder.ids["eot"]
     n = len(dataset)
-    picks = sorted({round(i * (n - 1) / max(PROMPT_SAMPLES - 1, 1)) for i in range(min(n, PROMPT_SAMPLES))})
+    k = min(n, PROMPT_SAMPLES)
+    picks = [i * n // k for i in range(k)]  # all of a small set; else evenly spaced, distinct (n > k)
     seen = {}
     for i in picks:
         tokens = [int(t) for t in dataset.plan(i).tokens]

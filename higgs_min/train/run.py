@@ -143,8 +143,11 @@ def build_run(args) -> loop.Run:
 
     encoder, dataset = open_data(args, dist_info, model_config(args))  # all validated before the model is built
     prompt = prompt_format(dataset, encoder)  # recorded in every checkpoint: generate's default prompt
-    log.info("prompt: %s (%d of %d conversations read, %d distinct)", f"system turn {prompt['system']!r}"
-             if prompt["system"] is not None else "no system turn", prompt["samples"], len(dataset), prompt["distinct"])
+    said = f"system turn {prompt['system']!r}" if prompt["system"] is not None else "no system turn"
+    # several system turns: generate can default to one only (the most common); say so once, here
+    (log.warning if prompt["distinct"] > 1 else log.info)(
+        "prompt: %s (%d of %d conversations read, %d distinct%s)", said, prompt["samples"], len(dataset),
+        prompt["distinct"], "; generate defaults to the most common, --system picks another" if prompt["distinct"] > 1 else "")
     dataset, eval_samples = open_eval(args, encoder, dataset)
     model, cfg, base_name = build_model(args, dist_info.device)
     cuda = dist_info.device.type == "cuda"
