@@ -8,6 +8,8 @@
                                             inside it removes the temp file and leaves `path` as it was)
     staged_folder(final)                    a temp folder beside `final`, renamed to it when the with-block ends
                                             cleanly (files fsynced first), removed when it does not
+    swap_in(new, final, aside)              a folder renamed over an existing one: the old one aside, the new one
+                                            in, the old one back if that rename fails
     safetensors_chunks(tensors)             the safetensors format streamed without copying the data
     read_safetensors_header(path | buffer)  the one reader of a safetensors header: ({name: meta}, data start)
 
@@ -175,6 +177,26 @@ def sync_tree(folder: Path) -> None:
         fsync_dir(root)
 
 
+def swap_in(new: Path, final: Path, aside: Path, keep_old: bool = False) -> None:
+    """Put the folder `new` at `final`, where a folder `final` exists: `final` -> `aside`, `new` -> `final`,
+    then `aside` removed (kept when keep_old).
+
+    `final` is missing only between the two renames. An error there (the second rename failing) moves the
+    old folder back before it propagates, so `final` is left as it was; a crash there leaves the old folder
+    whole under `aside`, for the owner's next start to put back (checkpoint.restore_replaced does it for
+    checkpoints). A crash after the second rename leaves `aside` beside the new `final`: superseded.
+    """
+    os.rename(final, aside)
+    try:
+        os.rename(new, final)
+    except BaseException:
+        if not final.exists():
+            os.rename(aside, final)
+        raise
+    if not keep_old:
+        shutil.rmtree(aside)
+
+
 @contextlib.contextmanager
 def staged_folder(final: str | Path, tag: str = "tmp", replace: bool = False, tmp: Path | None = None):
     """Yield a temp folder beside `final`; on a clean exit its tree is fsynced and it is renamed to `final`.
@@ -183,8 +205,8 @@ def staged_folder(final: str | Path, tag: str = "tmp", replace: bool = False, tm
     hidden name beside `final` by default.
 
     replace=False: an existing `final` is an error (FileExistsError) at the rename, after the work.
-    replace=True: an existing `final` is moved aside, the new folder renamed in, then the old one removed.
-    On any error (or KeyboardInterrupt) the temp folder is removed and `final` is left as it was.
+    replace=True: an existing `final` is moved aside, the new folder renamed in, then the old one removed
+    (`swap_in`). On any error (or KeyboardInterrupt) the temp folder is removed and `final` is left as it was.
     """
     final = Path(final)
     tmp = Path(tmp) if tmp is not None else temp_name(final, tag)
@@ -193,10 +215,7 @@ def staged_folder(final: str | Path, tag: str = "tmp", replace: bool = False, tm
         yield tmp
         sync_tree(tmp)
         if final.exists() and replace:
-            aside = temp_name(final, "replaced")
-            os.rename(final, aside)
-            os.rename(tmp, final)
-            shutil.rmtree(aside)
+            swap_in(tmp, final, temp_name(final, "replaced"))
         elif final.exists():
             raise FileExistsError(f"{final} already exists")
         else:

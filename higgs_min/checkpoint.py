@@ -2,7 +2,8 @@
 
 A checkpoint is the folder `output_dir/checkpoint-{step}/` whose `manifest.json`
 (written last) lists every other file with its sha256 and size. The folder
-exists under that name only after all of it was written, fsynced and re-read:
+exists under that name only after all of it was written and fsynced and its names
+and sizes were checked against the manifest (nothing is read back):
 
     .tmp-checkpoint-{step}-{random}/   write each file (sha256 of the very buffers written, hashed in a
                                        second thread while the first writes; the files in parallel threads,
@@ -11,8 +12,11 @@ exists under that name only after all of it was written, fsynced and re-read:
                                        check names and sizes against the manifest (no re-read: a read-back
                                        right after writing comes from the page cache and proves nothing
                                        about the disk; the hashes catch later damage at load and in verify)
-    rename -> checkpoint-{step}/       fsync output_dir
-    latest  (temp file + rename)       names the newest checkpoint
+    rename -> checkpoint-{step}/       fsync output_dir. Over an existing checkpoint-{step}: atomic.swap_in
+                                       (old one aside, new one in; an error between the two renames puts
+                                       the old one back, a crash there is undone by `restore_replaced` at
+                                       the next start)
+    latest  (temp file + rename)       names the checkpoint saved last
     best    (the same way)             names the lowest held-out loss (kept by --keep-last)
 
 A folder is a checkpoint if and only if its manifest verifies. Only safetensors
@@ -20,6 +24,8 @@ and JSON are written; loading never unpickles anything. Loading maps each file
 (copy-on-write), hashes it page by page, and builds the tensors on that same
 mapping once every hash matches (`read_verified`): each byte is read from the
 disk once and hashed once, and nothing is restored from an unverified checkpoint.
+A resume hashes the checkpoint it restores once on rank 0: the read that chose it
+(`verify(keep=True)`) is the one `read_verified` restores from.
 
     python -m higgs_min.checkpoint verify DIR
     python -m higgs_min.checkpoint list OUTPUT_DIR
@@ -53,6 +59,7 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-checkpoint-"
+REPLACED_RE = re.compile(r"^(checkpoint-\d+)\.replaced-[0-9a-f]+$")  # the old copy during a save over it
 
 
 class CheckpointError(RuntimeError):
@@ -226,7 +233,10 @@ def save(output_dir: str | Path, step: int, files: dict) -> Path:
     files: name -> bytes, or name -> {tensor name: tensor} (written as safetensors).
 
     On any failure the temporary folder is removed and the error re-raised with
-    the path; an existing checkpoint-{step} is replaced only by a verified one.
+    the path. An existing checkpoint-{step} is replaced only by a complete one (names
+    and sizes checked against its manifest), and is missing only between the two
+    renames of atomic.swap_in: an error there puts it back, a crash there leaves it
+    whole beside, for `restore_replaced` at the next start.
     """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
@@ -246,10 +256,7 @@ def save(output_dir: str | Path, step: int, files: dict) -> Path:
             except CheckpointError as e:
                 aside, keep = final.with_name(f"{final.name}.invalid-{secrets.token_hex(4)}"), True
                 log.warning("%s exists but is invalid (%s); moving it to %s", final, e, aside.name)
-            os.rename(final, aside)
-            os.rename(tmp, final)
-            if not keep:
-                shutil.rmtree(aside)
+            atomic.swap_in(tmp, final, aside, keep_old=keep)  # an error in between puts the old one back
         else:
             os.rename(tmp, final)
         fsync_dir(output_dir)
@@ -330,6 +337,39 @@ def latest_valid(output_dir: str | Path, keep: bool = False) -> Path | None:
         except CheckpointError as e:
             log.warning("passing over %s: %s", p, e)
     return None
+
+
+def restore_replaced(output_dir: str | Path) -> list[Path]:
+    """Undo a crash inside a save that replaced checkpoint-N (atomic.swap_in): call on rank 0 before the
+    resume is chosen. A `checkpoint-N.replaced-*` folder is the old copy, whole, moved aside just before the
+    new one was renamed in. When no checkpoint-N verifies it is put back (a checkpoint-N that is there but
+    does not verify is moved to `.invalid-*` first, kept for inspection); when checkpoint-N verifies it is
+    superseded and removed. One that does not verify itself is left alone. Returns the restored folders."""
+    output_dir, restored = Path(output_dir), []
+    if not output_dir.is_dir():
+        return restored
+    for aside in sorted(p for p in output_dir.iterdir() if REPLACED_RE.match(p.name)):
+        final = output_dir / REPLACED_RE.match(aside.name).group(1)
+        if _valid(final):
+            log.warning("removing %s: superseded by %s (left by an interrupted save)", aside.name, final)
+            shutil.rmtree(aside)
+        elif _valid(aside):
+            if final.exists():
+                os.rename(final, final.with_name(f"{final.name}.invalid-{secrets.token_hex(4)}"))
+            os.rename(aside, final)
+            fsync_dir(output_dir)
+            log.warning("restored %s from %s (the previous copy, moved aside by an interrupted save)",
+                        final, aside.name)
+            restored.append(final)
+    return restored
+
+
+def _valid(folder: Path) -> bool:
+    try:
+        verify(folder)
+        return True
+    except CheckpointError:
+        return False
 
 
 def remove_stale_tmp(output_dir: str | Path) -> list[Path]:

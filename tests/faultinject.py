@@ -5,9 +5,15 @@
 FAIL_SPEC is `rank:errno:after_bytes`: on that rank, checkpoint writes raise
 OSError(errno) once `after_bytes` bytes were written by this process (a disk
 that fills up mid-save, or an I/O error).
+
+FAIL_SPEC `replace-window:kill` or `replace-window:raise`: in a save into an existing checkpoint-N,
+exactly between the old folder moved aside (a sibling named checkpoint-N....replaced-...) and the new one
+renamed in, this process is killed (SIGKILL), or that rename raises OSError(EIO).
 """
 import errno
 import os
+import re
+import signal
 import sys
 from pathlib import Path
 
@@ -37,9 +43,32 @@ def install(rank: int, code: int, after_bytes: int, only_under: str | None = Non
     checkpoint.write_file = failing_write
 
 
+def install_replace_window(action: str):
+    """Patch os.rename/os.replace: the rename of a new folder onto checkpoint-N while the old copy sits aside."""
+    def in_window(src, dst) -> bool:
+        src, dst = Path(src), Path(dst)
+        if not re.fullmatch(r"checkpoint-\d+", dst.name) or dst.exists() or "replaced" in src.name:
+            return False
+        return any(dst.name in p.name and "replaced" in p.name for p in dst.parent.iterdir())
+
+    def hooked(real):
+        def rename(src, dst, *args, **kwargs):
+            if in_window(src, dst):
+                if action == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise OSError(errno.EIO, os.strerror(errno.EIO), str(src))
+            return real(src, dst, *args, **kwargs)
+        return rename
+
+    os.rename, os.replace = hooked(os.rename), hooked(os.replace)
+
+
 if __name__ == "__main__":
     spec, sep, *rest = sys.argv[1:]
     assert sep == "--"
-    r, code, after = spec.split(":")
-    install(int(r), getattr(errno, code), int(after))
+    if spec.startswith("replace-window:"):
+        install_replace_window(spec.split(":", 1)[1])
+    else:
+        r, code, after = spec.split(":")
+        install(int(r), getattr(errno, code), int(after))
     sys.exit(main(rest))

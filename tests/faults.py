@@ -344,6 +344,44 @@ class Suite:
                     trials, survived, lost)
 
 
+    # 8 ---------------------------------------------------------------------------------
+    def replace_window(self, trials: int):
+        """A save into an existing checkpoint-N (a resume from checkpoint-(N-1) while N..STEPS are committed),
+        killed or failed exactly between moving the old checkpoint-N aside and renaming the new one in. Lost:
+        a committed checkpoint that does not verify after the next start, or that start not resuming from
+        the newest (checkpoint-STEPS)."""
+        for action in ("kill", "raise"):
+            survived = lost = 0
+            for t in range(trials):
+                out = self.work / f"window-{action}-{t}"
+                shutil.copytree(self.ref_dir, out)
+                n = self.rng.randint(2, STEPS)
+                committed = [c["path"] for c in checkpoint.scan(out) if c["ok"]]
+                faulted = subprocess.run([sys.executable, "tests/faultinject.py", f"replace-window:{action}", "--"]
+                                         + train_args(out, *RUN, "--resume", out / f"checkpoint-{n - 1}"),
+                                         cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         text=True)
+                hit = faulted.returncode == -signal.SIGKILL if action == "kill" else (
+                    faulted.returncode == 1 and "EIO" in faulted.stdout and "Traceback" not in faulted.stdout)
+                # an error in the window puts the old copy back at once; a kill leaves it to the next start
+                now = action == "kill" or all(_verifies(c) for c in committed)
+                done = run_cli(out, *RUN)
+                kept = done.returncode == 0 and all(_verifies(c) for c in committed)
+                kept = kept and f"resumed from {out / f'checkpoint-{STEPS}'} at step {STEPS}" in done.stdout
+                ok = hit and now and kept and not [p for p in out.iterdir() if "replaced" in p.name]
+                ok = ok and _same(adapter(out / f"checkpoint-{STEPS}"), self.reference)
+                if not ok:
+                    said = [x for x in (faulted.stdout + done.stdout).splitlines()
+                            if any(w in x for w in ("ERROR", "WARNING", "resumed", "Traceback", "Error"))]
+                    print(f"    window {action} trial {t} (checkpoint-{n}): hit {hit}, intact at once {now}, "
+                          f"after the next start {kept}; " + " | ".join(said)[-2000:], file=sys.stderr)
+                survived += ok
+                lost += not (now and kept)
+                shutil.rmtree(out, ignore_errors=True)
+            self.record(f"{action} between moving the old checkpoint-N aside and renaming the new one in, "
+                        "then --resume auto", trials, survived, lost)
+
+
 def _verifies(folder: Path) -> bool:
     try:
         checkpoint.verify(folder)
@@ -386,6 +424,7 @@ def run_suite(work: Path, quick: bool, seed: int = 0) -> list[dict]:
     s.bad_data(quick)
     s.distributed()
     s.preemption(2 if quick else 10)
+    s.replace_window(1 if quick else 20)
     return s.rows
 
 

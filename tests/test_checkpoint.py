@@ -149,6 +149,50 @@ def test_stale_temp_folders_are_reported_and_removed(tmp_path, caplog):
     assert any("stale temporary checkpoint folder" in r.message for r in caplog.records)
 
 
+def test_save_over_a_checkpoint_that_fails_between_the_renames_puts_the_old_one_back(tmp_path, monkeypatch):
+    """atomic.swap_in: the old checkpoint-N is aside, the rename of the new one in fails: the old one is back
+    under its name (and verifies), no temporary or aside folder is left, and the error names the path."""
+    old = checkpoint.save(tmp_path, 4, _files())
+    before = (old / "manifest.json").read_bytes()
+    real = os.rename
+
+    def failing(src, dst):
+        if os.path.basename(src).startswith(".tmp-checkpoint-"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(src))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing)
+    with pytest.raises(CheckpointError, match=r"saving .*checkpoint-4 failed: \[EIO\]"):
+        checkpoint.save(tmp_path, 4, _files())
+    monkeypatch.setattr(os, "rename", real)
+    verify(old)
+    assert (old / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "latest"]
+
+
+def test_restore_replaced_after_a_crash_between_the_renames(tmp_path, caplog):
+    """What a crash inside swap_in leaves, and what the next start makes of it."""
+    a = checkpoint.save(tmp_path, 4, _files())
+    aside = tmp_path / "checkpoint-4.replaced-0123abcd"
+    os.rename(a, aside)  # killed after the first rename: no checkpoint-4
+    assert checkpoint.latest_valid(tmp_path) is None
+    assert checkpoint.restore_replaced(tmp_path) == [a] and checkpoint.latest_valid(tmp_path) == a
+    assert not aside.exists() and "restored" in caplog.text
+    shutil.copytree(a, aside)  # killed after the second rename: the old copy is superseded
+    assert checkpoint.restore_replaced(tmp_path) == [] and not aside.exists()
+    verify(a)
+    shutil.copytree(a, aside)  # a checkpoint-4 that does not verify loses to a whole old copy, and is kept
+    _corrupt("bit-flipped", a)
+    assert checkpoint.restore_replaced(tmp_path) == [a]
+    verify(a)
+    assert len(list(tmp_path.glob("checkpoint-4.invalid-*"))) == 1
+    broken = tmp_path / "checkpoint-5.replaced-0123abcd"  # an aside that does not verify is left alone
+    shutil.copytree(a, broken)
+    (broken / "manifest.json").unlink()
+    assert checkpoint.restore_replaced(tmp_path) == [] and broken.exists()
+    assert not (tmp_path / "checkpoint-5").exists()
+
+
 def readonly_dir(path):
     """A folder no one can write: chmod for ordinary users, a read-only bind mount for root."""
     path.mkdir()

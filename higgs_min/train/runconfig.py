@@ -160,6 +160,10 @@ def decide(args, is_main: bool) -> Run:
 
 def _decide(args) -> Run:
     output_dir = Path(args.output_dir)
+    try:  # a crash inside a save over checkpoint-N left its old copy aside: back first, so resume can choose it
+        checkpoint.restore_replaced(output_dir)
+    except OSError as e:
+        log.warning("could not restore a checkpoint left aside by an interrupted save in %s: %s", output_dir, e)
     folder = _resume_folder(args)
     settings, identity = settings_of(args), identities(args)
     previous = _previous(output_dir, folder)
