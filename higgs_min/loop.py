@@ -133,18 +133,15 @@ def save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base
             try:
                 Path(target).mkdir(parents=True, exist_ok=True)
                 path = checkpoint.save(target, step, files)
-                # what save checked: names and sizes against the manifest (the hashes are checked when read)
-                log.info("saved %s (%.2f MB; names and sizes checked against the manifest)", path.resolve(),
-                         sum(f.stat().st_size for f in path.iterdir()) / 1e6)
-                ev = trainer_state.get("eval")
-                if ev and math.isfinite(ev["loss"]) and checkpoint.update_best(target, path.name, ev["loss"]):
-                    log.info("best: %s (eval loss %.4f)", path.name, ev["loss"])
-                if args.keep_last:
-                    checkpoint.rotate(target, args.keep_last)
-                break
             except (checkpoint.CheckpointError, OSError) as e:
                 log.error("checkpoint at step %d into %s failed: %s", step, target, e)
                 errors.append(str(e))
+                continue
+            # what save checked: names and sizes against the manifest (the hashes are checked when read)
+            log.info("saved %s (%.2f MB; names and sizes checked against the manifest)", path.resolve(),
+                     sum(f.stat().st_size for f in path.iterdir()) / 1e6)
+            _after_save(target, path, trainer_state.get("eval"), args.keep_last)
+            break
         else:
             outcome = "; then ".join(errors)
     outcome = distributed.broadcast_from_main(outcome)
@@ -152,6 +149,19 @@ def save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base
         if args.on_save_error == "raise":
             raise checkpoint.CheckpointError(f"step {step}: {outcome}")
         log.warning("step %d: continuing without a checkpoint (--on-save-error continue)", step)
+
+
+def _after_save(target, path: Path, ev, keep_last: int) -> None:
+    """`best` and --keep-last after a committed save. A failure here is not a failed save (the checkpoint is
+    whole and named): it is logged, and the next save tries again, rather than retried into --backup-dir."""
+    try:
+        if ev and math.isfinite(ev["loss"]) and checkpoint.update_best(target, path.name, ev["loss"]):
+            log.info("best: %s (eval loss %.4f)", path.name, ev["loss"])
+        if keep_last:
+            checkpoint.rotate(target, keep_last)
+    except (checkpoint.CheckpointError, OSError) as e:
+        log.error("saved %s, but updating best / --keep-last in %s failed: %s (the next save tries again)",
+                  path.name, target, e)
 
 
 # ----------------------------------------------------------------------------- the loop

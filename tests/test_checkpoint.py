@@ -120,6 +120,20 @@ def test_on_save_error_continue_keeps_training(tmp_path, restore_write_file):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-3"]
 
 
+def test_keep_last_failure_after_a_save_is_not_a_failed_save(tmp_path, monkeypatch, caplog):
+    """A committed checkpoint whose --keep-last rotation fails: logged, the run goes on, nothing is written
+    into --backup-dir (the save did not fail)."""
+    def broken_rotate(output_dir, keep_last):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(output_dir))
+
+    monkeypatch.setattr(checkpoint, "rotate", broken_rotate)
+    out, backup = tmp_path / "out", tmp_path / "backup"
+    assert run(out, "--max-steps", 2, "--save-steps", 1, "--keep-last", 1, "--backup-dir", backup) == 0
+    assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-1", "checkpoint-2"]
+    assert not backup.exists() or not list(backup.glob("checkpoint-*"))
+    assert "saved checkpoint-1, but updating best / --keep-last in" in caplog.text
+
+
 def test_final_save_when_save_steps_exceed_max_steps(tmp_path, caplog):
     assert run(tmp_path, "--max-steps", 2, "--save-steps", 50) == 0
     verify(tmp_path / "checkpoint-2")
