@@ -124,8 +124,12 @@ class BatchStream:
             if position >= bpe:
                 epoch, position = epoch + 1, 0
             order = self.epoch_order(epoch)
+            check = getattr(self.dataset, "check_samples", None)  # a corpus: shards verified before first use
             for p in range(position, bpe):
-                yield order[p * b:(p + 1) * b].tolist()
+                batch = order[p * b:(p + 1) * b].tolist()
+                if check is not None:  # here, in this process: a damaged shard is one error line, not a worker's
+                    check(batch)
+                yield batch
             position = bpe
 
     def _start(self):

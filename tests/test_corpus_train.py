@@ -110,14 +110,33 @@ def test_mid_epoch_resume_from_a_packed_corpus_with_workers_is_bitwise(tmp_path,
     assert _same(adapter(tmp_path / "full" / "checkpoint-7"), adapter(tmp_path / "part" / "checkpoint-7"))
 
 
-def test_trainer_start_check_names_a_damaged_shard(tmp_path, corpus, caplog):
+def _damaged(tmp_path, corpus):
     bad = tmp_path / "bad"
     shutil.copytree(corpus, bad)
     shard = bad / "shard-00002.safetensors"
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0x40
     shard.write_bytes(bytes(data))
-    assert run(tmp_path / "out", "--data", bad) == 1
+    return bad
+
+
+def test_a_damaged_shard_stops_the_run_before_any_of_its_samples_is_used(tmp_path, corpus, caplog, monkeypatch):
+    """#27: start-up reads the manifest, sizes and headers only; the shard is hashed before its first sample is
+    built, and the run stops with one line naming it. Every sample built is recorded: none from that shard."""
+    from higgs_min.prepare import corpus as corpus_mod
+
+    bad = _damaged(tmp_path, corpus)
+    damaged_lines = set(corpus_mod.Shard(bad / "shard-00002.safetensors", (bad / "shard-00002.safetensors").stat()
+                                         .st_size, 10, 8).array("line").tolist())
+    built, real = [], corpus_mod.materialize
+    monkeypatch.setattr(corpus_mod, "materialize", lambda plan, *a: built.append(plan.index) or real(plan, *a))
+    assert run(tmp_path / "out", "--data", bad, "--max-steps", 8) == 1  # 8 x 4 samples: the whole epoch
     assert any("shard-00002.safetensors: sha256" in r.message for r in caplog.records)
-    assert not (tmp_path / "out").exists()  # refused before the model and the output folder
-    assert run(tmp_path / "out", "--data", bad, "--no-verify-data", "--max-steps", 1) == 0
+    assert not damaged_lines & set(built)
+    caplog.clear()  # with DataLoader workers: checked in the sampler, so the same one line (no worker traceback)
+    assert run(tmp_path / "out2", "--data", bad, "--max-steps", 8, "--data-workers", 2) == 1
+    errors = [r.message for r in caplog.records if "shard-00002" in r.message]
+    assert errors and all("sha256" in m and "Traceback" not in m and "worker" not in m for m in errors), errors
+    built.clear()  # the recorder's control: unchecked, the epoch does build the damaged shard's samples
+    assert run(tmp_path / "out3", "--data", bad, "--no-verify-data", "--max-steps", 8) == 0
+    assert damaged_lines & set(built)

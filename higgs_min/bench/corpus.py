@@ -50,10 +50,14 @@ import torch.utils.data  # imported before the baseline: module code is not data
 from higgs_min.batches import BatchStream
 from higgs_min.prepare.corpus import open_dataset
 from higgs_min.data import ChatEncoder
+from higgs_min.prepare.corpus import verify
 enc = ChatEncoder(sys.argv[2], 8, 1024, 1024)
+check = sys.argv[4] if len(sys.argv) > 4 else "none"  # none | all (every shard hashed first) | lazy (on first use)
 base = rss_anon()
 t0 = time.perf_counter()
-ds = open_dataset(sys.argv[1], enc, 2048)
+if check == "all":  # the trainer's start before #27
+    verify(sys.argv[1], check_sources=False)
+ds = open_dataset(sys.argv[1], enc, 2048, verify=check == "lazy")
 t_open = time.perf_counter() - t0
 rss = rss_anon() - base
 stream = BatchStream(ds, 8, 1, 0, seed=0, pad_id=enc.ids["end_of_text"])
@@ -107,8 +111,8 @@ def tile(corpus: Path, out: Path, times: int) -> Path:
     return out
 
 
-def measure_open(path: Path, read_seconds: float) -> dict:
-    out = subprocess.run([sys.executable, "-c", OPEN_SNIPPET, str(path), str(TOKENIZER), str(read_seconds)],
+def measure_open(path: Path, read_seconds: float, check: str = "none") -> dict:
+    out = subprocess.run([sys.executable, "-c", OPEN_SNIPPET, str(path), str(TOKENIZER), str(read_seconds), check],
                          cwd=ROOT, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
     if out.returncode != 0:
@@ -185,6 +189,14 @@ def bench_corpus(quick=False):
                             f"{n} samples; packed total {r['rss_anon'] / 2**20:.1f} MiB after open, "
                             f"{r['rss_anon_first'] / 2**20:.1f} MiB after the first batch",
                             target="<= 64 B/sample + O(batch)"))
+        load0, tiled_manifest = os.getloadavg()[0], (tiled / "manifest.json").read_text()
+        starts = {"all": [], "lazy": []}
+        for check in ("all", "lazy") * 2:  # alternated, each a fresh process
+            starts[check].append(measure_open(tiled, 0.0, check)["first_batch_s"])
+        rows.append(row(f"corpus: start with verification, open + first batch, {large * 10} samples (tiled): each "
+                        "shard hashed before its first sample vs every shard hashed first", min(starts["lazy"]),
+                        min(starts["all"]), "s", f"{large * 10} samples, {len(json.loads(tiled_manifest)['shards'])} "
+                        "shards", target="< 5 s", load_avg=(load0, os.getloadavg()[0])))
         big, one = opened[large * 10], opened[small]
         slope = (big["rss_anon"] - one["rss_anon"]) / (large * 10 - small)
         rows.append(row(f"corpus: RssAnon slope, bytes per extra sample, {small} -> {large * 10} samples (packed)",

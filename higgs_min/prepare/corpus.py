@@ -17,15 +17,17 @@
 A sample is `materialize(read(i))`: the same function as the JSONL path's `materialize(plan(line))`,
 so the two cannot drift apart. Opening reads the manifest, stats each shard, parses each shard's
 header and concatenates the `lengths` arrays: no sample is built to learn its length, and the
-resident memory is ~4-8 bytes per sample. `verify` hashes every shard against the manifest.
+resident memory is ~4-8 bytes per sample. `verify` hashes every shard against the manifest; a dataset opened
+with verify=True (the trainer, unless --no-verify-data) hashes each shard before the first of its samples is
+built, so start-up stays O(shards) in stat calls and headers, whatever the corpus's size.
 
 manifest.json holds the format version; the tokenizer's sha256, vocabulary size and special ids; the
 codebook count and size and the audio tokenizer that made the codes (`codec`; a mix is refused at pack);
 every source's path, bytes, sha256 and line count; counts packed / rejected / skipped by reason; each
 shard's name, samples, bytes, sha256. Opening checks the tokenizer, codebook count and size against this
 run's model and tokenizer (a mismatch names both sides); a truncated shard is an error at open naming it; a
-flipped byte is caught by `prepare verify` and by the trainer's start check (full sha256 on each node's
-local rank 0, skipped with --no-verify-data), naming the shard. Shards are memory-mapped; samples are built
+flipped byte is caught by `prepare verify` and, in training, by the full sha256 of the shard before any of
+its samples is used (on every rank, skipped with --no-verify-data), naming the shard. Shards are memory-mapped; samples are built
 in `__getitem__`. A test compares every field of every demo sample on the corpus and JSONL paths.
 """
 
@@ -34,8 +36,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import mmap
+import os
 import struct
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -176,7 +181,8 @@ def check_identity(m: dict, folder: Path, encoder: ChatEncoder, tokenizer_sha256
 class PackedDataset:
     """A packed corpus: __len__, lengths (numpy), __getitem__(i) -> Sample, report, where(i)."""
 
-    def __init__(self, folder: str | Path, encoder: ChatEncoder, max_length: int, tokenizer_sha256: str | None = None):
+    def __init__(self, folder: str | Path, encoder: ChatEncoder, max_length: int, tokenizer_sha256: str | None = None,
+                 verify: bool = False):
         self.folder = folder = Path(folder)
         m = self.manifest = read_manifest(folder)
         check_identity(m, folder, encoder, tokenizer_sha256 or sha256_file(encoder.tokenizer_path))
@@ -210,27 +216,53 @@ class PackedDataset:
                        f"codec {m['audio'].get('codec') or 'not recorded'}")
         if not len(self.lengths):
             raise CorpusError(f"{folder}: no usable sample ({self.load_report.summary()})")
+        # verify: 1 = this shard's sha256 matched. An anonymous shared mapping, so that DataLoader workers
+        # (forked) and the process that checks batches before handing them to them (BatchStream) share it.
+        self.verified = np.frombuffer(mmap.mmap(-1, max(1, len(self.shards))), np.uint8) if verify else None
 
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def _locate(self, i: int) -> tuple[Shard, int]:
+    def _locate(self, i: int) -> tuple[int, int]:
+        """(shard number, sample within it) of sample i."""
         if not 0 <= i < len(self.lengths):
             raise IndexError(i)
         g = int(self.index[i]) if self.index is not None else i
         s = int(np.searchsorted(self.starts, g, side="right")) - 1
-        return self.shards[s], g - int(self.starts[s])
+        return s, g - int(self.starts[s])
 
-    def plan(self, i: int) -> Plan:
-        shard, j = self._locate(i)
-        return shard.plan(j)
+    def check_shard(self, k: int) -> None:
+        """Hash shard k against the manifest unless done (verify=True only). Raises CorpusError naming it."""
+        if self.verified is not None and not self.verified[k]:
+            check_shard_sha256(self.shards[k].path, self.manifest["shards"][k]["sha256"])
+            self.verified[k] = 1
+
+    def check_samples(self, indices) -> None:
+        """Every shard holding one of these samples verified (a batch, before it is handed to a worker); the
+        shards not yet verified are hashed in parallel threads (sha256 and file reads release the GIL)."""
+        if self.verified is None:
+            return
+        todo = sorted({k for k in (self._locate(int(i))[0] for i in indices) if not self.verified[k]})
+        with ThreadPoolExecutor(max(1, min(len(todo), os.cpu_count() or 1))) as pool:
+            list(pool.map(self.check_shard, todo))  # raises the first damaged shard's CorpusError
+
+    def plan(self, i: int, check: bool = True) -> Plan:
+        """Sample i's Plan, its shard verified first (check=False: a look at what the data holds, never trained on)."""
+        k, j = self._locate(i)
+        if check:
+            self.check_shard(k)
+        return self.shards[k].plan(j)
 
     def __getitem__(self, i: int):
         return materialize(self.plan(i), self.K, self.C)
 
     def where(self, i: int) -> str:
-        shard, j = self._locate(i)
+        k, j = self._locate(i)
+        shard = self.shards[k]
         return f"{self.manifest['sources'][int(shard.array('source')[j])]['path']}:{int(shard.array('line')[j])}"
+
+    def __getstate__(self):  # a spawned worker gets a copy of the flags (it verifies what it finds unverified)
+        return {**self.__dict__, "verified": None if self.verified is None else np.array(self.verified)}
 
 
 class JsonlDataset:
@@ -255,7 +287,7 @@ class JsonlDataset:
     def __len__(self) -> int:
         return len(self.plans)
 
-    def plan(self, i: int) -> Plan:
+    def plan(self, i: int, check: bool = True) -> Plan:  # (every line was checked when the file was read)
         return self.plans[i]
 
     def __getitem__(self, i: int):
@@ -278,16 +310,24 @@ def one_codec(plans, path: Path) -> str | None:
     return next(iter(first), None)
 
 
-def open_dataset(path: str | Path, encoder: ChatEncoder, max_length: int, skip_bad: bool = False, **jsonl):
+def open_dataset(path: str | Path, encoder: ChatEncoder, max_length: int, skip_bad: bool = False,
+                 verify: bool = False, **jsonl):
     """A packed corpus folder or a JSONL file, as a dataset: __len__, lengths, __getitem__(i) -> Sample, report.
-    Samples longer than `max_length` are left out (counted in `report`). `jsonl`: read_jsonl's options."""
+    Samples longer than `max_length` are left out (counted in `report`). `jsonl`: read_jsonl's options.
+    verify: a corpus's shards are each hashed before the first of their samples is built."""
     path = Path(path)
     if path.is_dir():
-        return PackedDataset(path, encoder, max_length)
+        return PackedDataset(path, encoder, max_length, verify=verify)
     return JsonlDataset(path, encoder, max_length, skip_bad, **jsonl)  # audio_root, max_bad_fraction, report_path
 
 
 # ----------------------------------------------------------------------------- verify
+
+def check_shard_sha256(path: Path, expected: str) -> None:
+    digest = sha256_file(path)
+    if digest != expected:
+        raise CorpusError(f"{path}: sha256 {digest[:16]}… differs from the manifest's {expected[:16]}… (damaged; repack)")
+
 
 def verify(folder: str | Path, check_sources: bool = True) -> dict:
     """Hash every shard against the manifest (and the sources, when present here). Raises CorpusError
@@ -302,10 +342,7 @@ def verify(folder: str | Path, check_sources: bool = True) -> dict:
         size = path.stat().st_size
         if size != s["bytes"]:
             raise CorpusError(f"{path}: {size} bytes, the manifest says {s['bytes']} (truncated or replaced)")
-        digest = sha256_file(path)
-        if digest != s["sha256"]:
-            raise CorpusError(f"{path}: sha256 {digest[:16]}… differs from the manifest's {s['sha256'][:16]}… "
-                              f"(damaged; repack)")
+        check_shard_sha256(path, s["sha256"])
         total += size
     for src in m["sources"] if check_sources else []:
         p = Path(src["path"])

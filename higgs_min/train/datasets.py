@@ -11,40 +11,32 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from pathlib import Path
 
 import numpy as np
 
-from higgs_min import atomic, distributed
+from higgs_min import atomic
 from higgs_min.batches import lengths_of
 from higgs_min.config import ModelConfig
-from higgs_min.data import ChatEncoder, DataError
+from higgs_min.data import ChatEncoder
 from higgs_min.errors import UsageError
-from higgs_min.prepare.corpus import open_dataset, verify as verify_corpus
+from higgs_min.prepare.corpus import open_dataset
 
 log = logging.getLogger("higgs_min.train")
 
 
 def open_data(args, dist_info, cfg: ModelConfig):
-    """Tokenizer + training data, every line or shard checked before the model is built. A packed corpus
-    is hashed against its manifest on each node's local rank 0 (unless --no-verify-data); all ranks agree."""
+    """Tokenizer + training data, every line checked before the model is built. A packed corpus is opened
+    from its manifest, sizes and headers; each shard is hashed against the manifest before the first of its
+    samples is used, on every rank that uses it (unless --no-verify-data), so start-up does not grow with it."""
     encoder = ChatEncoder(args.tokenizer, cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size,
                           delay=cfg.use_delay_pattern)
-    problem = ""
-    if Path(args.data).is_dir() and not args.no_verify_data and dist_info.local_rank == 0:
-        t = time.time()
-        try:
-            r = verify_corpus(args.data, check_sources=False)
-            log.info("%s: %d shards, %.1f MB verified (sha256) in %.1f s", args.data, r["shards"], r["bytes"] / 1e6,
-                     time.time() - t)
-        except DataError as e:
-            problem = str(e)
-    if distributed.any_rank(bool(problem), dist_info.device):
-        raise DataError(problem or "the data check failed on another node (see its log)")
     dataset = open_dataset(args.data, encoder, args.max_length, args.skip_bad_samples, audio_root=args.audio_root,
-                           max_bad_fraction=args.max_bad_fraction,
+                           max_bad_fraction=args.max_bad_fraction, verify=not args.no_verify_data,
                            report_path=Path(args.output_dir) / "rejected.jsonl" if dist_info.is_main else None)
+    if Path(args.data).is_dir():
+        log.info("%s: each shard is verified (sha256) before its first sample is used%s", args.data,
+                 " (--no-verify-data: not checked)" if args.no_verify_data else "")
     log.info("data: %s", dataset.report)
     if dist_info.is_main:
         for i in range(min(args.log_samples, len(dataset))):
@@ -79,7 +71,7 @@ def prompt_format(dataset, encoder: ChatEncoder) -> dict:
     picks = [i * n // k for i in range(k)]  # all of a small set; else evenly spaced, distinct (n > k)
     seen = {}
     for i in picks:
-        tokens = [int(t) for t in dataset.plan(i).tokens]
+        tokens = [int(t) for t in dataset.plan(i, check=False).tokens]  # a record, never trained on: no hashing
         system = None
         if tokens[1:1 + len(head)] == head and eot in tokens[1 + len(head):]:
             body = tokens[1 + len(head):]
@@ -117,6 +109,11 @@ class Subset:
     def __getitem__(self, i):
         return self.dataset[self.indices[i]]
 
+    def check_samples(self, indices) -> None:  # see corpus.PackedDataset.check_samples
+        check = getattr(self.dataset, "check_samples", None)
+        if check is not None:
+            check([self.indices[i] for i in indices])
+
 
 def open_eval(args, encoder, dataset):
     """(training dataset, eval dataset or None) from --eval-data (JSONL or packed corpus) or --eval-split."""
@@ -125,7 +122,8 @@ def open_eval(args, encoder, dataset):
     if args.eval_data is not None:
         if not args.eval_data.exists():
             raise UsageError(f"--eval-data {args.eval_data}: no such file or folder")
-        held = open_dataset(args.eval_data, encoder, args.max_length, args.skip_bad_samples)
+        held = open_dataset(args.eval_data, encoder, args.max_length, args.skip_bad_samples,
+                            verify=not args.no_verify_data)
         log.info("eval data: %s", held.report)
         return dataset, held
     if args.eval_split:

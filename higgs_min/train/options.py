@@ -73,7 +73,7 @@ OPTIONS = (
                                                                "share of the lines is bad"),
     opt("--audio-root", TRAINED, type=Path, help="folder the codes paths are relative to (default: the JSONL's folder)"),
     opt("--data-workers", OPERATIONAL, type=int, help="DataLoader worker processes building batches (default: 0 on CPU, 2 on CUDA)"),
-    opt("--no-verify-data", OPERATIONAL, action="store_true", help="skip the sha256 check of a packed corpus's shards at start"),
+    opt("--no-verify-data", OPERATIONAL, action="store_true", help="skip the sha256 check of a packed corpus's shards (each before its first sample)"),
     opt("--eval-data", OPERATIONAL, type=Path, help="held-out conversations (JSONL), scored at --eval-every and at the end"),
     opt("--eval-split", TRAINED, type=float, default=0.0,
           help="without --eval-data: hold out this share of --data for evaluation (e.g. 0.1; 0: no eval); "
