@@ -353,3 +353,22 @@ def test_training_data_names_its_codec_and_refuses_a_mix(tmp_path):
                                         r"\(codec fields\): higgs-audio-v2-tokenizer:0123456789abcdef \(first at line "
                                         r"1\); dac-random-seed:0 \(first at line 3\)"):
         open_dataset(tmp_path / "mix.jsonl", enc, 4096)
+
+
+def test_snake_in_place_is_the_formula_bit_for_bit():
+    """#27: Snake1d computes on one buffer in inference; the result is the official expression's, bit for bit,
+    its input is left as it was, and with autograd on it is the expression itself (gradients flow)."""
+    from higgs_min.audio.layers import Snake1d
+    g = torch.Generator().manual_seed(0)
+    s = Snake1d(5)
+    with torch.no_grad():
+        s.alpha.copy_(1 + 0.3 * torch.rand(1, 5, 1, generator=g))
+    x = torch.randn(2, 5, 3000, generator=g) * 3
+    before = x.clone()
+    expect = x + (s.alpha + 1e-9).reciprocal() * torch.sin(s.alpha * x).pow(2)
+    with torch.inference_mode():
+        got = s(x)
+    assert torch.equal(got, expect.detach()) and torch.equal(x, before)
+    xg = x.clone().requires_grad_(True)
+    s(xg).sum().backward()
+    assert xg.grad is not None and s.alpha.grad is not None

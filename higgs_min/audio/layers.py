@@ -97,7 +97,16 @@ class Snake1d(nn.Module):  # dac/nn/layers.py snake: x + 1/(alpha + 1e-9) * sin(
         self.alpha = nn.Parameter(torch.ones(1, channels, 1))
 
     def forward(self, x):
-        return x + (self.alpha + 1e-9).reciprocal() * torch.sin(self.alpha * x).pow(2)
+        if torch.is_grad_enabled() and (x.requires_grad or self.alpha.requires_grad):
+            return x + (self.alpha + 1e-9).reciprocal() * torch.sin(self.alpha * x).pow(2)
+        # Inference: the same operations on one buffer (one allocation instead of five; each pass over a
+        # fresh tensor pays its page faults). Bit for bit the expression above: pow(2) is s * s, and
+        # products and sums are commutative in IEEE arithmetic.
+        s = self.alpha * x
+        s.sin_()
+        s.mul_(s)
+        s.mul_((self.alpha + 1e-9).reciprocal())
+        return s.add_(x)
 
 
 class ResidualUnit(nn.Module):  # dac.py ResidualUnit (L24-40); lengths are equal, so no crop is needed
