@@ -17,7 +17,7 @@ and sizes were checked against the manifest (nothing is read back):
                                        the old one back, a crash there is undone by `restore_replaced` at
                                        the next start)
     latest  (temp file + rename)       names the checkpoint saved last
-    best    (the same way)             names the lowest held-out loss (kept by --keep-last)
+    best    (the same way)             names the best evaluation (--best-by; kept by --keep-last)
 
 A folder is a checkpoint if and only if its manifest verifies. Only safetensors
 and JSON are written; loading never unpickles anything. Loading maps each file
@@ -282,23 +282,24 @@ def read_pointer(output_dir: str | Path, name: str = "latest") -> str | None:
         return None
 
 
-def eval_loss_of(folder: Path) -> float | None:
-    """The held-out loss recorded in a checkpoint's trainer_state.json (None when it has none)."""
+def eval_value_of(folder: Path, key: str = "loss") -> float | None:
+    """A figure of the evaluation recorded in a checkpoint's trainer_state.json (None when it has none)."""
     try:
         ev = json.loads((folder / "trainer_state.json").read_text()).get("eval")
     except (OSError, ValueError):
         return None
-    return ev.get("loss") if isinstance(ev, dict) else None
+    return ev.get(key) if isinstance(ev, dict) else None
 
 
-def update_best(output_dir: str | Path, name: str, loss: float) -> bool:
-    """Point output_dir/best at `name` when its eval loss is lower than the current best's.
-    Same atomic update as `latest` (atomic.write_text). Returns whether it moved."""
+def update_best(output_dir: str | Path, name: str, value: float, key: str = "loss", higher: bool = False) -> bool:
+    """Point output_dir/best at `name` when its evaluation figure `key` (default the eval loss; --best-by) is
+    better than the current best's: lower, or higher when `higher`. A current best that did not record `key`
+    is replaced. Same atomic update as `latest` (atomic.write_text). Returns whether it moved."""
     output_dir = Path(output_dir)
     current = read_pointer(output_dir, "best")
     if current and current != name and (output_dir / current).is_dir():
-        previous = eval_loss_of(output_dir / current)
-        if previous is not None and not loss < previous:
+        previous = eval_value_of(output_dir / current, key)
+        if previous is not None and not (value > previous if higher else value < previous):
             return False
     atomic.write_text(output_dir / "best", name + "\n")
     return True

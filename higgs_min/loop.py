@@ -37,6 +37,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -121,6 +122,10 @@ def append_metrics(path: Path, row: dict) -> None:
                                          f"{e.strerror} (was the output folder removed?)") from e
 
 
+# --best-by -> (the key of the checkpoint's "eval" record, whether higher is better)
+BEST_BY = {"eval_loss": ("loss", False), "wer": ("wer", False), "speaker_similarity": ("speaker_similarity", True)}
+
+
 def save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base_name):
     """Rank 0 writes; all ranks get the same outcome; no rank hangs on a failed save."""
     outcome = "ok"
@@ -140,7 +145,7 @@ def save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base
             # what save checked: names and sizes against the manifest (the hashes are checked when read)
             log.info("saved %s (%.2f MB; names and sizes checked against the manifest)", path.resolve(),
                      sum(f.stat().st_size for f in path.iterdir()) / 1e6)
-            _after_save(target, path, trainer_state.get("eval"), args.keep_last)
+            _after_save(target, path, trainer_state.get("eval"), args)
             break
         else:
             outcome = "; then ".join(errors)
@@ -151,14 +156,18 @@ def save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base
         log.warning("step %d: continuing without a checkpoint (--on-save-error continue)", step)
 
 
-def _after_save(target, path: Path, ev, keep_last: int) -> None:
-    """`best` and --keep-last after a committed save. A failure here is not a failed save (the checkpoint is
-    whole and named): it is logged, and the next save tries again, rather than retried into --backup-dir."""
+def _after_save(target, path: Path, ev, args) -> None:
+    """`best` (by --best-by) and --keep-last after a committed save. A failure here is not a failed save (the
+    checkpoint is whole and named): it is logged, and the next save tries again, rather than retried into
+    --backup-dir."""
     try:
-        if ev and math.isfinite(ev["loss"]) and checkpoint.update_best(target, path.name, ev["loss"]):
-            log.info("best: %s (eval loss %.4f)", path.name, ev["loss"])
-        if keep_last:
-            checkpoint.rotate(target, keep_last)
+        key, higher = BEST_BY[getattr(args, "best_by", "eval_loss")]
+        value = (ev or {}).get(key)
+        if value is not None and math.isfinite(value) and checkpoint.update_best(target, path.name, value, key,
+                                                                                 higher):
+            log.info("best: %s (%s %.4f)", path.name, key, value)
+        if args.keep_last:
+            checkpoint.rotate(target, args.keep_last)
     except (checkpoint.CheckpointError, OSError) as e:
         log.error("saved %s, but updating best / --keep-last in %s failed: %s (the next save tries again)",
                   path.name, target, e)
@@ -183,6 +192,10 @@ class Run:
     identity: dict               # content hashes of data, tokenizer and base (run_config.json)
     data_report: str
     prompt: dict | None = None   # the system turn the data trains on (train/datasets.py prompt_format)
+    # Called on rank 0 after each evaluation row is logged, as listen(row, tensorboard writer or None) -> figures
+    # added to the row that the checkpoint records (train/samples.py: generated held-out samples, report.html).
+    # A plain callable, so the core never imports the folder that builds it.
+    listen: Callable[[dict, object], dict] | None = None
 
 
 def train_step(run: Run, step: int, ddp, autocast) -> tuple[dict, object, object, int]:
@@ -277,6 +290,8 @@ class Outputs:
             append_metrics(self.metrics, row)
             evaluate.report(row, self.tb)
             self.watch.eval(row)
+            if self.run.listen is not None:
+                row.update(self.run.listen(row, self.tb))  # recorded with the checkpoint: what --best-by reads
 
     def close(self) -> None:
         runlog.set_bar(None)

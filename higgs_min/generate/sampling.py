@@ -222,7 +222,7 @@ class Generation:
     audio: list  # per segment: delayed columns (K, cols), BOS column first
     codes: torch.Tensor  # (K, T): every segment's codes, concatenated
     steps: int  # steps taken (<= max_new_tokens)
-    stopped: str  # "stop id" or "max_new_tokens"
+    stopped: str  # "stop id", "audio segments" (max_segments ended) or "max_new_tokens"
     frames: int = field(init=False)
 
     def __post_init__(self):
@@ -233,12 +233,14 @@ class Generation:
 def generate(model, prompt: Prompt, *, max_new_tokens: int = 2048, temperature: float = 0.3,
              top_k: int | None = 50, top_p: float | None = 0.95, ras_win_len: int | None = 7,
              ras_max_repeat: int = 2, seed: int | None = None, stop_ids=None, use_cache: bool = True,
-             on_step: Callable | None = None, sampler: Callable | None = None) -> Generation:
+             on_step: Callable | None = None, sampler: Callable | None = None,
+             max_segments: int | None = None) -> Generation:
     """Generate from `prompt` (batch 1). temperature 0 is greedy. seed: a torch.Generator on the model's
     device (None: torch's global generator, as the official). stop_ids: default <|eot_id|>, <|end_of_text|>
     (serve_engine's stop strings). use_cache=False re-runs the whole sequence each step (same tokens;
     for tests and the benchmark). on_step(step, frames) is called after each step. `sampler(scores,
-    greedy) -> ids` replaces `choose` (tests)."""
+    greedy) -> ids` replaces `choose` (tests). max_segments: stop once that many audio segments have ended by
+    EOS (the training-time samples: one clip, no text after it)."""
     cfg = model.config
     K, C = cfg.audio_num_codebooks, cfg.audio_codebook_size
     bos, eos = cfg.audio_stream_bos_id, cfg.audio_stream_eos_id
@@ -295,6 +297,9 @@ def generate(model, prompt: Prompt, *, max_new_tokens: int = 2048, temperature: 
                 if ended:  # the final column is kept, not fed
                     tok, fcol, audio = sp["audio_eos"], zero_col, False
                     text_ids.append(tok)
+                    if max_segments is not None and len(segments) >= max_segments:
+                        stopped = "audio segments"
+                        break
                 else:
                     tok, fcol, audio = sp["audio_out"], col, True
             elif last == sp["audio_out_bos"]:  # AUDIO_INIT: nothing sampled

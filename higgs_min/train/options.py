@@ -24,6 +24,8 @@ from higgs_min.config import PRESETS
 from higgs_min.errors import Parser, UsageError
 from higgs_min.lora import DEFAULT_TARGETS
 
+DEFAULT_SAMPLES = 4  # --eval-samples when there is eval data
+
 TRAINED, SHAPE, OPERATIONAL = "trained", "shape", "operational"
 DATA = Path(__file__).resolve().parents[2] / "data"
 
@@ -79,6 +81,23 @@ OPTIONS = (
           help="without --eval-data: hold out this share of --data for evaluation (e.g. 0.1; 0: no eval); "
                "the held-out lines are listed in OUTPUT_DIR/eval_split.txt"),
     opt("--eval-every", OPERATIONAL, type=int, default=0, help="evaluate before the first step, every N steps (0: at every save) and at the end"),
+    opt("--eval-samples", OPERATIONAL, type=int,
+          help=f"held-out prompts generated at each evaluation, written to OUTPUT/samples/step-N/ and "
+               f"OUTPUT/report.html (default: {DEFAULT_SAMPLES} when there is eval data; 0: none)"),
+    opt("--audio-tokenizer", OPERATIONAL, type=Path, help="decode the samples with the released Higgs audio "
+                                                         "tokenizer in DIR (as generate)"),
+    opt("--codec-weights", OPERATIONAL, type=Path, help="decode the samples with DAC weights (.pth) (as generate)"),
+    opt("--random-codec-seed", OPERATIONAL, type=int, help="decode the samples with the demo's seeded random DAC "
+                                                          "(the demo set was encoded with seed 0)"),
+    opt("--eval-asr", OPERATIONAL, type=Path, help="a local transformers Whisper folder: WER and CER of each sample "
+                                                  "(needs transformers and a decoder)"),
+    opt("--eval-speaker", OPERATIONAL, type=Path, help="a local transformers WavLM x-vector folder: speaker "
+                                                      "similarity of each sample to its reference"),
+    # OPERATIONAL: it chooses which checkpoint `best` names, not what is trained. Changed on resume, the next
+    # checkpoint is compared with the current best by the new figure (a best without it is replaced).
+    opt("--best-by", OPERATIONAL, default="eval_loss", choices=["eval_loss", "wer", "speaker_similarity"],
+          help="what `best` follows: the lowest eval loss, the lowest sample WER (--eval-asr) or the highest "
+               "speaker similarity (--eval-speaker)"),
     opt("--log-every", OPERATIONAL, type=int, default=25, help="log metrics every N steps"),
     opt("--log-samples", OPERATIONAL, type=int, default=3, help="log the label statistics of the first N samples"),
     opt("--device", OPERATIONAL, default="auto", choices=["auto", "cpu", "cuda"], help="where to train"),
@@ -161,3 +180,26 @@ def check_inputs(args) -> None:
     for name in ("max_steps", "batch_size", "grad_accum", "lora_rank", "max_length", "log_every"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_listening(args)
+
+
+def check_listening(args) -> None:
+    """--eval-samples and what depends on it; resolves its default (DEFAULT_SAMPLES with eval data, else 0)."""
+    has_eval = args.eval_data is not None or bool(args.eval_split)
+    if args.eval_samples is None:
+        args.eval_samples = DEFAULT_SAMPLES if has_eval else 0
+    elif args.eval_samples < 0:
+        raise UsageError(f"--eval-samples must be 0 or more, got {args.eval_samples}")
+    elif args.eval_samples > 0 and not has_eval:
+        raise UsageError(f"--eval-samples {args.eval_samples}: the samples are held-out prompts; "
+                         f"pass --eval-data FILE or --eval-split 0.1")
+    decoders = [f for f in ("audio_tokenizer", "codec_weights", "random_codec_seed") if getattr(args, f) is not None]
+    if len(decoders) > 1:
+        raise UsageError("choose one decoder: " + " or ".join(f"--{f.replace('_', '-')}" for f in decoders))
+    for flag, value in (("--eval-asr", args.eval_asr), ("--eval-speaker", args.eval_speaker)):
+        if value is not None and not (args.eval_samples and decoders):
+            raise UsageError(f"{flag} scores generated audio: it needs --eval-samples > 0 and a decoder "
+                             f"(--random-codec-seed, --codec-weights or --audio-tokenizer)")
+    needs = {"wer": ("--eval-asr", args.eval_asr), "speaker_similarity": ("--eval-speaker", args.eval_speaker)}
+    if args.best_by in needs and needs[args.best_by][1] is None:
+        raise UsageError(f"--best-by {args.best_by} needs {needs[args.best_by][0]} DIR")

@@ -185,7 +185,21 @@ def build_run(args) -> loop.Run:
     diag = Diagnostics(cfg.vocab_size, cfg.audio_num_classes, encoder.decode)
     return loop.Run(args=args, dist=dist_info, model=model, scorer=scorer, optimizer=optimizer, stream=stream,
                     evaluator=evaluator, diag=diag, start_step=start_step, base_name=base_name, resolved=resolved,
-                    identity=record.identity, data_report=dataset.report, prompt=prompt)
+                    identity=record.identity, data_report=dataset.report, prompt=prompt,
+                    listen=listener(args, cfg, model, encoder, eval_samples, dist_info))
+
+
+def listener(args, cfg, model, encoder, eval_samples, dist_info):
+    """The loop's Run.listen: rank 0 generates --eval-samples held-out prompts at each evaluation
+    (train/samples.py), or None."""
+    if not (eval_samples and args.eval_samples and dist_info.is_main):
+        return None
+    if not cfg.use_delay_pattern:
+        log.warning("--eval-samples %d: no samples, generation needs use_delay_pattern true", args.eval_samples)
+        return None
+    from higgs_min.train.samples import Listener
+
+    return Listener(args, model, encoder, eval_samples, dist_info.device)
 
 
 def train(args) -> dict:
