@@ -90,7 +90,7 @@ def test_samples_every_evaluation_repeat_with_the_seed_and_resume_continues_the_
     dropout = ["--lora-dropout", "0.1"]  # training draws from torch's RNG: samples must not move it
     assert run(a, "--data", data, *LISTEN, *dropout, "--tensorboard") == 0
     ids = ["eval-0000", "eval-0001"]
-    for step in (2, 4):  # every evaluation: the save steps, and the last
+    for step in (0, 2, 4):  # every evaluation: the untrained adapter, the save steps, and the last
         folder = a / "samples" / f"step-{step}"
         for i in ids:
             row = json.loads((folder / f"{i}.json").read_text())
@@ -102,7 +102,7 @@ def test_samples_every_evaluation_repeat_with_the_seed_and_resume_continues_the_
             assert (a / "samples" / "reference" / f"{i}.wav").stat().st_size > 44
     assert not [p for p in a.rglob(".*")]  # no temp file or folder left behind
     rows = [r for r in metrics(a) if r["split"] == "samples"]
-    assert [r["step"] for r in rows] == [2, 4] and all(r["samples"] == 2 for r in rows)
+    assert [r["step"] for r in rows] == [0, 2, 4] and all(r["samples"] == 2 for r in rows)
     assert 0 <= rows[-1]["eos_rate"] <= 1 and 0 <= rows[-1]["silence_fraction"] <= 1
     ev = json.loads((a / "checkpoint-4" / "trainer_state.json").read_text())["eval"]
     assert ev["eos_rate"] == rows[-1]["eos_rate"]  # the figures travel with the checkpoint (--best-by)
@@ -110,10 +110,10 @@ def test_samples_every_evaluation_repeat_with_the_seed_and_resume_continues_the_
     # a second run with the same seed, stopped at step 2 and resumed to 4: the same samples byte for byte,
     # and the series continues
     assert run(c, "--data", data, *LISTEN, *dropout, "--max-steps", 2) == 0
-    assert sorted(p.name for p in (c / "samples").iterdir()) == ["reference", "step-2"]
+    assert sorted(p.name for p in (c / "samples").iterdir()) == ["reference", "step-0", "step-2"]
     assert run(c, "--data", data, *LISTEN, *dropout) == 0
     assert _sample_files(c) == _sample_files(a)
-    assert [r["step"] for r in metrics(c) if r["split"] == "samples"] == [2, 4]
+    assert [r["step"] for r in metrics(c) if r["split"] == "samples"] == [0, 2, 4]
     # training is the same without samples: generation draws from its own generator, the codec under fork_rng
     assert run(quiet, "--data", data, *LISTEN[:2], *dropout, "--eval-samples", "0", "--save-steps", "2") == 0
     assert not (quiet / "samples").exists()
