@@ -1,7 +1,8 @@
-"""Rebuild the shipped demo set: data/demo.jsonl, data/codes/, data/tokenizer.json.
+"""Rebuild the shipped demo set: data/demo.jsonl, data/codes/, data/tokenizer.json, data/tokenizer_v3.json.
 
     apt-get install espeak-ng   # only needed to rebuild; training and CI use the outputs
     .venv/bin/python data/make_demo.py
+    .venv/bin/python data/make_demo.py --v3-tokenizer   # only data/tokenizer_v3.json (no espeak-ng needed)
 
 Speech is synthesized by espeak-ng (English and Arabic voices) and encoded by a
 seeded random DAC (higgs_min.audio.codec.RANDOM_CODEC_CONFIG): the released codec
@@ -62,6 +63,11 @@ PAIRS = [
 SPOKEN_QUESTION = {3, 9, 19, 24}
 
 
+# Higgs Audio v3's special tokens, in the released tokenizer's id order (<|endoftext|> 151643 is Qwen3's pad,
+# <|tts|> 151667, <|audio|> 151670, <|text|> 151672, <|ref_audio|> 151679, <|ref_text|> 151680).
+V3_SPECIALS = ["<|endoftext|>", "<|tts|>", "<|audio|>", "<|text|>", "<|ref_audio|>", "<|ref_text|>"]
+
+
 def speak(text: str, voice: str, wav: Path) -> None:
     subprocess.run(["espeak-ng", "-v", voice, "-s", "190", "-w", str(wav), text], check=True)
 
@@ -110,9 +116,25 @@ def main() -> None:
     (HERE / "demo.jsonl").write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in lines), encoding="utf-8")
     texts = [SYSTEM] + [t for _, q, a in PAIRS for t in (q, a)] + ["system", "user", "assistant", "\n\n"]
     train_tokenizer(texts, HERE / "tokenizer.json")
+    v3_tokenizer(HERE / "tokenizer.json", HERE / "tokenizer_v3.json")
     shutil.rmtree(work)
-    print(f"wrote {HERE / 'demo.jsonl'} ({len(rows)} conversations), {HERE / 'codes'}, {HERE / 'tokenizer.json'}")
+    print(f"wrote {HERE / 'demo.jsonl'} ({len(rows)} conversations), {HERE / 'codes'}, {HERE / 'tokenizer.json'}, "
+          f"{HERE / 'tokenizer_v3.json'}")
+
+
+def v3_tokenizer(src: Path, out: Path) -> None:
+    """The v3 demo tokenizer (preset v3-tiny): the same BPE and ids as `src`, plus the v3 special tokens as added
+    tokens (ids 705-710 here), as the released v3 tokenizer holds them. A shipped file, not tokens added at
+    load time: a tokenizer without them must be refused, never silently extended."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_file(str(src))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in V3_SPECIALS])
+    tok.save(str(out))
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--v3-tokenizer"]:  # only data/tokenizer_v3.json, from the shipped tokenizer.json
+        v3_tokenizer(HERE / "tokenizer.json", HERE / "tokenizer_v3.json")
+    else:
+        main()

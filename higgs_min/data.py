@@ -89,9 +89,10 @@ def revert_delay_pattern(delayed: torch.Tensor) -> torch.Tensor:
     return torch.stack([delayed[k, k:k + T] for k in range(K)])
 
 
-def stream_length(T: int, K: int, delay: bool = True):
-    """Positions of one audio stream of T frames: T + K + 1 with the delay pattern, T + 2 without."""
-    return T + (K + 1 if delay else 2)
+def stream_length(T: int, K: int, delay: bool = True, bookends: bool = True):
+    """Positions of one audio stream of T frames (an int or an array): T + 2 with BOS/EOS bookends (v2), T without
+    (v3); plus K - 1 with the delay pattern. v2: T + K + 1 (T + 2 undelayed); v3: T + K - 1."""
+    return T + (2 if bookends else 0) + (K - 1 if delay else 0)
 
 
 def audio_stream(codes: torch.Tensor, bos: int, eos: int, delay: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,26 +166,50 @@ class Plan:
     segments: np.ndarray
     codecs: tuple = ()
 
-    def length(self, num_codebooks: int, delay: bool = True) -> int:
-        """Positions after materialize: each placeholder becomes stream_length(T, K, delay)."""
-        return len(self.tokens) - len(self.segments) + int(self.segments[:, 0].sum()) + len(self.segments) * (
-            stream_length(0, num_codebooks, delay))
+    def length(self, rule: "StreamRule") -> int:
+        """Positions after materialize: each placeholder becomes rule.length(T) positions."""
+        return len(self.tokens) - len(self.segments) + int(rule.length(self.segments[:, 0]).sum())
 
 
-def materialize(plan: Plan, num_codebooks: int, codebook_size: int, delay: bool = True) -> Sample:
-    """Expand a Plan into a Sample: each placeholder becomes S = stream_length(T, K, delay) positions carrying
-    delay([BOS | codes | EOS]) (labels delay([-100 | codes | EOS]) for assistant streams); no delay if not `delay`.
+@dataclass(frozen=True)
+class StreamRule:
+    """How each audio stream of a Plan becomes positions and labels: the one home of the delay pattern.
+
+    K codebooks of C codes; ids C and C + 1 are BOS/BOC and EOS/EOC. A stream of T frames is laid out as
+    frames F = [BOS | codes | EOS] (bookends: v2) or F = codes (no bookends: v3), then with `delay`
+    codebook k at stream position s reads F[s - k]: BOS before F, EOS after it (without delay, F[s]).
+    Labels of an assistant stream: every code cell and v2's EOS frame (each codebook's first EOS); with
+    `score_pads` also every EOS cell after F (v3, whose sampler samples them: higgs_min/v3/layout.py);
+    never a BOS cell. Streams of other roles are input only (audio_in_mask), unlabelled.
+
+        v2: StreamRule(K, C)                                           T + K + 1 positions
+        v3: StreamRule(K, C, bookends=False, score_pads=True)           T + K - 1 positions
+    """
+    K: int
+    C: int
+    delay: bool = True
+    bookends: bool = True
+    score_pads: bool = False
+
+    def length(self, T):
+        """Positions of a stream of T frames (an int or an integer array)."""
+        return stream_length(T, self.K, self.delay, self.bookends)
+
+
+def materialize(plan: Plan, rule: StreamRule) -> Sample:
+    """Expand a Plan into a Sample: each placeholder becomes S = rule.length(T) positions carrying the stream's
+    codes laid out by `rule` (v2: delay([BOS | codes | EOS]), labels delay([-100 | codes | EOS]) for assistant
+    streams).
 
     The delay is computed by index arithmetic, position-major: at stream position s, codebook k reads
-    frame s - k of [BOS | codes | EOS] (BOS before it, EOS/-100 after it) -- `audio_stream`'s definition,
-    which the tests check this against, vectorized because this runs once per sample per epoch. Without the
-    delay, codebook k reads frame s."""
-    K, bos, eos = num_codebooks, codebook_size, codebook_size + 1
+    frame s - k of F (BOS before it, EOS after it) -- `audio_stream`'s definition, which the tests check this
+    against, vectorized because this runs once per sample per epoch. Without the delay, codebook k reads frame s."""
+    K, bos, eos, e = rule.K, rule.C, rule.C + 1, int(rule.bookends)
     tokens = plan.tokens.astype(np.int64)
     is_audio = (plan.flags & AUDIO) != 0
     T, role = plan.segments[:, 0].astype(np.int64), plan.segments[:, 1]
     reps = np.ones(len(tokens), dtype=np.int64)
-    reps[is_audio] = stream_length(T, K, delay)
+    reps[is_audio] = rule.length(T)
     input_ids = np.repeat(tokens, reps)
     sup = np.repeat((plan.flags & SUPERVISED) != 0, reps)
     text_labels = np.where(sup, input_ids, IGNORE_INDEX)
@@ -198,17 +223,20 @@ def materialize(plan: Plan, num_codebooks: int, codebook_size: int, delay: bool 
     k = np.arange(K)[None, :]
     shapes = []
     for s, (start, t, r) in enumerate(zip(starts.tolist(), T.tolist(), role.tolist())):
-        S = stream_length(t, K, delay)
-        src = np.arange(S)[:, None] - (k if delay else 0)  # frame of [BOS | codes | EOS] at (position, codebook)
-        inside = (src >= 0) & (src <= t + 1)
-        frames = np.empty((t + 2, K), dtype=np.int64)
-        frames[0], frames[1:t + 1], frames[t + 1] = bos, plan.codes[frame0[s]:frame0[s] + t], eos
-        got = frames[np.clip(src, 0, t + 1), k]
+        S, n = rule.length(t), t + 2 * e  # positions; frames of F
+        src = np.arange(S)[:, None] - (k if rule.delay else 0)  # frame of F at (position, codebook)
+        inside = (src >= 0) & (src < n)
+        frames = np.full((max(n, 1), K), bos, dtype=np.int64)  # F (one dummy row when empty: never read)
+        frames[e:e + t] = plan.codes[frame0[s]:frame0[s] + t]
+        if e:
+            frames[n - 1] = eos
+        got = np.where(inside, frames[np.clip(src, 0, max(n - 1, 0)), k], np.where(src < 0, bos, eos))
         span = slice(start, start + S)
-        audio_codes[span] = np.where(inside, got, np.where(src < 0, bos, eos))
+        audio_codes[span] = got
         out = ROLES[r] == "assistant"
-        if out:
-            audio_labels[span] = np.where(inside & (src > 0), got, IGNORE_INDEX)
+        if out:  # BOS cells (src < 0, and v2's BOS frame) never; EOS pads (src >= n) only with score_pads
+            scored = (inside & (src >= e)) | ((src >= n) if rule.score_pads else False)
+            audio_labels[span] = np.where(scored, got, IGNORE_INDEX)
         (audio_out if out else audio_in)[span] = True
         shapes.append((ROLES[r], (K, t)))
     return Sample(plan.index, torch.from_numpy(input_ids), torch.from_numpy(text_labels),
@@ -287,11 +315,15 @@ def check_messages(messages, where: str | None = None, arrays: bool = False) -> 
     return texts, audio
 
 
-class ChatEncoder:
-    """Turns one parsed conversation into a Plan (and a Sample). Special-token ids are looked up by name."""
+class TokenEncoder:
+    """A tokenizer file and the special tokens a layout needs, looked up by name and checked against the model's
+    vocabulary; the base of each family's encoder (ChatEncoder here, higgs_min/v3/layout.py V3Encoder).
 
-    def __init__(self, tokenizer_path: str | Path, num_codebooks: int, codebook_size: int, vocab_size: int,
-                 delay: bool = True):
+    An encoder's interface (what sanitize, the corpus, the trainer and eval use): tokenizer_path, tok, ids,
+    K, C, streams (StreamRule), pad_id, layout (a name the packed corpus records), text(), decode(),
+    plan(messages, codes_of, where, index) -> Plan, min_length(messages, frames_of, chars_per_token, where)."""
+
+    def __init__(self, tokenizer_path: str | Path, specials: dict[str, str], vocab_size: int):
         from tokenizers import Tokenizer
 
         self.tokenizer_path = Path(tokenizer_path)
@@ -302,24 +334,20 @@ class ChatEncoder:
         if self.tok.get_vocab_size() > vocab_size:  # checked first: it names both sizes
             raise DataError(f"{tokenizer_path}: tokenizer has {self.tok.get_vocab_size()} tokens, "
                             f"model vocab_size is {vocab_size}")
-        self.ids = {}
-        for key, name in SPECIAL_TOKENS.items():
-            tid = self.tok.token_to_id(name)
-            if tid is None:
-                raise DataError(f"{tokenizer_path}: special token {name} is not in the tokenizer")
-            if tid >= vocab_size:
-                raise DataError(f"{tokenizer_path}: {name} has id {tid} >= model vocab_size {vocab_size}")
-            self.ids[key] = tid
-        if codebook_size + 2 > np.iinfo(np.int16).max:
-            raise DataError(f"codebook size {codebook_size}: plans store codes as int16")
-        self.K, self.C, self.delay = num_codebooks, codebook_size, delay
-        self._headers = {}  # role -> its header ids, tokenized once (the same ids every turn)
-        self.eom = self.tok.token_to_id(EOM)  # None: refused when a conversation needs it
-        if self.eom is not None and self.eom >= vocab_size:
-            raise DataError(f"{tokenizer_path}: {EOM} has id {self.eom} >= model vocab_size {vocab_size}")
+        self.vocab_size = vocab_size
+        self.ids = {key: self.special_id(name, required=True) for key, name in specials.items()}
         # The longest token, in characters: a text of n characters is at least n / this many tokens,
         # a bound checked before tokenizing (a 300,000-character line is refused without encoding it).
         self.max_token_chars = max(1, max(len(t) for t in self.tok.get_vocab(with_added_tokens=False)))
+
+    def special_id(self, name: str, required: bool) -> int | None:
+        """The id of special token `name`; None when absent and not required (a DataError when required)."""
+        tid = self.tok.token_to_id(name)
+        if tid is None and required:
+            raise DataError(f"{self.tokenizer_path}: special token {name} is not in the tokenizer")
+        if tid is not None and tid >= self.vocab_size:
+            raise DataError(f"{self.tokenizer_path}: {name} has id {tid} >= model vocab_size {self.vocab_size}")
+        return tid
 
     def text(self, s: str) -> list[int]:
         return self.tok.encode(s, add_special_tokens=False).ids
@@ -329,6 +357,39 @@ class ChatEncoder:
         official serve_engine's tokenizer.decode does; said here rather than left to the tokenizers library."""
         size = self.tok.get_vocab_size()
         return self.tok.decode([int(i) for i in ids if 0 <= int(i) < size], skip_special_tokens=False)
+
+
+class ChatEncoder(TokenEncoder):
+    """Turns one parsed conversation into a Plan (and a Sample) in v2's ChatML layout."""
+
+    layout = "higgs-v2-chatml"
+
+    def __init__(self, tokenizer_path: str | Path, num_codebooks: int, codebook_size: int, vocab_size: int,
+                 delay: bool = True):
+        super().__init__(tokenizer_path, SPECIAL_TOKENS, vocab_size)
+        if codebook_size + 2 > np.iinfo(np.int16).max:
+            raise DataError(f"codebook size {codebook_size}: plans store codes as int16")
+        self.K, self.C, self.delay = num_codebooks, codebook_size, delay
+        self.streams = StreamRule(num_codebooks, codebook_size, delay)
+        self.pad_id = self.ids["end_of_text"]
+        self._headers = {}  # role -> its header ids, tokenized once (the same ids every turn)
+        self.eom = self.special_id(EOM, required=False)  # None: refused when a conversation needs it
+
+    def min_length(self, messages: list, frames_of, chars_per_token: int | None, where: str = "") -> int:
+        """A lower bound on the positions of this conversation's sample, known without tokenizing or reading any
+        codes data (frames_of(audio item) -> T from its file's header; a header claiming 10^6 frames costs
+        nothing): <|begin_of_text|>, 3 specials per message, (T + K + 1) + 2 per audio stream, and the texts at
+        the most characters one token can cover (none when chars_per_token is None)."""
+        n, K = 1 + 3 * len(messages), self.K
+        for msg in messages:
+            content = msg["content"]
+            items = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            for item in items:
+                if item["type"] == "audio":
+                    n += frames_of(item) + K + 3
+                elif chars_per_token is not None:
+                    n += -(-len(item["text"]) // chars_per_token)
+        return n
 
     def plan(self, messages: list[dict], codes_of, where: str, index: int) -> Plan:
         """The layout decision for one conversation, whose messages passed check_messages. `codes_of(item,
@@ -390,12 +451,12 @@ class ChatEncoder:
         tail = self.header("assistant") + ([self.ids["audio_out_bos"]] if force_audio else [])
         plan.tokens = np.concatenate([plan.tokens, np.asarray(tail, dtype=np.int32)])
         plan.flags = np.concatenate([plan.flags, np.zeros(len(tail), dtype=np.uint8)])
-        return materialize(plan, self.K, self.C, self.delay)
+        return materialize(plan, self.streams)
 
     def encode(self, messages: list[dict], codes_of, where: str, index: int) -> Sample:
         """check_messages, then materialize(plan(...)): the one path from a conversation to a Sample."""
         check_messages(messages, where, arrays=True)
-        return materialize(self.plan(messages, codes_of, where, index), self.K, self.C, self.delay)
+        return materialize(self.plan(messages, codes_of, where, index), self.streams)
 
 
 @dataclass
@@ -409,16 +470,16 @@ class LoadReport:
         return f"loaded {self.loaded}, skipped {total} ({reasons})"
 
 
-def targets_of(text_labels: torch.Tensor, audio_labels: torch.Tensor, audio_out_mask: torch.Tensor):
+def targets_of(text_labels: torch.Tensor, audio_labels: torch.Tensor):
     """The scored targets of a batch, made once (collate calls this; the losses and eval only read them):
 
         text_targets  (B, L)      next_token_targets(text_labels): what the logits at i are scored against
-        audio_targets (B, L, K)   next_token_targets(audio_labels), IGNORE_INDEX wherever position i is not an
-                                  audio-out position (the audio head reads only the assistant's audio rows)
+        audio_targets (B, L, K)   next_token_targets(audio_labels): the audio head scores every position whose
+                                  next position holds an audio label. In v2 those are the assistant's audio-out
+                                  rows (its BOS row predicts the first codes); in v3 also the `<|audio|>` text
+                                  token, whose position predicts delayed row 0 (v3 has no BOS row).
     """
-    audio = next_token_targets(audio_labels)
-    audio[~audio_out_mask] = IGNORE_INDEX
-    return next_token_targets(text_labels), audio
+    return next_token_targets(text_labels), next_token_targets(audio_labels)
 
 
 def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
@@ -444,8 +505,7 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
         out["audio_targets"][b, :n] = s.audio_labels
         out["audio_in_mask"][b, :n] = s.audio_in_mask
         out["audio_out_mask"][b, :n] = s.audio_out_mask
-    out["text_targets"], out["audio_targets"] = targets_of(out["text_targets"], out["audio_targets"],
-                                                            out["audio_out_mask"])
+    out["text_targets"], out["audio_targets"] = targets_of(out["text_targets"], out["audio_targets"])
     return out
 
 

@@ -74,7 +74,8 @@ class Scorer(nn.Module):
         # every trainable parameter in every step's graph (its gradient gains exactly 0), so DDP runs
         # with find_unused_parameters=False: no extra graph walk, no warning.
         hidden = hidden + 0.0 * sum(p.sum() for p in self.trainable).to(hidden.dtype)
-        text = text_scores(hidden, batch["text_targets"], self.model.audio_decoder_proj.text_lm_head, self.text_chunk)
+        # the heads through methods both model families have (v3's are tied to its embeddings)
+        text = text_scores(hidden, batch["text_targets"], self.model.text_logits, self.text_chunk)
         audio = audio_scores(hidden, batch["audio_targets"], self.model.audio_logits)
         return text, audio
 

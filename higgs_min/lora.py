@@ -316,3 +316,40 @@ def load_adapter(model: nn.Module, folder: str | Path) -> dict:
                    cfg.get("lora_dropout", 0.0), cfg.get("use_rslora", False))
     load_adapter_tensors(model, tensors, source=str(Path(folder) / "adapter_model.safetensors"))
     return cfg
+
+
+# --------------------------------------------------------------------------- base tensors trained in full
+
+TRAINED_TENSORS = "trained_tensors.safetensors"  # beside adapter_model.safetensors (v3 --train-audio-embedding)
+
+
+def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter that is not a LoRA A/B, under its model name (fp32, contiguous, on CPU).
+
+    named_parameters lists a tied parameter once, so a tied matrix (v3's audio embedding = audio head) is ONE
+    tensor here, never an embedding plus a head copy."""
+    lora = {id(p) for m in lora_layers(model).values() for p in (m.lora_A.weight, m.lora_B.weight)}
+    return {n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters()
+            if p.requires_grad and id(p) not in lora}
+
+
+def read_trained_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The trained base tensors saved beside an adapter ({} when the adapter has none)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / TRAINED_TENSORS
+    return load_file(str(path)) if path.exists() else {}
+
+
+@torch.no_grad()
+def load_trained_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = TRAINED_TENSORS) -> None:
+    """Copy trained base tensors into the model's parameters of the same names, strictly (every name known, every
+    shape equal). The copy goes into the existing Parameter, so whatever shares it (a tie) still shares it."""
+    params = dict(model.named_parameters())
+    for name, t in tensors.items():
+        if name not in params:
+            raise KeyError(f"{source}: tensor {name!r} names no parameter of the model")
+        if tuple(t.shape) != tuple(params[name].shape):
+            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, model expects "
+                             f"{tuple(params[name].shape)}")
+        params[name].copy_(t)

@@ -3,7 +3,7 @@
 Both take the batch's targets, already shifted by `data.targets_of` (logits at i vs the label at i+1): the
 next-token rule is applied once, where the batch is built, and never here.
 
-Text: only the rows with a target go through `text_lm_head`: (N, H) -> (N, V),
+Text: only the rows with a target go through the text head: (N, H) -> (N, V),
 never (B, L, V). Above `chunk_rows` rows the head + cross-entropy run chunk by
 chunk under activation checkpointing, so the extra memory is one chunk's logits
 whatever the batch.
@@ -45,14 +45,16 @@ class TextScores:
 
 
 def text_scores(hidden, text_targets, head, chunk_rows: int = 128) -> TextScores:
-    """hidden (B, L, H), text_targets (B, L) (data.targets_of), head: H -> V."""
+    """hidden (B, L, H), text_targets (B, L) (data.targets_of), head: rows (N, H) -> logits (N, V) (a module, or a
+    model's text_logits: v3's text head is tied to its text embedding)."""
     targets = text_targets
     sel = targets != IGNORE_INDEX
     h, t = hidden[sel], targets[sel]  # (N, H), (N,)
     row = sel.nonzero()[:, 0]
     N = t.numel()
-    V = head.weight.shape[0]  # nn.Linear or LoRALinear
-    if N == 0:
+    with torch.no_grad():
+        V = head(h[:0]).shape[-1]  # the head's width, from zero rows
+    if N == 0:  # (v3 scores no text)
         return TextScores(hidden.sum() * 0.0, 0, t, t, row, (0, V))
     if N <= chunk_rows:
         loss_sum, pred = _text_chunk(head, h, t)
@@ -124,7 +126,7 @@ def target_counts(text_targets, audio_targets) -> torch.Tensor:
 
 
 def audio_scores(hidden, audio_targets, audio_logits_fn) -> AudioScores:
-    """hidden (B, L, H), audio_targets (B, L, K) (data.targets_of: set only at audio-out positions)."""
+    """hidden (B, L, H), audio_targets (B, L, K) (data.targets_of)."""
     sel = (audio_targets != IGNORE_INDEX).any(-1)  # (B, L): rows with at least one codebook target
     logits = audio_logits_fn(hidden[sel])  # (N, K, C + 2)
     t = audio_targets[sel]  # (N, K)

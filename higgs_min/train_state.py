@@ -62,7 +62,7 @@ def set_rng_state(state: dict) -> None:
 
 def training_files(model, optimizer, adapter_cfg: dict, trainer_state: dict) -> dict:
     """Everything a checkpoint holds: name -> tensors (safetensors) or JSON bytes."""
-    from higgs_min.lora import adapter_state_dict
+    from higgs_min.lora import TRAINED_TENSORS, adapter_state_dict, trained_tensors
 
     names = {p: n for n, p in model.named_parameters() if p.requires_grad}
     moments, scalars, groups = {}, {}, []
@@ -74,7 +74,9 @@ def training_files(model, optimizer, adapter_cfg: dict, trainer_state: dict) -> 
                     scalars.setdefault(names[p], {})[key] = value.item()
                 else:
                     moments[f"{names[p]}.{key}"] = value.detach().cpu().contiguous()
+    full = trained_tensors(model)  # base tensors trained in full (v3 --train-audio-embedding), else none
     return {
+        **({TRAINED_TENSORS: full} if full else {}),
         "adapter_model.safetensors": adapter_state_dict(model),
         "adapter_config.json": json_bytes(adapter_cfg),
         "optimizer.safetensors": moments,
@@ -102,9 +104,14 @@ def restore_training_state(folder: Path, model, optimizer, files: dict) -> dict:
     """files: name -> tensors (safetensors files) or bytes (JSON files), as `training_files` wrote them."""
     import torch
 
-    from higgs_min.lora import load_adapter_tensors
+    from higgs_min.lora import TRAINED_TENSORS, load_adapter_tensors, load_trained_tensors, trained_tensors
 
     load_adapter_tensors(model, files["adapter_model.safetensors"], source=str(folder / "adapter_model.safetensors"))
+    saved, want = files.get(TRAINED_TENSORS, {}), sorted(trained_tensors(model))
+    if sorted(saved) != want:  # the set trained in full must be this run's (e.g. --train-audio-embedding)
+        raise ValueError(f"{folder}: base tensors trained in full {sorted(saved) or 'none'}, this run trains "
+                         f"{want or 'none'}")
+    load_trained_tensors(model, saved, source=str(folder / TRAINED_TENSORS))
     moments = files["optimizer.safetensors"]
     meta = json.loads(files["optimizer.json"])
     names = {p: n for n, p in model.named_parameters() if p.requires_grad}

@@ -110,12 +110,11 @@ def test_oracle_next_token_rule_audio():
     B, L, K, C2 = 2, 30, 4, 18
     labels = torch.randint(0, C2, (B, L, K), generator=g)
     labels[:, :3] = IGNORE_INDEX
-    out_mask = torch.ones(B, L, dtype=torch.bool)
     nxt = torch.cat([labels[:, 1:], torch.zeros(B, 1, K, dtype=torch.long)], 1).clamp(min=0)
     hidden = F.one_hot(nxt, C2).float().view(B, L, K * C2)  # (B, L, K*C2)
     head = _oracle_head(K * C2)
     fn = lambda h: head(h).view(-1, K, C2)  # noqa: E731
-    right = audio_scores(hidden, targets_of(labels[..., 0], labels, out_mask)[1], fn)
+    right = audio_scores(hidden, targets_of(labels[..., 0], labels)[1], fn)
     loss, _ = reduce_codebooks(right.loss_sums, right.counts)
     assert loss < 1e-6 and (right.correct == right.counts).all()
     wrong = audio_scores(hidden, labels, fn)  # targets = labels unshifted
@@ -135,7 +134,7 @@ def _scores(V=1024, C2=1026, K=8, n_text=50, n_audio=40, seed=0):
     audio_head = nn.Linear(H, K * C2, bias=False)
     nn.init.normal_(text_head.weight, std=1e-3)
     nn.init.normal_(audio_head.weight, std=1e-3)
-    tt, at = targets_of(labels, alabels, torch.ones(B, L, dtype=torch.bool))
+    tt, at = targets_of(labels, alabels)
     t = text_scores(hidden, tt, text_head)
     a = audio_scores(hidden, at, lambda h: audio_head(h).view(-1, K, C2))
     return t, a

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from higgs_min.config import REFUSED_FIELDS, ModelConfig
-from higgs_min.data import EOM, IGNORE_INDEX, ChatEncoder, DataError
+from higgs_min.data import EOM, IGNORE_INDEX, ChatEncoder, DataError, StreamRule
 from higgs_min.prepare.sanitize import load_jsonl
 from higgs_min.model import HiggsAudioModel, rotate_half
 from tests.conftest import micro_config, random_batch
@@ -93,7 +93,7 @@ def test_no_delay_layout(tmp_path):
     assert torch.equal(d.text_labels[keep], s.text_labels[keep_s])
     plan = enc.plan(json.loads((tmp_path / "d.jsonl").read_text())["messages"],
                     lambda item, w: np.load(tmp_path / item["codes"]), "x", 1)
-    assert plan.length(K, delay=False) == len(s.input_ids) and plan.length(K) == len(d.input_ids)
+    assert plan.length(enc.streams) == len(s.input_ids) and plan.length(StreamRule(K, C)) == len(d.input_ids)
 
 
 # ------------------------------------------------------------------------------------------ audio_embed_avg

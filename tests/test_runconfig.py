@@ -98,7 +98,8 @@ def test_every_option_has_one_resume_class():
     dests = [a.dest for a in _actions()]
     assert sorted(dests) == sorted(RESUME_CLASS), "the parser and the table disagree"
     assert set(RESUME_CLASS.values()) == {TRAINED, SHAPE, OPERATIONAL}
-    assert {k for k, v in RESUME_CLASS.items() if v == SHAPE} == {"preset", "lora_rank", "lora_targets"}
+    assert {k for k, v in RESUME_CLASS.items() if v == SHAPE} == {"preset", "lora_rank", "lora_targets",
+                                                                  "train_audio_embedding"}
 
 
 def _other_value(action, tmp_path):

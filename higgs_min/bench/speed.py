@@ -94,7 +94,8 @@ def audio_batch(cfg, B, L, audio_share=0.5, seed=0):
     pick = torch.rand(len(text_pos[0]), generator=g) < TEXT_TARGET_DENSITY / (1 - audio_share)
     text_labels[text_pos[0][pick], text_pos[1][pick]] = ids[text_pos[0][pick], text_pos[1][pick]]
     audio_labels = torch.where(audio[..., None], codes, torch.full_like(codes, -100))
-    text_targets, audio_targets = targets_of(text_labels, audio_labels, audio)
+    text_targets, audio_targets = targets_of(text_labels, audio_labels)
+    audio_targets[~audio] = -100  # as in a v2 sample, whose stream starts with an unlabelled BOS row
     return {"input_ids": ids, "attention_mask": torch.ones(B, L, dtype=torch.long), "text_targets": text_targets,
             "audio_codes": codes, "audio_targets": audio_targets, "audio_in_mask": torch.zeros_like(audio),
             "audio_out_mask": audio}

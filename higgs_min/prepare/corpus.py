@@ -171,6 +171,12 @@ def check_identity(m: dict, folder: Path, encoder: ChatEncoder, tokenizer_sha256
                           f"from {tok['path']}); this run's tokenizer {encoder.tokenizer_path} has sha256 "
                           f"{tokenizer_sha256[:16]}… ({encoder.tok.get_vocab_size()} tokens): repack with it, or "
                           f"train with --tokenizer {tok['path']}")
+    # Plans are one layout's token sequences (v2 ChatML or v3 TTS; the same tokenizer file can serve both). A
+    # manifest without the field was packed before v3 existed, so in v2's layout.
+    layout = m.get("layout", "higgs-v2-chatml")
+    if layout != encoder.layout:
+        raise CorpusError(f"{folder}: packed in the {layout} layout; this model reads {encoder.layout}: pack the "
+                          f"JSONL again for this model (python -m higgs_min.prepare pack ... with its tokenizer)")
     if tok["special_ids"] != encoder.ids:
         raise CorpusError(f"{folder}: special ids {tok['special_ids']} differ from this run's {encoder.ids}")
     if (audio["num_codebooks"], audio["codebook_size"]) != (encoder.K, encoder.C):
@@ -186,10 +192,10 @@ class PackedDataset:
         self.folder = folder = Path(folder)
         m = self.manifest = read_manifest(folder)
         check_identity(m, folder, encoder, tokenizer_sha256 or sha256_file(encoder.tokenizer_path))
-        if not encoder.delay:  # its stored lengths assume the delay pattern (T + K + 1 per stream)
+        if not encoder.streams.delay:  # its stored lengths assume the delay pattern
             raise DataError(f"{folder}: a packed corpus with use_delay_pattern false is not supported; "
                             "train on the JSONL file instead")
-        self.K, self.C = encoder.K, encoder.C
+        self.K, self.streams = encoder.K, encoder.streams
         self.shards = []
         for s in m["shards"]:
             path = folder / s["name"]
@@ -254,7 +260,7 @@ class PackedDataset:
         return self.shards[k].plan(j)
 
     def __getitem__(self, i: int):
-        return materialize(self.plan(i), self.K, self.C)
+        return materialize(self.plan(i), self.streams)
 
     def where(self, i: int) -> str:
         k, j = self._locate(i)
@@ -272,12 +278,12 @@ class JsonlDataset:
     def __init__(self, path: str | Path, encoder: ChatEncoder, max_length: int, skip_bad: bool = False,
                  audio_root: Path | None = None, max_bad_fraction: float = 0.01, report_path: Path | None = None):
         self.path = path = Path(path)
-        self.K, self.C, self.delay = encoder.K, encoder.C, encoder.delay
+        self.K, self.streams = encoder.K, encoder.streams
         # sanitize.read_jsonl: every line through the one per-line boundary, all bad lines in one report
         self.plans, rejected = read_jsonl(path, encoder, max_length, skip_bad, audio_root, max_bad_fraction,
                                           report_path)
         skipped = rejected.counts()
-        self.lengths = np.array([p.length(self.K, self.delay) for p in self.plans], dtype=np.int32)
+        self.lengths = np.array([p.length(self.streams) for p in self.plans], dtype=np.int32)
         self.load_report = LoadReport(len(self.plans), skipped)
         codec = one_codec(self.plans, path)
         self.report = f"{path}: {self.load_report.summary()}, codec {codec or 'not recorded'}"
@@ -291,7 +297,7 @@ class JsonlDataset:
         return self.plans[i]
 
     def __getitem__(self, i: int):
-        return materialize(self.plans[i], self.K, self.C, self.delay)
+        return materialize(self.plans[i], self.streams)
 
     def where(self, i: int) -> str:
         return f"{self.path}:{self.plans[i].index}"

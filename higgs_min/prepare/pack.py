@@ -34,6 +34,10 @@ from higgs_min.checkpoint import sha256_file
 from higgs_min.prepare.corpus import FORMAT, MANIFEST, VERSION, CorpusError, shard_bytes
 from higgs_min.data import ChatEncoder, DataError
 from higgs_min.prepare.sanitize import RejectReport, Rejection, line_to_plan
+from higgs_min.v3.layout import V3Encoder
+
+# --layout: which model family's samples the Plans are (the manifest records it; training checks it)
+ENCODERS = {"v2": ChatEncoder, "v3": V3Encoder}
 
 log = logging.getLogger("higgs_min.prepare.pack")
 SHARD_NAME = "shard-{:05d}.safetensors"
@@ -44,9 +48,9 @@ SHARD_NAME = "shard-{:05d}.safetensors"
 _ENCODER = None  # set once per worker process
 
 
-def _init_worker(tokenizer: str, K: int, C: int):
+def _init_worker(tokenizer: str, K: int, C: int, layout: str = "v2"):
     global _ENCODER
-    _ENCODER = ChatEncoder(tokenizer, K, C, vocab_size=2**31 - 1)
+    _ENCODER = ENCODERS[layout](tokenizer, K, C, vocab_size=2**31 - 1)
 
 
 def pack_shard(task: dict) -> dict:
@@ -83,7 +87,7 @@ def pack_shard(task: dict) -> dict:
         "token_offsets": offsets([len(p.tokens) for p in plans]),
         "frame_offsets": offsets([len(p.codes) for p in plans]),
         "segment_offsets": offsets([len(p.segments) for p in plans]),
-        "lengths": np.array([p.length(K) for p in plans], dtype=np.int32),
+        "lengths": np.array([p.length(enc.streams) for p in plans], dtype=np.int32),
         "source": np.full(n, task["source"], dtype=np.int32),
         "line": np.array([p.index for p in plans], dtype=np.int32),
     }
@@ -117,7 +121,7 @@ def line_ranges(path: Path, shard_lines: int):
 
 def pack(sources: list[Path], tokenizer: Path, out: Path, num_codebooks: int = 8, codebook_size: int = 1024,
          skip_bad: bool = False, max_bad_fraction: float = 0.01, workers: int = 1, shard_lines: int = 16384,
-         overwrite: bool = False, audio_root: Path | None = None) -> dict:
+         overwrite: bool = False, audio_root: Path | None = None, layout: str = "v2") -> dict:
     """Pack `sources` into `out`; returns the manifest. Raises CorpusError (nothing published) on failure."""
     out = Path(out)
     staging = out.parent / f".{out.name}.partial"
@@ -131,7 +135,7 @@ def pack(sources: list[Path], tokenizer: Path, out: Path, num_codebooks: int = 8
     for s in sources:
         if not s.is_file():
             raise CorpusError(f"{s}: --data file does not exist")
-    enc = ChatEncoder(tokenizer, num_codebooks, codebook_size, vocab_size=2**31 - 1)
+    enc = ENCODERS[layout](tokenizer, num_codebooks, codebook_size, vocab_size=2**31 - 1)
     t0 = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
     # --overwrite (or an empty folder): the old folder is swapped out once the new one is complete
@@ -145,7 +149,7 @@ def pack(sources: list[Path], tokenizer: Path, out: Path, num_codebooks: int = 8
                 tasks.append({"path": str(src), "source": i, "line_start": a, "line_end": b, "byte_start": s0,
                               "byte_end": s1, "shard": len(tasks), "staging": str(staging),
                               "audio_root": str(audio_root) if audio_root else None})
-        args = (str(tokenizer), num_codebooks, codebook_size)
+        args = (str(tokenizer), num_codebooks, codebook_size, layout)
         if workers > 1 and len(tasks) > 1:
             with multiprocessing.get_context("fork").Pool(min(workers, len(tasks)), _init_worker, args) as pool:
                 records = list(pool.imap(pack_shard, tasks))
@@ -177,7 +181,7 @@ def _manifest(records, source_records, enc, tokenizer, K, C, shard_lines) -> dic
     for rec in records:
         skipped.update(rec["skipped"])
     return {
-        "format": FORMAT, "version": VERSION, "shard_lines": shard_lines,
+        "format": FORMAT, "version": VERSION, "shard_lines": shard_lines, "layout": enc.layout,
         "tokenizer": {"path": str(Path(tokenizer).resolve()), "sha256": sha256_file(Path(tokenizer)),
                       "vocab_size": enc.tok.get_vocab_size(), "special_ids": enc.ids},
         "audio": {"num_codebooks": K, "codebook_size": C, "codes_dtype": "int16", "delay_pattern": "not applied",
@@ -235,13 +239,15 @@ def pack_main(argv=None) -> int:
                     "even with --skip-bad-samples")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing corpus folder")
     ap.add_argument("--audio-root", type=Path, help="folder the codes paths are relative to (default: each JSONL's)")
+    ap.add_argument("--layout", default="v2", choices=sorted(ENCODERS), help="the samples of which model family: "
+                    "v2 (ChatML conversations, Higgs Audio v2) or v3 (the TTS prompt of Higgs Audio v3)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.shard_lines < 1 or args.workers < 1:
         ap.error("--shard-lines and --workers must be >= 1")
     try:
         pack(args.data, args.tokenizer, args.out, args.num_codebooks, args.codebook_size, args.skip_bad_samples,
-             args.max_bad_fraction, args.workers, args.shard_lines, args.overwrite, args.audio_root)
+             args.max_bad_fraction, args.workers, args.shard_lines, args.overwrite, args.audio_root, args.layout)
     except (CorpusError, DataError) as e:
         log.error("%s", e)
         return 1

@@ -44,8 +44,8 @@ from pathlib import Path
 
 from higgs_min import atomic
 from higgs_min.prepare.codes_file import Refused, read_codes, read_codes_header
-from higgs_min.data import (SUPERVISED, ChatEncoder, DataError, LoadReport, Plan, Sample, SchemaError,
-                            check_messages, materialize)
+from higgs_min.data import (ChatEncoder, DataError, LoadReport, Plan, Sample, SchemaError, check_messages,
+                            materialize, plan_is_supervised)
 
 log = logging.getLogger(__name__)
 
@@ -221,20 +221,17 @@ def line_to_plan(raw: bytes, line_no: int, source: Path, encoder, max_length: in
 def _line_to_plan(raw, line_no, source, encoder, max_length, audio_root):
     K, C = encoder.K, encoder.C
     obj = parse_line(raw)
-    messages, texts, audio = check_conversation(obj, source)
+    messages, _, audio = check_conversation(obj, source)
     base = Path(audio_root) if audio_root is not None else source.parent
     headers = {}  # every codes file's header checked (bad files are errors even on a line skipped below)
     for iw, item in audio:
         headers[id(item)] = (iw, read_codes_header(base / item["codes"], f"{iw}.codes", K))
     if not any(m["role"] == "assistant" for m in messages):
         raise Refused("messages", "no supervised token", "no assistant text or audio to learn from")
-    # A lower bound on the positions, from what is known without tokenizing or reading any codes data
-    # (a header claiming 10^6 frames costs nothing): <|begin_of_text|>, 3 specials per message,
-    # (T + K + 1) + 2 per audio stream, and the texts at the most characters one token can cover.
-    bound = 1 + 3 * len(messages) + sum(h.shape[1] + K + 3 for _, h in headers.values())
-    cpt = chars_per_token(encoder)
-    if cpt is not None:
-        bound += sum(-(-len(t) // cpt) for t in texts)
+    # A lower bound on the positions (the encoder's layout: texts at the most characters a token covers, each
+    # stream's frames from its header), refused before tokenizing or reading any codes data.
+    where = f"{source}:{line_no}"
+    bound = encoder.min_length(messages, lambda item: headers[id(item)][1].shape[1], chars_per_token(encoder), where)
     if bound > max_length:
         _too_long(bound, max_length, False)
 
@@ -242,11 +239,11 @@ def _line_to_plan(raw, line_no, source, encoder, max_length, audio_root):
         iw, h = headers[id(item)]
         return read_codes(h, f"{iw}.codes", C)
 
-    plan = encoder.plan(messages, codes_of, f"{source}:{line_no}", line_no)
-    n = plan.length(K, encoder.delay)
+    plan = encoder.plan(messages, codes_of, where, line_no)
+    n = plan.length(encoder.streams)
     if n > max_length:
         _too_long(n, max_length, True)
-    if not (plan.flags & SUPERVISED).any():
+    if not plan_is_supervised(plan):
         raise Refused("messages", "no supervised token", "no assistant text or audio to learn from")
     return plan
 
@@ -365,7 +362,7 @@ def load_jsonl(path: str | Path, encoder: ChatEncoder, max_length: int, skip_bad
     """
     plans, rejected = read_jsonl(path, encoder, max_length, skip_bad, audio_root, max_bad_fraction,
                                           report_path)
-    samples = [materialize(p, encoder.K, encoder.C, encoder.delay) for p in plans]
+    samples = [materialize(p, encoder.streams) for p in plans]
     for s in samples[:log_first]:
         log.info("%s", s.stats())
     report = LoadReport(len(samples), rejected.counts())

@@ -21,16 +21,26 @@ from higgs_min.config import ModelConfig
 from higgs_min.data import ChatEncoder
 from higgs_min.errors import UsageError
 from higgs_min.prepare.corpus import open_dataset
+from higgs_min.v3.layout import V3Encoder
 
 log = logging.getLogger("higgs_min.train")
 
 
-def open_data(args, dist_info, cfg: ModelConfig):
-    """Tokenizer + training data, every line checked before the model is built. A packed corpus is opened
+def encoder_for(cfg, tokenizer):
+    """The model family's encoder: v3 (a V3Config) lays conversations out as its TTS prompt (v3/layout.py), v2 as
+    ChatML (data.ChatEncoder)."""
+    if getattr(cfg, "family", "v2") == "v3":
+        return V3Encoder(tokenizer, cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size)
+    return ChatEncoder(tokenizer, cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size,
+                       delay=cfg.use_delay_pattern)
+
+
+def open_data(args, dist_info, cfg):
+    """Tokenizer + training data, every line checked before the model is built (cfg: a v2 ModelConfig or a
+    V3Config: the encoder of its family lays the conversations out). A packed corpus is opened
     from its manifest, sizes and headers; each shard is hashed against the manifest before the first of its
     samples is used, on every rank that uses it (unless --no-verify-data), so start-up does not grow with it."""
-    encoder = ChatEncoder(args.tokenizer, cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size,
-                          delay=cfg.use_delay_pattern)
+    encoder = encoder_for(cfg, args.tokenizer)
     dataset = open_dataset(args.data, encoder, args.max_length, args.skip_bad_samples, audio_root=args.audio_root,
                            max_bad_fraction=args.max_bad_fraction, verify=not args.no_verify_data,
                            report_path=Path(args.output_dir) / "rejected.jsonl" if dist_info.is_main else None)
@@ -64,7 +74,9 @@ def prompt_format(dataset, encoder: ChatEncoder) -> dict:
     {"system": the system turn's text, or None when the conversations start with the user, "samples": read,
     "distinct": how many different ones were seen}. The most common one wins; read back from each plan's
     tokens (`<|begin_of_text|>` + the system header + text + `<|eot_id|>`, ChatEncoder.plan), so a packed
-    corpus answers as well as a JSONL file."""
+    corpus answers as well as a JSONL file. A v3 run's TTS prompt has no system turn: {"system": None}."""
+    if not isinstance(encoder, ChatEncoder):
+        return {"system": None, "samples": 0, "distinct": 0}
     head, eot = encoder.header("system"), encoder.ids["eot"]
     n = len(dataset)
     k = min(n, PROMPT_SAMPLES)

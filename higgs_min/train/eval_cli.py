@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 from higgs_min import evaluate
-from higgs_min.data import ChatEncoder, DataError
+from higgs_min.data import DataError
 from higgs_min.distributed import DistInfo
 from higgs_min.errors import Parser, UsageError, guard
 from higgs_min.loop import Scorer
 from higgs_min.prepare.corpus import open_dataset
 from higgs_min.train import runs
-from higgs_min.train.datasets import Subset, holdout
+from higgs_min.train.datasets import Subset, encoder_for, holdout
 from higgs_min.train.options import build_parser as train_parser
 
 PROG = "higgs-min eval"
@@ -83,8 +83,7 @@ def score(args) -> dict:
     if tokenizer is None:
         raise UsageError(f"{folder}: the run's tokenizer is gone; pass --tokenizer tokenizer.json")
     cfg = trained.cfg
-    encoder = ChatEncoder(tokenizer, cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size,
-                          delay=cfg.use_delay_pattern)
+    encoder = encoder_for(cfg, tokenizer)
     samples = held_out(args, settings, encoder)
     log.info("eval data: %s", samples.report)
     weights = argparse.Namespace(**{k: settings[k] for k in ("audio_reduction", "text_weight", "audio_weight")},
@@ -93,7 +92,7 @@ def score(args) -> dict:
     step = _step_of(folder)
     dist = DistInfo(device=torch.device(args.device))
     evaluator = evaluate.Evaluator(scorer, samples, args.batch_size or int(settings["batch_size"]),
-                                   encoder.ids["end_of_text"], dist, None, weights)
+                                   encoder.pad_id, dist, None, weights)
     return evaluator.run(step)
 
 

@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 from higgs_min.config import PRESETS
+from higgs_min.v3.config import PRESETS as V3_PRESETS
 from higgs_min.errors import Parser, UsageError
 from higgs_min.lora import DEFAULT_TARGETS
 
@@ -40,8 +41,9 @@ OPTIONS = (
     opt("--data", TRAINED, type=Path, default=DATA / "demo.jsonl",
           help="training conversations: a JSONL file, or a corpus folder made by `prepare pack`"),
     opt("--tokenizer", TRAINED, type=Path, help="tokenizers tokenizer.json (default: the one in --base-weights, "
-                                         "else the demo's data/tokenizer.json)"),
-    opt("--preset", SHAPE, default="tiny", choices=sorted(PRESETS), help="model preset when no --base-weights"),
+                                         "else the demo's data/tokenizer.json, data/tokenizer_v3.json for v3-*)"),
+    opt("--preset", SHAPE, default="tiny", choices=sorted(PRESETS) + sorted(V3_PRESETS),
+        help="model preset when no --base-weights (v3-*: Higgs Audio v3 TTS)"),
     opt("--base-weights", TRAINED, type=Path, help="released-format weights (folder with config.json and shards)"),
     opt("--output-dir", OPERATIONAL, type=Path, default=Path("output"), help="where checkpoints and logs go"),
     opt("--max-steps", OPERATIONAL, type=int, default=300, help="optimizer steps to train"),
@@ -74,6 +76,9 @@ OPTIONS = (
     opt("--max-bad-fraction", OPERATIONAL, type=float, default=0.01, help="with --skip-bad-samples: fail when more than this "
                                                                "share of the lines is bad"),
     opt("--audio-root", TRAINED, type=Path, help="folder the codes paths are relative to (default: the JSONL's folder)"),
+    opt("--train-audio-embedding", SHAPE, action="store_true",
+        help="v3: also train the fused audio matrix (the audio embedding AND the tied audio head: one fp32 "
+             "tensor, saved beside the adapter)"),
     opt("--data-workers", OPERATIONAL, type=int, help="DataLoader worker processes building batches (default: 0 on CPU, 2 on CUDA)"),
     opt("--no-verify-data", OPERATIONAL, action="store_true", help="skip the sha256 check of a packed corpus's shards (each before its first sample)"),
     opt("--eval-data", OPERATIONAL, type=Path, help="held-out conversations (JSONL), scored at --eval-every and at the end"),
@@ -167,7 +172,7 @@ def check_inputs(args) -> None:
             if not args.tokenizer.is_file():
                 raise UsageError(f"--base-weights {base} holds no tokenizer.json; pass --tokenizer PATH")
     elif args.tokenizer is None:
-        args.tokenizer = DATA / "tokenizer.json"
+        args.tokenizer = DATA / ("tokenizer_v3.json" if args.preset in V3_PRESETS else "tokenizer.json")
     if not args.data.exists():
         raise UsageError(f"--data {args.data}: no such file or folder (a JSONL file or a corpus from `prepare pack`)")
     if not args.tokenizer.is_file():

@@ -36,16 +36,20 @@ from higgs_min.train import runconfig
 from higgs_min.train.datasets import Subset, open_data, open_eval, prompt_format, write_heldout
 from higgs_min.train.options import check_inputs, parse_args
 from higgs_min.train.runs import build_base
+from higgs_min.v3.config import PRESETS as V3_PRESETS, V3Config, is_v3_config
+from higgs_min.v3.finetune import train_audio_embedding
 
 log = logging.getLogger("higgs_min.train")
 
 
-def model_config(args) -> ModelConfig:
-    """The model's config (as runs.build_base reads it), known before any weight is built: the data is
-    checked against it first."""
+def model_config(args):
+    """The model's config (as runs.build_base reads it: a v2 ModelConfig or a V3Config), known before any weight is
+    built: the data is checked against it first."""
     if not args.base_weights:
-        return ModelConfig.from_preset(args.preset)
+        return (V3Config if args.preset in V3_PRESETS else ModelConfig).from_preset(args.preset)
     try:
+        if is_v3_config(args.base_weights):
+            return V3Config.from_pretrained_config(args.base_weights)
         return ModelConfig.from_pretrained_config(args.base_weights)
     except (KeyError, ValueError, FileNotFoundError) as e:
         raise UsageError(f"--base-weights {args.base_weights}: {e.args[0] if e.args else e}") from e
@@ -61,6 +65,10 @@ def build_model(args, device) -> tuple[HiggsAudioModel, ModelConfig, str]:
             raise
         raise UsageError(f"--base-weights {args.base_weights}: {e.args[0] if e.args else e}") from e
     apply_lora(model, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout, args.rslora)
+    if args.train_audio_embedding:
+        if getattr(cfg, "family", "v2") != "v3":
+            raise UsageError("--train-audio-embedding trains Higgs Audio v3's tied audio matrix; this base is v2")
+        train_audio_embedding(model)  # after apply_lora, which froze everything: one fp32 tensor, tie kept
     model.activation_checkpointing = args.activation_checkpointing
     return model.to(device), cfg, base_name
 
@@ -152,7 +160,7 @@ def build_run(args) -> loop.Run:
     model, cfg, base_name = build_model(args, dist_info.device)
     cuda = dist_info.device.type == "cuda"
     stream = BatchStream(dataset, args.batch_size, dist_info.world_size, dist_info.rank, args.seed,
-                         encoder.ids["end_of_text"], args.group_by_length,
+                         encoder.pad_id, args.group_by_length,
                          workers=args.data_workers if args.data_workers is not None else (2 if cuda else 0),
                          pin_memory=cuda)
     if args.epochs:
@@ -180,7 +188,7 @@ def build_run(args) -> loop.Run:
 
     scorer = Scorer(model, args.text_loss_chunk)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    evaluator = evaluate.Evaluator(scorer, eval_samples, args.batch_size, encoder.ids["end_of_text"], dist_info,
+    evaluator = evaluate.Evaluator(scorer, eval_samples, args.batch_size, encoder.pad_id, dist_info,
                                    autocast, args) if eval_samples else None
     diag = Diagnostics(cfg.vocab_size, cfg.audio_num_classes, encoder.decode)
     return loop.Run(args=args, dist=dist_info, model=model, scorer=scorer, optimizer=optimizer, stream=stream,

@@ -12,6 +12,7 @@ generation and export.
                                              base_weights, tokenizer (what the base was)
         CKPT/adapter_config.json             LoRA targets, r, alpha, rslora
         CKPT/adapter_model.safetensors       the LoRA tensors (strict: every key used)
+        CKPT/trained_tensors.safetensors     base tensors trained in full, when any (v3 --train-audio-embedding)
 
 A run trained on a preset has no base weights on disk: its base is the seeded random init,
 so re-seeding with the recorded seed rebuilds the same tensors bit for bit (the trainer seeds
@@ -28,7 +29,7 @@ import torch
 
 from higgs_min.errors import RunError  # a run folder that cannot be turned back into its model
 from higgs_min.config import ModelConfig
-from higgs_min.lora import load_adapter
+from higgs_min.lora import TRAINED_TENSORS, load_adapter, load_trained_tensors, read_trained_tensors
 from higgs_min.model import HiggsAudioModel
 from higgs_min.weights import load_pretrained
 
@@ -145,6 +146,11 @@ def load_trained(folder: str | Path, base_weights: str | Path | None = None, dev
     model, cfg, base_name = build_base(settings.get("preset", "tiny"), base, int(settings.get("seed", 0)), dtype)
     try:
         load_adapter(model, folder)
+        # base tensors trained in full beside the adapter (v3 --train-audio-embedding: the tied audio matrix)
+        load_trained_tensors(model, read_trained_tensors(folder), source=str(folder / TRAINED_TENSORS))
+        if getattr(cfg, "family", "v2") == "v3":
+            from higgs_min.v3.finetune import check_tie
+            check_tie(model, str(folder))
     except (KeyError, ValueError, FileNotFoundError) as e:
         raise RunError(f"{folder}: the adapter does not fit the base {base_name}: {e}") from e
     tokenizer = None
