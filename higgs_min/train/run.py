@@ -202,6 +202,10 @@ def listener(args, cfg, model, encoder, eval_samples, dist_info):
     (train/samples.py), or None."""
     if not (eval_samples and args.eval_samples and dist_info.is_main):
         return None
+    if getattr(cfg, "family", "v2") == "v3":  # samples.py cuts and generates v2's ChatML layout
+        log.warning("--eval-samples %d: no samples for a v3 run (the listener generates v2's layout); the eval "
+                    "loss is computed as usual", args.eval_samples)
+        return None
     if not cfg.use_delay_pattern:
         log.warning("--eval-samples %d: no samples, generation needs use_delay_pattern true", args.eval_samples)
         return None
