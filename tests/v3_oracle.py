@@ -38,7 +38,7 @@ BACKBONE_PREFIX_MAP = {
     "tied.head.text_head.": "backbone.lm_head.",
 }
 CODEC_PREFIX = "tied.embedding.modality_embeddings.0.model."
-SPECIALS = ("<|tts|>", "<|ref_text|>", "<|ref_audio|>", "<|text|>", "<|audio|>")
+SPECIALS = ("<|endoftext|>", "<|tts|>", "<|ref_text|>", "<|ref_audio|>", "<|text|>", "<|audio|>")  # the release's
 
 
 def wheel_dir() -> Path:
@@ -172,7 +172,8 @@ def released_tensors(cfg: dict, seed: int = 0, std: float = 0.3) -> dict[str, to
 
 
 def tiny_tokenizer_json(path: Path, vocab: int) -> None:
-    """A word-level tokenizer of `vocab` ids whose last five are the v3 special tokens (added tokens)."""
+    """A word-level tokenizer of `vocab` ids whose last six are the v3 special tokens (added tokens, Qwen3's pad
+    <|endoftext|> included)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     words = {f"w{i}": i for i in range(vocab - len(SPECIALS))}

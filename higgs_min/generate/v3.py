@@ -5,7 +5,7 @@
     python -m higgs_min.generate --adapter RUN/checkpoint-N --text "..." --reference-codes ref.npy \\
         --reference-text "transcript of ref" --codes-out a.npy
 
-The TTS prompt (v3/prompt.py), the serving sampler with the KV cache (v3/sampler.py), the codes (K, T) out.
+The TTS prompt (v3/layout.py V3Encoder.prompt, as training lays it out), the serving sampler with the KV cache (v3/sampler.py), the codes (K, T) out.
 Unlike v2: no chat template (--system, --scene, --force-audio are refused; inline tags such as
 <|emotion:happy|> go in --text), no repetition-aware sampling (--ras-* refused), a reference clip may come
 without its transcript (audio-only cloning, as serving allows), the codec bundled in a released v3 folder is
@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
+from higgs_min.data import DataError
 from higgs_min.errors import UsageError
 from higgs_min.v3.config import is_v3_config
-from higgs_min.v3.prompt import build_prompt, special_ids
-from higgs_min.v3.sampler import DEFAULTS, generate_v3
+from higgs_min.v3.layout import V3Encoder
+from higgs_min.v3.sampler import DEFAULTS, V3Prompt, generate_v3
 from higgs_min.v3.weights import codec_tensors
 
 log = logging.getLogger("higgs_min.generate")
@@ -62,25 +63,15 @@ def default_decoder(args) -> None:
 
 
 def generate_codes(args, model, tokenizer: Path, reference: torch.Tensor | None, on_step) -> tuple[torch.Tensor, dict]:
-    """-> (codes (K, T), the summary's generation fields). reference: codes (K, T) of the voice to clone, or None."""
-    from tokenizers import Tokenizer
-
+    """-> (codes (K, T), the summary's generation fields). reference: codes (K, T) of the voice to clone, or None.
+    The prompt is the training layout's (V3Encoder.prompt): what the model was fine-tuned on is what it is asked."""
     cfg = model.config
     try:
-        tok = Tokenizer.from_file(str(tokenizer))
-    except Exception as e:  # tokenizers raises a bare Exception on a bad file
-        raise UsageError(f"tokenizer {tokenizer}: cannot load: {e}") from e
-    try:
-        ids = special_ids(tok, str(tokenizer))
-        prompt = build_prompt(tok, ids, args.text, args.reference_text, reference, cfg.audio_num_codebooks,
-                              cfg.audio_boc_id, cfg.audio_eoc_id)
-    except ValueError as e:
+        enc = V3Encoder(tokenizer, cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size)
+        sample = enc.prompt(args.text, None if reference is None else reference.numpy(), args.reference_text)
+    except DataError as e:  # the tokenizer or the reference does not fit the model: the command as given
         raise UsageError(str(e)) from e
-    too_big = int(prompt.input_ids.max())
-    if too_big >= cfg.vocab_size:
-        raise UsageError(f"tokenizer {tokenizer}: id {too_big} >= the model's vocabulary {cfg.vocab_size}; "
-                         f"use the tokenizer the model was trained with")
-    g = generate_v3(model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    g = generate_v3(model, V3Prompt.of(sample), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k or None, top_p=args.top_p, seed=args.seed, on_step=on_step)
     return g.codes, {"steps": g.steps, "stopped": g.stopped, "segments": 1 if g.frames else 0, "text": "",
                      "rows": int(g.rows.shape[0])}

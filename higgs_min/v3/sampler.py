@@ -26,11 +26,23 @@ import torch
 from higgs_min.data import revert_delay_pattern
 from higgs_min.generate.sampling import choose, warp
 from higgs_min.model import KVCache
-from higgs_min.v3.prompt import V3Prompt
 
 GREEDY_TEMPERATURE = 1e-5  # sampler.py _GREEDY_TEMP_THRESHOLD
 # stages.py SPEECH_SAMPLING_DEFAULTS and config.py's max_new_tokens: the serving defaults for speech
 DEFAULTS = {"temperature": 0.8, "top_k": 30, "top_p": 0.8, "max_new_tokens": 2048}
+
+
+@dataclass
+class V3Prompt:
+    """What generation starts from (v3/layout.py V3Encoder.prompt, the training layout's prompt): L positions."""
+    input_ids: torch.Tensor  # (L,) long; 0 at audio positions (ignored there)
+    audio_codes: torch.Tensor  # (L, K) long: the delayed reference rows at audio positions, 0 elsewhere
+    audio_mask: torch.Tensor  # (L,) bool
+
+    @classmethod
+    def of(cls, sample) -> "V3Prompt":
+        """From a data.Sample (the reference rows are its audio-in positions)."""
+        return cls(sample.input_ids.long(), sample.audio_codes.long(), sample.audio_in_mask | sample.audio_out_mask)
 
 
 # ----------------------------------------------------------------------------- one step
