@@ -126,3 +126,30 @@ def test_a_trained_tensor_of_the_wrong_shape_is_refused(tmp_path):
     with pytest.raises(ValueError, match="trained tensor"):
         merge_into_weights(adapter, base, tmp_path / "m", trained={W_AUDIO: torch.zeros(3, 3)})
     assert not (tmp_path / "m").exists()
+
+
+def test_trained_tensors_beside_the_adapter_are_exported_and_adapter_only(tmp_path):
+    """A run with --train-audio-embedding leaves the fused matrix beside the adapter (lora.TRAINED_TENSORS): the merged
+    export writes it (no argument needed), and --adapter-only copies the adapter with it; generating from the base
+    + that adapter equals generating from the merged folder."""
+    import numpy as np
+
+    from higgs_min.generate.cli import main as generate
+
+    base = tmp_path / "release"
+    oracle.write_released(base, seed=2)
+    model = build_v3(base)
+    adapter = adapt(model, tmp_path)
+    with torch.no_grad():
+        model.audio_embedding.weight.add_(0.05 * torch.randn(model.audio_embedding.weight.shape))
+    save_file({W_AUDIO: model.audio_embedding.weight.detach().clone()}, str(adapter / lora.TRAINED_TENSORS))
+    assert main(["--adapter", str(adapter), "--base-weights", str(base), "--out", str(tmp_path / "m")]) == 0
+    assert torch.equal(tensors_of(tmp_path / "m")[W_AUDIO], model.audio_embedding.weight)
+    assert main(["--adapter-only", str(adapter), "--out", str(tmp_path / "a")]) == 0
+    assert {p.name for p in (tmp_path / "a").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors",
+                                                            lora.TRAINED_TENSORS}
+    common = ["--text", "w1 w2", "--temperature", "0", "--max-new-tokens", "12"]
+    assert generate(["--base-weights", str(tmp_path / "m"), *common, "--codes-out", str(tmp_path / "m.npy")]) == 0
+    assert generate(["--base-weights", str(base), "--adapter", str(tmp_path / "a"), *common,
+                     "--codes-out", str(tmp_path / "a.npy")]) == 0
+    assert np.array_equal(np.load(tmp_path / "m.npy"), np.load(tmp_path / "a.npy"))

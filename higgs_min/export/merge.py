@@ -3,6 +3,7 @@
     python -m higgs_min.export --adapter output/checkpoint-300 --base-weights BASE --out merged/
     python -m higgs_min.export --adapter output/checkpoint-300 --out merged/    # run on a preset: base rebuilt
     python -m higgs_min.export --format transformers output/checkpoint-300 --out hf/ [--adapter-only]
+    python -m higgs_min.export --adapter-only output/checkpoint-300 --out adapter/   # the adapter as saved
 
 The last form writes a folder that transformers' HiggsAudioV2ForConditionalGeneration loads
 (`from_pretrained(DIR, use_text_head=True)`), or with --adapter-only a PEFT adapter for that
@@ -43,7 +44,8 @@ from higgs_min import atomic
 from higgs_min.export import transformers_format as tf
 from higgs_min.config import REFUSED_FIELDS, ModelConfig
 from higgs_min.errors import Parser, guard
-from higgs_min.lora import PEFT_PREFIX, lora_scale, merge_lora, merged_weight, read_adapter
+from higgs_min.lora import (PEFT_PREFIX, TRAINED_TENSORS, lora_scale, merge_lora, merged_weight, read_adapter,
+                            read_trained_tensors)
 from higgs_min.model import HiggsAudioModel
 from higgs_min.weights import load_pretrained, weight_files
 from higgs_min.train.runs import PROMPT_FILE, load_trained, read_prompt, read_settings, resolve_checkpoint
@@ -153,13 +155,14 @@ def _recorded_tokenizer(adapter_dir) -> Path | None:
 
 def merge_into_weights(adapter_dir, base, out, tokenizer=None, trained: dict | None = None) -> Path:
     """Adapter + released-format base -> `out`, a base folder (see the module docstring). trained: tensors the run
-    trained whole ({name: fp32}, e.g. v3's fused audio matrix), written in place of the base's. A Higgs Audio v3
-    base keeps its layout: same names and shards, each tied matrix once, the bundled codec's tensors unchanged."""
+    trained whole ({name: fp32}, e.g. v3's fused audio matrix), written in place of the base's; default: those
+    saved beside the adapter (lora.read_trained_tensors). A Higgs Audio v3 base keeps its layout: same names and
+    shards, each tied matrix once, the bundled codec's tensors unchanged."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     pairs, scale, _ = lora_deltas(adapter_dir)
-    trained = trained or {}
+    trained = read_trained_tensors(adapter_dir) if trained is None else trained
     name_to_file, index = weight_files(base)
     unknown = sorted((set(pairs) | set(trained)) - set(name_to_file))
     if unknown:
@@ -222,9 +225,10 @@ def export_rebuilt(adapter_dir, out, tokenizer=None, trained: dict | None = None
     if tokenizer is None:
         raise RunError(f"{adapter_dir}: the run's tokenizer {settings.get('tokenizer')} is gone; pass --tokenizer")
     pairs, scale, _ = lora_deltas(adapter_dir)
+    trained = read_trained_tensors(adapter_dir) if trained is None else trained
     model, cfg, base_name = build_base(settings.get("preset", "tiny"), None, int(settings.get("seed", 0)))
     state = model.state_dict()
-    unknown = sorted((set(pairs) | set(trained or {})) - set(state))
+    unknown = sorted((set(pairs) | set(trained)) - set(state))
     if unknown:
         raise KeyError(f"{adapter_dir}: adapter modules not in {base_name}: {unknown[:3]}")
 
@@ -234,6 +238,24 @@ def export_rebuilt(adapter_dir, out, tokenizer=None, trained: dict | None = None
         _write_index(tmp, {n: "model.safetensors" for n in state})
         (tmp / "config.json").write_text(json.dumps(_config_json(cfg), indent=2))
         _tokenizer_files(tmp, tokenizer, cfg.vocab_size)
+        _prompt_file(tmp, adapter_dir)
+
+    return _commit(out, fill)
+
+
+def export_adapter(adapter_dir, out) -> Path:
+    """The adapter alone, as the run saved it: adapter_config.json + adapter_model.safetensors (PEFT's layout), the
+    tensors the run trained whole (lora.TRAINED_TENSORS, v3 --train-audio-embedding) and prompt.json. It applies
+    to the base the run trained on: `generate --base-weights BASE --adapter OUT` (a preset run's base is only
+    recorded in its checkpoints)."""
+    adapter_dir = Path(adapter_dir)
+    read_adapter(adapter_dir)  # a damaged adapter is named here, never copied
+    read_trained_tensors(adapter_dir)
+
+    def fill(tmp: Path) -> None:
+        for name in ("adapter_config.json", "adapter_model.safetensors", TRAINED_TENSORS):
+            if (adapter_dir / name).is_file():
+                shutil.copyfile(adapter_dir / name, tmp / name)
         _prompt_file(tmp, adapter_dir)
 
     return _commit(out, fill)
@@ -327,7 +349,9 @@ def _main(argv) -> int:
     ap.add_argument("--format", default="higgs_min", choices=["higgs_min", "transformers"],
                     help="higgs_min: the base's names and shards; transformers: HiggsAudioV2ForConditionalGeneration's")
     ap.add_argument("--adapter-only", action="store_true",
-                    help="--format transformers: write only the adapter, for peft.PeftModel.from_pretrained")
+                    help="write only the adapter: as the run saved it (with its trained tensors, for generate "
+                         "--base-weights BASE --adapter OUT), or with --format transformers for "
+                         "peft.PeftModel.from_pretrained")
     ap.add_argument("--base-only", action="store_true",
                     help="--format transformers: write the run's base model without its LoRA")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
@@ -348,6 +372,10 @@ def _main(argv) -> int:
     if not adapter:
         ap.error("needs --adapter (a checkpoint such as output/checkpoint-300, or an adapter folder)")
     adapter = resolve_checkpoint(adapter)
+    if args.adapter_only:
+        out = export_adapter(adapter, args.out)
+        print(f"adapter written to {out.resolve()} (generate --base-weights BASE --adapter {out})")
+        return 0
     base = args.base_weights or read_settings(Path(adapter)).get("base_weights")
     if base:
         out = merge_into_weights(adapter, base, args.out, args.tokenizer or _base_or_recorded_tokenizer(adapter, base))
