@@ -5,6 +5,7 @@ THE CORE, at the package top, in reading order (it imports nothing from the fold
     config.py        ModelConfig: the released shape, the presets, the released and transformers config.json
     model.py         the Llama decoder with the DualFFN audio path, KV cache, text and audio heads
     lora.py          hand-written LoRA: a frozen linear + B·A·scale, merge, the adapter's files
+    schema.py        the schema of a conversation, checked once (training lines, corpora, prompts)
     data.py          a conversation -> Plan -> Sample: token layout, the delay pattern, labels, collate
     loss.py          text CE on the labelled rows only; the vectorized multi-codebook CE; target counts
     loop.py          one optimizer step: counts all-reduced, backward, clip, AdamW; log, eval, save

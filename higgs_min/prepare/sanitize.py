@@ -44,8 +44,8 @@ from pathlib import Path
 
 from higgs_min import atomic
 from higgs_min.prepare.codes_file import Refused, read_codes, read_codes_header
-from higgs_min.data import (ChatEncoder, DataError, LoadReport, Plan, Sample, SchemaError, check_messages,
-                            materialize, plan_is_supervised)
+from higgs_min.data import ChatEncoder, DataError, LoadReport, Plan, Sample, materialize, plan_is_supervised
+from higgs_min.schema import SchemaError, check_messages
 
 log = logging.getLogger(__name__)
 
