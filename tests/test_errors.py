@@ -22,7 +22,7 @@ def _usage_exit(capsys, argv) -> str:
 
 
 @pytest.mark.parametrize("argv, expect", [
-    (["--preset", "small"], "invalid choice: 'small' (choose from 'higgs-v2-3b', 'tiny')"),
+    (["--preset", "small"], "invalid choice: 'small' (choose from 'higgs-v2-3b', 'tiny', 'v3-4b', 'v3-tiny')"),
     (["--device", "gpu"], "invalid choice: 'gpu'"),
     (["--lora-rnak", "8"], "did you mean --lora-rank?"),
     (["--max-stpes=3"], "did you mean --max-steps?"),
