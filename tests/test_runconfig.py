@@ -107,7 +107,10 @@ def _other_value(action, tmp_path):
     special = {"output_dir": None, "resume": None, "config": None, "backup_dir": str(tmp_path / "backup"),
                "eval_data": str(DATA / "demo.jsonl"), "device": "cpu", "epochs": None, "max_steps": "3",
                "audio_root": str(DATA), "eval_split": "0.25", "lora_targets": "q_proj,v_proj", "preset": "higgs-v2-3b",
-               "tensorboard": None}
+               "tensorboard": None,
+               # listening: one sample, codes only (no decoder or scorer folders needed here)
+               "eval_samples": "1", "audio_tokenizer": None, "codec_weights": None, "random_codec_seed": None,
+               "eval_asr": None, "eval_speaker": None, "best_by": None}
     if action.dest in special:
         return special[action.dest]
     if action.nargs == 0:  # store_true

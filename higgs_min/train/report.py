@@ -130,7 +130,8 @@ def write(output_dir: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m higgs_min.train.report", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m higgs_min.train.report",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("output_dir", type=Path, help="a training output folder")
     print(f"wrote {write(ap.parse_args(argv).output_dir)}")
     return 0

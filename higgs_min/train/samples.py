@@ -130,8 +130,11 @@ class Listener:
         self._tb_references = False
 
     def __call__(self, eval_row: dict, tb=None) -> dict:
+        if not self.held:  # no held-out sample holds assistant audio (e.g. a text-only set): nothing to hear
+            return {}
         step = eval_row["step"]
         t0 = time.perf_counter()
+        (self.out / "samples").mkdir(exist_ok=True)
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             self.write_references()
             waves = {}
