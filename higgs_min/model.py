@@ -53,6 +53,17 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+@torch.no_grad()
+def init_normal(module: nn.Module, std: float) -> None:
+    """Every linear and embedding weight ~ N(0, std) (the config's initializer_range), every RMSNorm weight 1:
+    how both model families are initialized when no weights are loaded (a preset run's seeded base)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+        elif isinstance(m, RMSNorm):
+            m.weight.fill_(1.0)
+
+
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies (head_dim / 2,), with Llama-3 scaling when configured.
 
@@ -269,12 +280,7 @@ class HiggsAudioModel(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        std = self.config.initializer_range
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=std)
-            elif isinstance(m, RMSNorm):
-                m.weight.fill_(1.0)
+        init_normal(self, self.config.initializer_range)
         self.init_buffers()
 
     @torch.no_grad()

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from higgs_min.model import DecoderLayer, RMSNorm, attention_plan
+from higgs_min.model import DecoderLayer, RMSNorm, attention_plan, init_normal
 from higgs_min.v3.config import V3Config
 
 
@@ -103,14 +103,8 @@ class HiggsV3Model(nn.Module):
         """The fused audio matrix W (K * (C + 2), H): input embedding and audio head, one tensor."""
         return self.tied.embedding.modality_embeddings[0].embedding
 
-    @torch.no_grad()
     def init_weights(self):
-        std = self.config.initializer_range
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=std)
-            elif isinstance(m, RMSNorm):
-                m.weight.fill_(1.0)
+        init_normal(self, self.config.initializer_range)
 
     def embed(self, input_ids, audio_codes, audio_mask):
         """input_ids (B, L); audio_codes (B, L, K) in [0, C+2), read where audio_mask (B, L) -> x (B, L, H).
