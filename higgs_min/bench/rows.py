@@ -277,17 +277,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m higgs_min.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json", help="where to write the rows")
     ap.add_argument("--only", default="", help="comma-separated subset: audio_loss,text_memory,train_step,mfu,"
-                                               "act_ckpt,peer,checkpoint,data,audio_tokenizer,generate,corpus,v3,merge")
+                                               "act_ckpt,peer,peer_audio,saved,checkpoint,data,audio_tokenizer,"
+                                               "generate,corpus,v3,merge")
     ap.add_argument("--quick", action="store_true", help="fewer repeats (for a smoke run)")
     args = ap.parse_args(argv)
     import logging
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     from higgs_min.bench.merge import bench_merge
+    from higgs_min.bench.peer import bench_peer_audio, bench_saved
     from higgs_min.bench.speed import bench_act_ckpt, bench_checkpoint, bench_mfu
     from higgs_min.bench.v3 import bench_v3_step
     suites = {"audio_loss": bench_audio_loss, "text_memory": bench_text_memory, "train_step": bench_train_step,
-              "mfu": bench_mfu, "act_ckpt": bench_act_ckpt, "peer": bench_peer, "checkpoint": bench_checkpoint,
+              "mfu": bench_mfu, "act_ckpt": bench_act_ckpt, "peer": bench_peer, "peer_audio": bench_peer_audio,
+              "saved": bench_saved, "checkpoint": bench_checkpoint,
               "data": bench_data_rows, "audio_tokenizer": bench_audio_tokenizer, "generate": bench_generate,
               "corpus": bench_corpus_rows, "v3": bench_v3_step, "merge": bench_merge}
     chosen = [s for s in (args.only.split(",") if args.only else suites) if s]

@@ -118,7 +118,7 @@ def our_step(cfg, batch, r=16, activation_checkpointing=False):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     args = Namespace(text_weight=1.0, audio_weight=1.0, audio_reduction="codebook_mean")
     counts = target_counts(batch["text_targets"], batch["audio_targets"])
-    info = {}
+    info = {"model": model}
 
     def step():
         text, audio = scorer(batch)
