@@ -11,6 +11,7 @@ THE CORE, at the package top, in reading order (it imports nothing from the fold
     loop.py          one optimizer step: counts all-reduced, backward, clip, AdamW; log, eval, save
     distributed.py   torchrun's environment and the few collectives the loop uses
     checkpoint.py    folders that are complete or absent: temp folder, fsync, manifest of sha256, rename
+    manifest.py      a checkpoint's manifest (sha256 per 32 MiB block) and every check of a folder against it
     atomic.py        the one atomic writer of every file and folder (temp name, fsync, 0644/0755, rename)
     train_state.py   what a checkpoint holds: adapter, AdamW moments, data position, every rank's RNG
     batches.py       which samples each rank trains on, resumable mid-epoch

@@ -1,13 +1,14 @@
-"""Checkpoints that are complete or absent, never partial.
+"""Checkpoints that are complete or absent, never partial: the writing half (the reading half, the manifest
+and the checks against it: manifest.py).
 
 A checkpoint is the folder `output_dir/checkpoint-{step}/` whose `manifest.json`
-(written last) lists every other file with its sha256 and size. The folder
+(written last) lists every other file with its size and the sha256 of each of its blocks. The folder
 exists under that name only after all of it was written and fsynced and its names
 and sizes were checked against the manifest (nothing is read back):
 
-    .tmp-checkpoint-{step}-{random}/   write each file (sha256 of the very buffers written, hashed in a
-                                       second thread while the first writes; the files in parallel threads,
-                                       one per core), flush, fsync
+    .tmp-checkpoint-{step}-{random}/   write each file (one thread per file, largest first), cut into blocks
+                                       of 32 MiB hashed while written (the very buffers written, in a pool
+                                       of one thread per core shared by all files), flush, fsync
                                        write manifest.json, fsync; fsync the folder
                                        check names and sizes against the manifest (no re-read: a read-back
                                        right after writing comes from the page cache and proves nothing
@@ -19,13 +20,8 @@ and sizes were checked against the manifest (nothing is read back):
     latest  (temp file + rename)       names the checkpoint saved last
     best    (the same way)             names the best evaluation (--best-by; kept by --keep-last)
 
-A folder is a checkpoint if and only if its manifest verifies. Only safetensors
-and JSON are written; loading never unpickles anything. Loading maps each file
-(copy-on-write), hashes it page by page, and builds the tensors on that same
-mapping once every hash matches (`read_verified`): each byte is read from the
-disk once and hashed once, and nothing is restored from an unverified checkpoint.
-A resume hashes the checkpoint it restores once on rank 0: the read that chose it
-(`verify(keep=True)`) is the one `read_verified` restores from.
+A folder is a checkpoint if and only if its manifest verifies (manifest.verify). Only safetensors and JSON
+are written; loading never unpickles anything.
 
     python -m higgs_min.checkpoint verify DIR
     python -m higgs_min.checkpoint list OUTPUT_DIR
@@ -34,173 +30,25 @@ A resume hashes the checkpoint it restores once on rank 0: the read that chose i
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
-import mmap
 import os
 import re
 import secrets
 import shutil
-import struct
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-
-from higgs_min import atomic
-from higgs_min.atomic import (SAFETENSORS_DTYPES, fsync_dir, json_bytes, read_safetensors_header,  # noqa: F401
-                              safetensors_chunks, write_file)
+from higgs_min import atomic, manifest
+from higgs_min.atomic import fsync_dir, json_bytes, safetensors_chunks, write_file  # noqa: F401
+from higgs_min.manifest import (CHECKPOINT_RE, MANIFEST, CheckpointError, read_verified,  # noqa: F401
+                                sha256_file, tensors_from_safetensors, verify)
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
-MANIFEST = "manifest.json"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-checkpoint-"
 REPLACED_RE = re.compile(r"^(checkpoint-\d+)\.replaced-[0-9a-f]+$")  # the old copy during a save over it
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(1 << 22)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])  # hashlib releases the GIL on large buffers
-    return h.hexdigest()
-
-
-def verify(folder: str | Path, hashes: bool = True, keep: bool = False) -> dict:
-    """Check a checkpoint folder against its manifest. Returns the manifest; raises CheckpointError.
-
-    hashes=False checks everything but the sha256 of each file (manifest form, step, names, sizes, no extra file).
-    keep=True: the verified read is kept for the next `read_verified` of this folder (a resume chooses its
-    checkpoint, then loads it: the chosen one is hashed once, not twice).
-    """
-    folder = Path(folder)
-    mpath = folder / MANIFEST
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a folder")
-    if not mpath.exists():
-        raise CheckpointError(f"{folder}: no {MANIFEST} (incomplete or not a checkpoint)")
-    try:
-        raw = mpath.read_bytes()
-        manifest = json.loads(raw)
-        files = manifest["files"]
-        if manifest.get("format") != FORMAT or not isinstance(files, dict) or not files:
-            raise ValueError(f"unsupported format {manifest.get('format')!r} or empty file list")
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{mpath}: unreadable manifest: {e}") from e
-    # The manifest is written in one canonical form, so any edit to it shows, even one
-    # that leaves the JSON valid and the same in meaning.
-    if raw != json_bytes(manifest):
-        raise CheckpointError(f"{mpath}: manifest is not byte-identical to its canonical form (edited or corrupted)")
-    m = CHECKPOINT_RE.match(folder.name)
-    if m and manifest.get("step") != int(m.group(1)):
-        raise CheckpointError(f"{mpath}: manifest says step {manifest.get('step')}, folder says {m.group(1)}")
-    for name, meta in files.items():
-        p = folder / name
-        if not p.is_file():
-            raise CheckpointError(f"{folder}: {name} is listed in the manifest but missing")
-        size = p.stat().st_size
-        if size != meta["bytes"]:
-            raise CheckpointError(f"{folder}: {name} has {size} bytes, manifest says {meta['bytes']}")
-    extra = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST and p.name not in files)
-    if extra:
-        raise CheckpointError(f"{folder}: files not in the manifest: {extra}")
-    if hashes:
-        stamp = _stamp(folder)
-        data = _read_all(folder, files)
-        _kept.clear()
-        if keep:
-            _kept[folder.resolve()] = (stamp, data)
-    return manifest
-
-
-def _read_hashed(path: Path, nbytes: int):
-    """The file mapped into memory (copy-on-write) and its sha256: each page is read from the disk once, by
-    the hashing, and the tensors built on the mapping see those same pages (no second read, no copy)."""
-    if nbytes == 0:
-        return bytearray(), hashlib.sha256().hexdigest()
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: in-place updates never reach the file
-    if len(mm) != nbytes:
-        raise CheckpointError(f"{path}: {len(mm)} bytes, manifest says {nbytes} (changed while reading?)")
-    if hasattr(mm, "madvise"):  # ask for the whole file now: disk reads overlap the hashing below
-        mm.madvise(mmap.MADV_WILLNEED)
-    h, view = hashlib.sha256(), memoryview(mm)
-    for pos in range(0, nbytes, 1 << 23):
-        h.update(view[pos:pos + (1 << 23)])  # releases the GIL: files are hashed in parallel threads
-    view.release()
-    return mm, h.hexdigest()
-
-
-def _read_all(folder: Path, files: dict) -> dict:
-    """name -> buffer of every file, each hashed in its own thread (largest first) and checked against the
-    manifest's `files`; raises CheckpointError naming the first file that does not match."""
-    order = sorted(files, key=lambda n: -files[n]["bytes"])
-    with ThreadPoolExecutor(min(4, len(files))) as pool:
-        read = dict(zip(order, pool.map(lambda n: _read_hashed(folder / n, files[n]["bytes"]), order)))
-    for name in files:
-        if read[name][1] != files[name]["sha256"]:
-            raise CheckpointError(f"{folder}: {name} does not match its sha256 in the manifest")
-    return {name: read[name][0] for name in files}
-
-
-# A verified read kept by verify(keep=True), at most one, for the read_verified that follows it. It stands for
-# the folder only while every file in it is the same file (inode, size, mtime) as when it was hashed.
-_kept: dict = {}
-
-
-def _stamp(folder: Path) -> tuple:
-    return tuple((p.name, st.st_ino, st.st_size, st.st_mtime_ns)
-                 for p in sorted(folder.iterdir()) for st in (p.stat(),))
-
-
-def read_verified(folder: str | Path) -> dict:
-    """Every file of a checkpoint, read once and checked against the manifest: name -> buffer (a private
-    memory map; bytes(buffer) for the JSON files).
-
-    Nothing is returned unless all files match, so a caller restores state only from a whole, verified
-    checkpoint: the buffers are the very pages that were hashed, whether hashed here or by the verify(keep=True)
-    that chose this folder (then nothing is hashed again, unless a file changed since). Raises CheckpointError.
-    """
-    folder = Path(folder)
-    kept = _kept.pop(folder.resolve(), None)
-    if kept is not None and folder.is_dir() and kept[0] == _stamp(folder):
-        return kept[1]
-    return _read_all(folder, verify(folder, hashes=False)["files"])
-
-
-def tensors_from_safetensors(buf, source: str) -> dict[str, torch.Tensor]:
-    """Parse safetensors bytes (the layout `safetensors_chunks` writes) into tensors that share `buf`."""
-    by_code = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-    try:
-        header, base = read_safetensors_header(buf)
-        out = {}
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            dtype, shape, (start, end) = by_code[meta["dtype"]], meta["shape"], meta["data_offsets"]
-            count = end - start
-            numel = 1
-            for d in shape:
-                numel *= d
-            item = torch.empty((), dtype=dtype).element_size()
-            if not 0 <= start <= end <= len(buf) - base or count != numel * item:
-                raise ValueError(f"tensor {name!r}: offsets {start}..{end} do not fit shape {shape}")
-            t = torch.frombuffer(buf, dtype=dtype, count=numel, offset=base + start) if numel else \
-                torch.empty(0, dtype=dtype)
-            out[name] = t.view(shape)
-    except (struct.error, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{source}: not a safetensors file we can read: {e}") from e
-    return out
 
 
 def _nbytes(content) -> int:
@@ -210,20 +58,22 @@ def _nbytes(content) -> int:
 
 
 def _write_parallel(folder: Path, files: dict) -> dict:
-    """Write every file into `folder`; returns the manifest's {name: {"sha256", "bytes"}}.
+    """Write every file into `folder`; returns the manifest's {name: {"sha256": [block hashes], "bytes"}}.
 
-    One sha256 per file cannot be split across cores, but files can: each file is written (and hashed while
-    written, in write_file) in its own thread, largest first. File writes and sha256 both release the GIL,
-    so the adapter and the optimizer state are written and hashed at the same time, each on its own core.
+    Each file is written in its own thread (largest first), and cut into blocks of manifest.BLOCK_BYTES that
+    are hashed in one pool shared by all files, one thread per core, while the writing goes on (write_file).
+    File writes and sha256 both release the GIL: the cores share the hashing of the largest file too.
     """
-    def write_one(name):
-        content = files[name]
-        digest = write_file(folder / name, safetensors_chunks(content) if isinstance(content, dict) else content)
-        return {"sha256": digest, "bytes": (folder / name).stat().st_size}
+    with ThreadPoolExecutor(manifest.hash_threads()) as hashers:
+        def write_one(name):
+            content = files[name]
+            digests = write_file(folder / name, safetensors_chunks(content) if isinstance(content, dict) else content,
+                                 block_bytes=manifest.BLOCK_BYTES, pool=hashers)
+            return {"sha256": digests, "bytes": (folder / name).stat().st_size}
 
-    order = sorted(files, key=lambda n: -_nbytes(files[n]))
-    with ThreadPoolExecutor(min(4, len(order))) as pool:  # leaving the block waits for every write
-        written = dict(zip(order, pool.map(write_one, order)))
+        order = sorted(files, key=lambda n: -_nbytes(files[n]))
+        with ThreadPoolExecutor(min(4, len(order))) as writers:  # leaving the block waits for every write
+            written = dict(zip(order, writers.map(write_one, order)))
     return {name: written[name] for name in files}
 
 
@@ -243,8 +93,7 @@ def save(output_dir: str | Path, step: int, files: dict) -> Path:
     tmp = output_dir / f"{TMP_PREFIX}{step}-{secrets.token_hex(4)}"
     try:
         tmp.mkdir()
-        manifest = {"format": FORMAT, "step": step, "files": _write_parallel(tmp, files)}
-        write_file(tmp / MANIFEST, json_bytes(manifest))
+        write_file(tmp / MANIFEST, json_bytes(manifest.make(step, _write_parallel(tmp, files))))
         fsync_dir(tmp)
         verify(tmp, hashes=False)  # names, sizes and the manifest's canonical form; see the module docstring
         if final.exists():

@@ -11,8 +11,8 @@ verified; this module decides its contents.
       optimizer.safetensors       AdamW moments by parameter name
       optimizer.json              AdamW hyper-parameters and step counters
       trainer_state.json          step, epoch, sampler position, scheduler, resolved config, RNG states
-      manifest.json               written last by checkpoint.save: {"format": 1, "step": 300, "files": {name:
-                                  {sha256, bytes}}}
+      manifest.json               written last by checkpoint.save: {"format": 2, "step": 300, "block_bytes": …,
+                                  "files": {name: {bytes, sha256: [one per block]}}} (manifest.py)
 
 A run stopped at step k and resumed ends bitwise identical (on CPU) to an uninterrupted run: the tests
 compare the adapter and the optimizer moments with torch.equal. tests/test_peft_compat.py loads the adapter

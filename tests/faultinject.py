@@ -27,9 +27,9 @@ def install(rank: int, code: int, after_bytes: int, only_under: str | None = Non
     real = checkpoint.write_file
     written = [0]
 
-    def failing_write(path, chunks):
+    def failing_write(path, chunks, **hashing):
         if int(os.environ.get("RANK", "0")) != rank or (only_under and not str(path).startswith(only_under)):
-            return real(path, chunks)
+            return real(path, chunks, **hashing)
         data = b"".join(bytes(c) for c in ([chunks] if isinstance(chunks, (bytes, memoryview)) else chunks))
         if written[0] + len(data) > after_bytes:
             keep = max(0, after_bytes - written[0])
@@ -38,7 +38,7 @@ def install(rank: int, code: int, after_bytes: int, only_under: str | None = Non
             written[0] = after_bytes
             raise OSError(code, os.strerror(code), str(path))
         written[0] += len(data)
-        return real(path, data)
+        return real(path, data, **hashing)
 
     checkpoint.write_file = failing_write
 

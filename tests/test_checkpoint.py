@@ -30,10 +30,10 @@ def test_layout_and_manifest(tmp_path):
     path = checkpoint.save(tmp_path, 7, files)
     assert path == tmp_path / "checkpoint-7"
     m = json.loads((path / "manifest.json").read_text())
-    assert m["format"] == 1 and m["step"] == 7 and set(m["files"]) == set(files)
+    assert m["format"] == 2 and m["step"] == 7 and set(m["files"]) == set(files)
     import hashlib
-    for name, data in files.items():
-        assert m["files"][name] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    for name, data in files.items():  # each file smaller than one block: one sha256, that of the whole file
+        assert m["files"][name] == {"sha256": [hashlib.sha256(data).hexdigest()], "bytes": len(data)}
     assert (tmp_path / "latest").read_text() == "checkpoint-7\n"
     assert not list(tmp_path.glob(".tmp-*")) and not list(tmp_path.glob(".latest*"))
 
@@ -52,7 +52,7 @@ def _corrupt(kind, folder):
         (folder / "manifest.json").unlink()
     elif kind == "manifest edited":
         m = json.loads((folder / "manifest.json").read_text())
-        m["files"]["f0.bin"]["sha256"] = "0" * 64
+        m["files"]["f0.bin"]["sha256"] = ["0" * 64]
         (folder / "manifest.json").write_text(json.dumps(m))
     elif kind == "manifest garbage":
         (folder / "manifest.json").write_text("{not json")

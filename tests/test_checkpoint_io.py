@@ -72,14 +72,16 @@ def test_damage_is_refused_before_restore_and_the_previous_one_restores(tmp_path
 
 
 def _count_hashes(monkeypatch) -> dict:
-    """name -> how many times checkpoint hashed that file."""
-    counts, real = {}, checkpoint._read_hashed
+    """name -> how many times the checkpoint's reader read and hashed that file."""
+    from higgs_min import manifest
 
-    def counting(path, nbytes):
+    counts, real = {}, manifest._read_hashed
+
+    def counting(path, *args):
         counts[path.name] = counts.get(path.name, 0) + 1
-        return real(path, nbytes)
+        return real(path, *args)
 
-    monkeypatch.setattr(checkpoint, "_read_hashed", counting)
+    monkeypatch.setattr(manifest, "_read_hashed", counting)
     return counts
 
 
@@ -107,17 +109,82 @@ def test_resume_hashes_the_chosen_checkpoint_once(tmp_path, monkeypatch):
         checkpoint.read_verified(folder)
 
 
-def test_parallel_save_manifest_equals_the_files(tmp_path):
-    """Files written in parallel threads (#27): each manifest entry is the sha256 and size of the file on disk."""
+def test_parallel_save_manifest_equals_the_files(tmp_path, monkeypatch):
+    """Files written in parallel threads, cut into blocks hashed in a pool (#27): each manifest entry is the size
+    of the file on disk and the sha256 of each of its block-sized slices (blocks here of 1000 bytes: cut
+    inside tensors and inside the header; an empty file has the sha256 of nothing)."""
     import hashlib
     import json
 
+    from higgs_min import manifest
+
+    monkeypatch.setattr(manifest, "BLOCK_BYTES", 1000)
     files = {f"t{i}.safetensors": {f"w{j}": torch.randn(64, 33 + i) for j in range(40)} for i in range(3)}
     files["meta.json"] = b'{"k": 2}\n'
+    files["empty.bin"] = b""
     path = checkpoint.save(tmp_path, 1, files)
-    manifest = json.loads((path / checkpoint.MANIFEST).read_bytes())
+    m = json.loads((path / checkpoint.MANIFEST).read_bytes())
+    assert m["format"] == 2 and m["block_bytes"] == 1000
     for name in files:
         raw = (path / name).read_bytes()
-        assert manifest["files"][name] == {"sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)}
+        blocks = [hashlib.sha256(raw[s:s + 1000]).hexdigest() for s in range(0, max(len(raw), 1), 1000)]
+        assert m["files"][name] == {"sha256": blocks, "bytes": len(raw)}
+    assert len(m["files"]["t2.safetensors"]["sha256"]) > 300
     got = checkpoint.tensors_from_safetensors(checkpoint.read_verified(path)["t2.safetensors"], "t2")
     assert all(torch.equal(got[k], files["t2.safetensors"][k]) for k in files["t2.safetensors"])
+    # a byte flipped in one block of the middle is refused, by name
+    target = path / "t1.safetensors"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x04
+    target.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="t1.safetensors does not match its sha256"):
+        checkpoint.read_verified(path)
+
+
+def _format_1(folder, step, files):
+    """A checkpoint as the code before block hashes wrote it: one sha256 per file, "format": 1."""
+    import hashlib
+
+    from higgs_min.atomic import json_bytes
+
+    folder.mkdir()
+    entries = {}
+    for name, raw in files.items():
+        (folder / name).write_bytes(raw)
+        entries[name] = {"sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)}
+    (folder / checkpoint.MANIFEST).write_bytes(json_bytes({"format": 1, "step": step, "files": entries}))
+
+
+def test_format_1_checkpoints_still_verify_and_load(tmp_path):
+    from safetensors.torch import save as st_save
+
+    t = {"a": torch.randn(300, 7), "b": torch.arange(10)}
+    folder = tmp_path / "checkpoint-3"
+    _format_1(folder, 3, {"x.safetensors": st_save(t), "meta.json": b"{}\n"})
+    assert checkpoint.verify(folder)["format"] == 1
+    assert checkpoint.latest_valid(tmp_path) == folder
+    got = checkpoint.tensors_from_safetensors(checkpoint.read_verified(folder)["x.safetensors"], "x")
+    assert all(torch.equal(got[k], t[k]) for k in t)
+    data = bytearray((folder / "x.safetensors").read_bytes())
+    data[-1] ^= 0x01
+    (folder / "x.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="x.safetensors does not match its sha256"):
+        checkpoint.verify(folder)
+
+
+def test_unknown_or_malformed_manifest_is_refused_by_name(tmp_path):
+    import json
+
+    from higgs_min.atomic import json_bytes
+
+    path = checkpoint.save(tmp_path, 1, {"f.bin": b"x" * 10})
+    m = json.loads((path / checkpoint.MANIFEST).read_bytes())
+    for edit, says in ((lambda m: m.update(format=3), "format 3 \\(this version reads \\(1, 2\\)\\)"),
+                       (lambda m: m["files"]["f.bin"].update(sha256=m["files"]["f.bin"]["sha256"] * 2),
+                        "f.bin: 10 bytes with 2 block hashes"),
+                       (lambda m: m.update(block_bytes=0), "block_bytes 0")):
+        bad = json.loads(json.dumps(m))
+        edit(bad)
+        (path / checkpoint.MANIFEST).write_bytes(json_bytes(bad))
+        with pytest.raises(CheckpointError, match="unreadable manifest: " + says):
+            checkpoint.verify(path)
