@@ -110,16 +110,24 @@ def _transformers(flag: str, folder: Path):
     return transformers
 
 
+def _load(flag: str, folder: Path, device, what: str, preprocessor: str, model: str):
+    """(preprocessor, model in eval mode on `device`) from a transformers folder, by their Auto class names;
+    a folder that does not load is one UsageError naming the flag and `what` it should hold."""
+    tf = _transformers(flag, folder)
+    try:
+        pre = getattr(tf, preprocessor).from_pretrained(str(folder))
+        net = getattr(tf, model).from_pretrained(str(folder)).to(device).eval()
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"{flag} {folder}: not a loadable {what}: {e}") from e
+    return pre, net
+
+
 class Asr:
     """A Whisper checkpoint folder (config.json, weights, the processor's files): clip -> transcript."""
 
     def __init__(self, folder: Path, device="cpu", max_new_tokens: int = 128):
-        tf = _transformers("--eval-asr", folder)
-        try:
-            self.processor = tf.AutoProcessor.from_pretrained(str(folder))
-            self.model = tf.AutoModelForSpeechSeq2Seq.from_pretrained(str(folder)).to(device).eval()
-        except (OSError, ValueError, KeyError) as e:
-            raise UsageError(f"--eval-asr {folder}: not a loadable Whisper checkpoint: {e}") from e
+        self.processor, self.model = _load("--eval-asr", folder, device, "Whisper checkpoint",
+                                           "AutoProcessor", "AutoModelForSpeechSeq2Seq")
         # the decoder's positions bound prompt + answer (448 in the released checkpoints)
         limit = getattr(self.model.config, "max_target_positions", max_new_tokens + 8)
         self.device, self.max_new_tokens = device, min(max_new_tokens, limit - 8)
@@ -136,12 +144,8 @@ class Speaker:
     """A WavLM x-vector checkpoint folder (WavLMForXVector + its feature extractor): clip -> embedding."""
 
     def __init__(self, folder: Path, device="cpu"):
-        tf = _transformers("--eval-speaker", folder)
-        try:
-            self.extractor = tf.AutoFeatureExtractor.from_pretrained(str(folder))
-            self.model = tf.AutoModelForAudioXVector.from_pretrained(str(folder)).to(device).eval()
-        except (OSError, ValueError, KeyError) as e:
-            raise UsageError(f"--eval-speaker {folder}: not a loadable x-vector checkpoint: {e}") from e
+        self.extractor, self.model = _load("--eval-speaker", folder, device, "x-vector checkpoint",
+                                           "AutoFeatureExtractor", "AutoModelForAudioXVector")
         self.device = device
 
     @torch.no_grad()

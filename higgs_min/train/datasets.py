@@ -17,7 +17,6 @@ import numpy as np
 
 from higgs_min import atomic
 from higgs_min.batches import lengths_of
-from higgs_min.config import ModelConfig
 from higgs_min.data import ChatEncoder
 from higgs_min.errors import UsageError
 from higgs_min.prepare.corpus import open_dataset

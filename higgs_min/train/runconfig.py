@@ -177,7 +177,7 @@ def _decide(args) -> Run:
         if shape and folder is not None:
             raise UsageError(
                 f"{folder} was trained with other shapes: " + "; ".join(f"{k}: {v}" for k, v in shape.items())
-                + f"\n  its adapter cannot load into this model; use a new --output-dir (or --resume none)")
+                + "\n  its adapter cannot load into this model; use a new --output-dir (or --resume none)")
         if refused and not getattr(args, "allow_changed_settings", False):
             src = output_dir / RUN_CONFIG if previous["_source"] == "run_config" else folder
             raise UsageError(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,6 +33,10 @@ from higgs_min.config import ModelConfig
 from higgs_min.lora import TRAINED_TENSORS, load_adapter, load_trained_tensors, read_trained_tensors
 from higgs_min.model import HiggsAudioModel
 from higgs_min.weights import load_pretrained
+
+if TYPE_CHECKING:  # annotations only: the v3 modules load lazily, when a run is v3
+    from higgs_min.v3.config import V3Config
+    from higgs_min.v3.model import HiggsV3Model
 
 
 @dataclass
@@ -44,7 +49,7 @@ class Trained:
 
 
 def build_base(preset: str, base_weights: str | Path | None, seed: int, dtype: torch.dtype = torch.float32
-               ) -> tuple[HiggsAudioModel | "HiggsV3Model", ModelConfig | "V3Config", str]:
+               ) -> tuple[HiggsAudioModel | HiggsV3Model, ModelConfig | V3Config, str]:
     """The frozen base model on the CPU. Released weights when given, else the seeded preset.
     Higgs Audio v3 (a folder whose config.json says higgs_multimodal_qwen3, or a v3 preset) builds HiggsV3Model."""
     from higgs_min.v3 import config as v3_config

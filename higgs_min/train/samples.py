@@ -27,7 +27,6 @@ generation draws from its own generator, so a run trains the same with and witho
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
