@@ -171,51 +171,42 @@ class Decoder:
         return self.model.encode_file(path).numpy()
 
 
-def run(args) -> dict:
-    from tqdm import tqdm
-
-    from higgs_min.train import runs
-
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+def check_args(args) -> None:
+    """The option combinations refused before anything is loaded (one UsageError each)."""
     if args.adapter is None and args.base_weights is None:
         raise UsageError("pass --adapter CKPT (a run trained on a preset) and/or --base-weights DIR")
     if args.reference_codes is not None and args.reference_audio is not None:
         raise UsageError("pass --reference-codes or --reference-audio, not both")
     if args.reference_codes is None and args.reference_audio is None and args.reference_text is not None:
         raise UsageError("voice cloning needs --reference-text together with --reference-codes/--reference-audio")
-    v3_cli.default_decoder(args)
-    decoder = Decoder(args)
+
+
+def check_outputs(args, decoder: Decoder) -> None:
+    """Something to write, and a decoder for --out."""
     if decoder.kind is None and args.out is not None:
         raise UsageError(f"--out {args.out}: no decoder; pass --audio-tokenizer, --codec-weights or "
                          f"--random-codec-seed, or drop --out and keep --codes-out")
     if args.out is None and args.codes_out is None:
         raise UsageError("nothing to write: pass --out out.wav and/or --codes-out out.npy")
-    adapter = find_adapter(args.adapter) if args.adapter is not None else None
-    model, run_tokenizer = load_model(adapter, args.base_weights, device, dtype, merge=not args.no_merge)
-    # the prompt the run trained on: its checkpoint's record, or an exported folder's prompt.json
-    args.trained_prompt = runs.read_prompt(adapter if adapter is not None else args.base_weights)
-    cfg = model.config
-    tok = args.tokenizer or run_tokenizer
-    if tok is None:
-        raise UsageError("no tokenizer: the run's recorded one is gone and the base folder has none; "
-                                "pass --tokenizer tokenizer.json")
-    v3 = getattr(cfg, "family", "v2") == "v3"
-    if v3:
-        v3_cli.resolve_options(args)
-    else:
-        for name, value in V2_SAMPLING.items():
-            setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
-    ref = None
+
+
+def reference_codes(args, cfg, decoder: Decoder) -> torch.Tensor | None:
+    """Voice cloning's reference (K, T): --reference-codes as stored, or --reference-audio encoded by the codec."""
     if args.reference_codes is not None:
-        ref = load_codes(args.reference_codes, "--reference-codes", cfg.audio_num_codebooks, cfg.audio_codebook_size)
-    elif args.reference_audio is not None:
+        return load_codes(args.reference_codes, "--reference-codes", cfg.audio_num_codebooks, cfg.audio_codebook_size)
+    if args.reference_audio is not None:
         if decoder.kind is None:
             raise UsageError("--reference-audio needs a codec to encode it (--codec-weights, --random-codec-seed "
                              "or --audio-tokenizer); or pass --reference-codes")
-        ref = torch.from_numpy(decoder.encode(args.reference_audio).astype(np.int64))
+        return torch.from_numpy(decoder.encode(args.reference_audio).astype(np.int64))
+    return None
 
-    bar = tqdm(total=args.max_new_tokens, unit="tok", desc="generate", file=sys.stderr,
+
+def progress(total: int):
+    """-> (a tqdm bar counting steps on stderr, on a terminal or with HIGGS_MIN_PROGRESS=1; on_step(step, frames))."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="tok", desc="generate", file=sys.stderr,
                disable=not sys.stderr.isatty() and os.environ.get("HIGGS_MIN_PROGRESS") != "1")
     done = [0]
 
@@ -224,6 +215,54 @@ def run(args) -> dict:
         done[0] = step
         bar.set_postfix(frames=frames, refresh=False)
 
+    return bar, on_step
+
+
+def write_outputs(args, codes: np.ndarray, summary: dict, decoder: Decoder, v3: bool) -> None:
+    """--codes-out (int16 .npy, written atomically) and --out (the decoded wav; no frames is a GenerationError)."""
+    if args.codes_out is not None:
+        args.codes_out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic.replacing(args.codes_out, "wb") as f:
+            np.save(f, codes)
+    if args.out is not None:
+        if codes.shape[1] == 0:
+            hint = "more --max-new-tokens" if v3 else "--force-audio or more --max-new-tokens"
+            raise GenerationError(f"no audio frames generated ({summary['steps']} steps, stopped by "
+                                  f"{summary['stopped']}; text: {summary['text']!r}); try {hint}")
+        from higgs_min.audio import codec
+        wave = decoder.decode(codes).float().cpu()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        codec.write_wav(args.out, wave, decoder.rate)
+
+
+def run(args) -> dict:
+    """Load the model, generate (v2 or v3, by the model's config), write the outputs; -> the summary printed."""
+    from higgs_min.train import runs
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    check_args(args)
+    v3_cli.default_decoder(args)
+    decoder = Decoder(args)
+    check_outputs(args, decoder)
+    adapter = find_adapter(args.adapter) if args.adapter is not None else None
+    model, run_tokenizer = load_model(adapter, args.base_weights, device, dtype, merge=not args.no_merge)
+    # the prompt the run trained on: its checkpoint's record, or an exported folder's prompt.json
+    args.trained_prompt = runs.read_prompt(adapter if adapter is not None else args.base_weights)
+    cfg = model.config
+    tok = args.tokenizer or run_tokenizer
+    if tok is None:
+        raise UsageError("no tokenizer: the run's recorded one is gone and the base folder has none; "
+                         "pass --tokenizer tokenizer.json")
+    v3 = getattr(cfg, "family", "v2") == "v3"
+    if v3:
+        v3_cli.resolve_options(args)
+    else:
+        for name, value in V2_SAMPLING.items():
+            setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
+    ref = reference_codes(args, cfg, decoder)
+
+    bar, on_step = progress(args.max_new_tokens)
     t0 = time.perf_counter()
     if v3:
         codes, info = v3_cli.generate_codes(args, model, Path(tok), ref, on_step)
@@ -239,19 +278,7 @@ def run(args) -> dict:
                "audio_seconds": round(seconds, 3), "wall_seconds": round(wall, 3),
                "frames_per_second": round(codes.shape[1] / wall, 2) if wall > 0 else None,
                "rtf": round(wall / seconds, 3) if seconds > 0 else None}
-    if args.codes_out is not None:
-        args.codes_out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic.replacing(args.codes_out, "wb") as f:
-            np.save(f, codes)
-    if args.out is not None:
-        if codes.shape[1] == 0:
-            hint = "more --max-new-tokens" if v3 else "--force-audio or more --max-new-tokens"
-            raise GenerationError(f"no audio frames generated ({summary['steps']} steps, stopped by "
-                                  f"{summary['stopped']}; text: {summary['text']!r}); try {hint}")
-        from higgs_min.audio import codec
-        wave = decoder.decode(codes).float().cpu()
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        codec.write_wav(args.out, wave, decoder.rate)
+    write_outputs(args, codes, summary, decoder, v3)
     return summary
 
 

@@ -214,6 +214,100 @@ def segment_codes(delayed: torch.Tensor, codebook_size: int) -> torch.Tensor:
     return revert_delay_pattern(delayed).clamp(0, codebook_size - 1)[:, 1:-1]
 
 
+# --------------------------------------------------------------------------- one forward (both families)
+
+def last_hidden(model, feed: tuple, seq: tuple | None, cache: KVCache | None) -> torch.Tensor:
+    """The last position's hidden state (H,) once `feed` = (ids (n,), codes (n, K), audio mask (n,)) is added.
+
+    With the KV cache only `feed` runs (the cache holds everything before it); without it (use_cache=False)
+    `seq`, the whole sequence so far with `feed` at its end, runs again: the full forward that cached decoding
+    is tested against. Both families decode through it (v3/sampler.py `generate_v3`)."""
+    ids, codes, mask = feed if cache is not None else seq
+    return model(ids[None], None, codes[None], mask[None], cache=cache)[0, -1]
+
+
+def extend(seq: tuple, feed: tuple) -> tuple:
+    """`seq` with `feed` appended, position-wise (the uncached forward's input)."""
+    return tuple(torch.cat([s, f]) for s, f in zip(seq, feed, strict=True))
+
+
+# --------------------------------------------------------------------------- one step
+
+@dataclass
+class Sampling:
+    """How a step draws from logits: warp (temperature -> top-k -> top-p) then `choose`, or argmax at
+    temperature 0; `sampler(scores, greedy) -> ids` replaces `choose` (tests). RAS settings as `repetition_aware`."""
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    ras_win_len: int | None
+    ras_max_repeat: int
+    generator: torch.Generator | None = None
+    sampler: Callable | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def draw(self, raw: torch.Tensor) -> torch.Tensor:
+        """raw logits (N, V) -> ids (N,)."""
+        scores = raw if self.greedy else warp(raw, self.temperature, self.top_k, self.top_p)
+        if self.sampler is not None:
+            return self.sampler(scores, self.greedy)
+        return choose(scores, self.greedy, self.generator)
+
+    def redraw(self, raw: torch.Tensor) -> torch.Tensor:
+        """The official RAS redraw: raw logits (N, V) -> ids (N,) from the raw softmax, one multinomial draw each."""
+        return raw.softmax(-1).multinomial(1, replacement=True, generator=self.generator).squeeze(1)
+
+
+@dataclass
+class Decoding:
+    """What the loop carries from step to step (batch 1)."""
+    last: int  # the last token fed: it picks the next step's mode
+    history: torch.Tensor  # (K, n) every audio-out column so far, prompt included: the RAS window's source
+    text_ids: list = field(default_factory=list)  # as Generation.text_ids
+    segments: list = field(default_factory=list)  # per segment: its columns (K,), BOS column first
+    delay: DelayState = field(default_factory=DelayState)
+
+
+def decode_step(model, h: torch.Tensor, d: Decoding, s: Sampling, sp: dict, step: int, stop: set,
+                max_segments: int | None) -> tuple[int, torch.Tensor | None, str | None]:
+    """One step from the last position's hidden state h (H,), in the mode of the last token fed (module docstring;
+    the official `_sample` with `_sample_audio_tokens` / `_sample_text_tokens`). Records the step in `d` and returns
+    (the token to feed next, its audio column (K,) or None at a text position, why generation stops here or None).
+    A segment's final column is kept but not fed: <|audio_eos|> is fed instead."""
+    cfg = model.config
+    K, bos, eos = cfg.audio_num_codebooks, cfg.audio_stream_bos_id, cfg.audio_stream_eos_id
+    if d.last == sp["audio_out"]:  # AUDIO_IN_PROGRESS
+        raw = model.audio_logits(h[None])[0].float()  # (K, C+2)
+        col = repetition_aware(s.draw(raw), d.history, raw, s.ras_win_len, s.ras_max_repeat, s.redraw)
+        col, ended = delay_rules(col, d.delay, bos, eos)
+        d.segments[-1].append(col)
+        d.history = torch.cat([d.history, col[:, None]], 1)
+        if ended:
+            d.text_ids.append(sp["audio_eos"])
+            done = max_segments is not None and len(d.segments) >= max_segments
+            return sp["audio_eos"], None, "audio segments" if done else None
+        return sp["audio_out"], col, None
+    if d.last == sp["audio_out_bos"]:  # AUDIO_INIT: nothing sampled
+        col = torch.full((K,), bos, dtype=torch.long, device=h.device)
+        d.segments.append([col])
+        d.history = torch.cat([d.history, col[:, None]], 1)
+        d.text_ids.append(sp["audio_out"])
+        return sp["audio_out"], col, None
+    # TEXT
+    tok = int(s.draw(model.text_logits(h[None]).float())[0])  # from (1, V)
+    # An id in the model's padded vocabulary but beyond the tokenizer is kept and fed back, as the official
+    # _sample does (no check there); ChatEncoder.decode skips it, as the official decode.
+    if tok == sp["audio_out"]:
+        raise GenerationError(f"step {step}: the model sampled <|AUDIO_OUT|> in text mode; an audio segment can "
+                              "only start with <|audio_out_bos|> (use --force-audio, or check that the adapter "
+                              "matches the base)")
+    d.text_ids.append(tok)
+    return tok, None, "stop id" if tok in stop else None
+
+
 # --------------------------------------------------------------------------- the loop
 
 @dataclass
@@ -227,6 +321,23 @@ class Generation:
 
     def __post_init__(self):
         self.frames = int(self.codes.shape[1])
+
+
+def check_request(cfg, prompt: Prompt, max_new_tokens: int, temperature: float) -> None:
+    """What generation refuses before the first forward (one ValueError / GenerationError naming it)."""
+    if not cfg.use_delay_pattern:
+        # the official sampler (_sample_audio_tokens) is written for the delay pattern; no-delay decoding
+        # is not implemented here, so refuse rather than apply delay rules to a model trained without them
+        raise GenerationError("generation needs use_delay_pattern true; this model's config sets it false")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature}: must be >= 0 (0 is greedy)")
+    if len(prompt.input_ids) == 0:
+        raise ValueError("empty prompt")
+    if int(prompt.input_ids[-1]) == prompt.special["audio_out"]:
+        raise ValueError("the prompt ends inside an audio segment (<|AUDIO_OUT|>): not supported; "
+                         "end it with the assistant header, or <|audio_out_bos|> to force audio")
 
 
 @torch.no_grad()
@@ -243,95 +354,40 @@ def generate(model, prompt: Prompt, *, max_new_tokens: int = 2048, temperature: 
     EOS (the training-time samples: one clip, no text after it)."""
     cfg = model.config
     K, C = cfg.audio_num_codebooks, cfg.audio_codebook_size
-    bos, eos = cfg.audio_stream_bos_id, cfg.audio_stream_eos_id
+    check_request(cfg, prompt, max_new_tokens, temperature)
     sp = prompt.special
     param = next(model.parameters())
     dev = param.device
-    if not cfg.use_delay_pattern:
-        # the official sampler (_sample_audio_tokens) is written for the delay pattern; no-delay decoding
-        # is not implemented here, so refuse rather than apply delay rules to a model trained without them
-        raise GenerationError("generation needs use_delay_pattern true; this model's config sets it false")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
-    greedy = temperature == 0
-    if not greedy and temperature < 0:
-        raise ValueError(f"temperature={temperature}: must be >= 0 (0 is greedy)")
     stop = {int(i) for i in (stop_ids if stop_ids is not None else (sp["eot"], sp["end_of_text"]))}
     gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
-    pick = sampler or (lambda scores, g: choose(scores, g, gen))
+    s = Sampling(temperature, top_k, top_p, ras_win_len, ras_max_repeat, gen, sampler)
 
-    def resample(raw):  # the official RAS redraw: raw softmax, multinomial
-        return raw.softmax(-1).multinomial(1, replacement=True, generator=gen).squeeze(1)
-
-    ids = prompt.input_ids.to(dev).long()
-    codes = prompt.audio_codes.to(dev).long()
-    amask = prompt.audio_mask.to(dev).bool()
-    if len(ids) == 0:
-        raise ValueError("empty prompt")
-    if int(ids[-1]) == sp["audio_out"]:
-        raise ValueError("the prompt ends inside an audio segment (<|AUDIO_OUT|>): not supported; "
-                         "end it with the assistant header, or <|audio_out_bos|> to force audio")
-    history = codes[prompt.audio_out_mask.to(dev)].T  # (K, n): the RAS window's source
-    cache = KVCache(cfg, len(ids) + max_new_tokens, device=dev, dtype=param.dtype) if use_cache else None
-    seq_ids, seq_codes, seq_amask = [ids], [codes], [amask]
-    feed = (ids, codes, amask)  # what the next forward adds
-    last = int(ids[-1])
-    text_ids, segments, state = [], [], DelayState()
+    # the prompt is the first feed (the prefill); every later feed is one position
+    feed = (prompt.input_ids.to(dev).long(), prompt.audio_codes.to(dev).long(), prompt.audio_mask.to(dev).bool())
+    cache = KVCache(cfg, len(feed[0]) + max_new_tokens, device=dev, dtype=param.dtype) if use_cache else None
+    seq = feed if cache is None else None  # without the cache: everything fed so far
+    d = Decoding(last=int(feed[0][-1]), history=feed[1][prompt.audio_out_mask.to(dev)].T)  # history (K, n)
     stopped, step = "max_new_tokens", 0
-    zero_col = codes.new_zeros(K)
+    zero_col = feed[1].new_zeros(K)
     was_training = model.training
     model.eval()
     try:
         for step in range(1, max_new_tokens + 1):
-            if cache is not None:
-                h = model(feed[0][None], None, feed[1][None], feed[2][None], cache=cache)[0, -1]
-            else:
-                h = model(torch.cat(seq_ids)[None], None, torch.cat(seq_codes)[None], torch.cat(seq_amask)[None])[0, -1]
-            if last == sp["audio_out"]:  # AUDIO_IN_PROGRESS
-                raw = model.audio_logits(h[None])[0].float()  # (K, C+2)
-                col = pick(warp(raw, temperature, top_k, top_p) if not greedy else raw, greedy)
-                col = repetition_aware(col, history, raw, ras_win_len, ras_max_repeat, resample)
-                col, ended = delay_rules(col, state, bos, eos)
-                segments[-1].append(col)
-                history = torch.cat([history, col[:, None]], 1)
-                if ended:  # the final column is kept, not fed
-                    tok, fcol, audio = sp["audio_eos"], zero_col, False
-                    text_ids.append(tok)
-                    if max_segments is not None and len(segments) >= max_segments:
-                        stopped = "audio segments"
-                        break
-                else:
-                    tok, fcol, audio = sp["audio_out"], col, True
-            elif last == sp["audio_out_bos"]:  # AUDIO_INIT: nothing sampled
-                col = torch.full((K,), bos, dtype=torch.long, device=dev)
-                segments.append([col])
-                history = torch.cat([history, col[:, None]], 1)
-                tok, fcol, audio = sp["audio_out"], col, True
-                text_ids.append(tok)
-            else:  # TEXT
-                raw = model.text_logits(h[None]).float()  # (1, V)
-                tok = int(pick(warp(raw, temperature, top_k, top_p) if not greedy else raw, greedy)[0])
-                # An id in the model's padded vocabulary but beyond the tokenizer is kept and fed back, as the
-                # official _sample does (no check there); ChatEncoder.decode skips it, as the official decode.
-                if tok == sp["audio_out"]:
-                    raise GenerationError(f"step {step}: the model sampled <|AUDIO_OUT|> in text mode; an audio "
-                                          "segment can only start with <|audio_out_bos|> (use --force-audio, "
-                                          "or check that the adapter matches the base)")
-                text_ids.append(tok)
-                if tok in stop:
-                    stopped = "stop id"
-                    break
-                fcol, audio = zero_col, False
-            last = tok
-            feed = (ids.new_tensor([tok]), fcol[None], amask.new_tensor([audio]))
-            seq_ids.append(feed[0])
-            seq_codes.append(feed[1])
-            seq_amask.append(feed[2])
+            h = last_hidden(model, feed, seq, cache)
+            tok, col, why = decode_step(model, h, d, s, sp, step, stop, max_segments)
+            if why is not None:
+                stopped = why
+                break
+            d.last = tok
+            feed = (feed[0].new_tensor([tok]), (zero_col if col is None else col)[None],
+                    feed[2].new_tensor([col is not None]))
+            if seq is not None:
+                seq = extend(seq, feed)
             if on_step is not None:
-                on_step(step, sum(len(s) for s in segments))
+                on_step(step, sum(len(seg) for seg in d.segments))
     finally:
         model.train(was_training)
-    audio = [torch.stack(s, 1) for s in segments]  # (K, cols) each
+    audio = [torch.stack(seg, 1) for seg in d.segments]  # (K, cols) each
     per = [segment_codes(a, C) for a in audio]
     codes_out = torch.cat(per, 1) if per else torch.zeros(K, 0, dtype=torch.long, device=dev)
-    return Generation(text_ids, audio, codes_out.cpu(), step, stopped)
+    return Generation(d.text_ids, audio, codes_out.cpu(), step, stopped)

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from higgs_min.data import revert_delay_pattern
-from higgs_min.generate.sampling import choose, warp
+from higgs_min.generate.sampling import choose, extend, last_hidden, warp
 from higgs_min.model import KVCache
 
 GREEDY_TEMPERATURE = 1e-5  # sampler.py _GREEDY_TEMP_THRESHOLD
@@ -140,15 +140,13 @@ def generate_v3(model, prompt: V3Prompt, *, max_new_tokens: int = DEFAULTS["max_
         raise ValueError("empty prompt")
     cache = KVCache(cfg, len(ids) + max_new_tokens, device=dev, dtype=param.dtype) if use_cache else None
     state, rows, stopped, step = SamplerState(K), [], "max_new_tokens", 0
-    feed = (ids, codes, mask)
+    feed = (ids, codes, mask)  # the prompt first (the prefill), then one row a step
+    seq = feed if cache is None else None  # without the cache: everything fed so far
     was_training = model.training
     model.eval()
     try:
         for step in range(1, max_new_tokens + 1):
-            if cache is not None:
-                h = model(feed[0][None], None, feed[1][None], feed[2][None], cache=cache)[0, -1]
-            else:
-                h = model(ids[None], None, codes[None], mask[None])[0, -1]
+            h = last_hidden(model, feed, seq, cache)
             raw = model.audio_logits(h[None])[0].float()  # (K, C + 2), fp32 as served
             row = apply_rules(sample_codes(raw, temperature, top_k, top_p, gen), state, C, C + 1)
             rows.append(row)
@@ -159,8 +157,8 @@ def generate_v3(model, prompt: V3Prompt, *, max_new_tokens: int = DEFAULTS["max_
                 break
             # the row becomes the next input: one audio position (its input id is ignored)
             feed = (ids.new_zeros(1), row[None], mask.new_ones(1))
-            if cache is None:
-                ids, codes, mask = (torch.cat([ids, feed[0]]), torch.cat([codes, feed[1]]), torch.cat([mask, feed[2]]))
+            if seq is not None:
+                seq = extend(seq, feed)
     finally:
         model.train(was_training)
     out = torch.stack(rows).cpu()  # (R, K)
