@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from higgs_min.lora import TRAINED_TENSORS, apply_lora
 from higgs_min.train.runs import build_base, load_trained
 from higgs_min.v3.finetune import check_tie, train_audio_embedding
-from tests.trainutil import adapter, metrics, run
+from tests.trainutil import metrics, run, torchrun
 
 W = "tied.embedding.modality_embeddings.0.embedding.weight"  # the released name of the fused audio matrix
 V3 = ["--preset", "v3-tiny", "--train-audio-embedding", "--max-steps", 6]
@@ -135,3 +135,32 @@ def test_v3_held_out_eval(tmp_path):
     assert run(out, "--preset", "v3-tiny", "--max-steps", 1, "--save-steps", 1, "--eval-split", 0.25) == 0
     rows = [r for r in metrics(out) if r["split"] == "eval"]
     assert rows and all(r["text_loss"] is None and r["audio_loss"] > 0 and r["samples"] == 8 for r in rows)
+
+
+def test_v3_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    """v3-tiny with --train-audio-embedding on 2 gloo ranks (batch 2 each) against 1 process (batch 4), both with
+    --grad-accum 2: DDP averages the gradients (the tied audio matrix is one parameter, used twice), so the losses,
+    gradient norms, LoRA tensors and the trained audio matrix agree to fp32 noise. The v2 twin is in test_train.py."""
+    # A small lr, as in the v2 test: Adam turns float noise in a near-zero gradient into a full-size step.
+    common = ["--preset", "v3-tiny", "--train-audio-embedding", "--max-steps", "3", "--device", "cpu",
+              "--lora-rank", "4", "--log-every", "1", "--warmup-steps", "1", "--log-samples", "0", "--lr", "1e-4",
+              "--grad-accum", "2"]
+    p = torchrun(2, common + ["--batch-size", "2", "--output-dir", str(tmp_path / "ddp")])
+    log, _ = p.communicate(timeout=240)
+    assert p.returncode == 0, log[-3000:]
+    assert run(tmp_path / "one", *common, "--batch-size", 4) == 0
+    a, b = (files(tmp_path / d / "checkpoint-3") for d in ("ddp", "one"))
+    assert sorted(a) == sorted(b) and TRAINED_TENSORS in a
+    for name in (TRAINED_TENSORS, "adapter_model.safetensors"):
+        assert a[name].keys() == b[name].keys(), name
+        for k in a[name]:
+            torch.testing.assert_close(a[name][k], b[name][k], rtol=1e-5, atol=1e-5, msg=f"{name}: {k}")
+    base, _, _ = build_base("v3-tiny", None, 0)
+    assert not torch.equal(a[TRAINED_TENSORS][W], base.audio_embedding.weight)  # it trained (not two copies of init)
+    assert any(a["adapter_model.safetensors"][k].abs().sum() > 0 for k in a["adapter_model.safetensors"] if "lora_B" in k)
+    rows = list(zip(metrics(tmp_path / "ddp"), metrics(tmp_path / "one"), strict=True))
+    assert [r["step"] for r, _ in rows] == [1, 2, 3]
+    for m_ddp, m_one in rows:
+        assert m_ddp["text_loss"] is None and m_one["text_loss"] is None
+        for key in ("loss", "audio_loss", "grad_norm"):
+            assert m_ddp[key] == pytest.approx(m_one[key], rel=1e-5), key
