@@ -1,5 +1,4 @@
 import json
-import logging
 import math
 
 import numpy as np
@@ -90,6 +89,7 @@ def test_labels_follow_the_chat_layout(tmp_path, encoder):
     in_pos = s.audio_in_mask.nonzero().squeeze(1)
     assert len(in_pos) == 3 + K + 1 and all(ids[i] == sp["audio_in"] for i in in_pos)
     assert ids[in_pos[0] - 1] == sp["audio_bos"] and ids[in_pos[-1] + 1] == sp["audio_eos"]
+    assert torch.equal(s.audio_codes[in_pos].T, audio_stream(torch.from_numpy(user.astype(np.int64)), C, C + 1)[0])
     assert (s.audio_labels[in_pos] == IGNORE_INDEX).all() and (s.text_labels[in_pos] == IGNORE_INDEX).all()
     assert (s.audio_labels[~s.audio_out_mask] == IGNORE_INDEX).all()
     assert s.stream_shapes == [("user", (K, 3)), ("assistant", (K, 5))]

@@ -11,7 +11,7 @@ from higgs_min.lora import (LoRALinear, adapter_config, adapter_state_dict, appl
                             lora_layers, merge_lora, unmerge_lora)
 from higgs_min.model import HiggsAudioModel
 from higgs_min.weights import load_pretrained
-from tests.conftest import micro_config, random_batch
+from tests.conftest import random_batch
 
 
 def _randomize_lora(model, seed=1):

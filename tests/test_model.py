@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 from higgs_min.config import ModelConfig
 from higgs_min.model import HiggsAudioModel, rope_inv_freq
 from higgs_min.weights import load_pretrained
-from tests.conftest import micro_config, random_batch
+from tests.conftest import random_batch
 
 
 def test_released_shape_on_meta_device():

@@ -15,7 +15,6 @@ import torch
 
 from higgs_min import checkpoint
 from higgs_min.data import ChatEncoder
-from higgs_min.errors import UsageError
 from higgs_min.generate.sampling import codes_loader
 from higgs_min.train import report
 from higgs_min.train.samples import choose_prompts, held_prompt

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from higgs_min.data import ChatEncoder, DataError, Plan
-from higgs_min.prepare.sanitize import RejectReport, Rejection, line_to_plan, load_jsonl, read_jsonl
+from higgs_min.prepare.sanitize import RejectReport, Rejection, line_to_plan, load_jsonl
 from tests.helpers import conversation, make_tokenizer, write_codes, write_jsonl
 from tests.trainutil import ROOT, run
 

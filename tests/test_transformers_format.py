@@ -190,7 +190,7 @@ def test_adapter_through_peft_onto_transformers_base(trained):
 
 
 def test_fp64_agrees_to_1e5_and_bf16_dtype_is_recorded(trained, tmp_path):
-    d, model = trained["dir"], copy.deepcopy(trained["model"]).double()
+    model = copy.deepcopy(trained["model"]).double()
     merged = copy.deepcopy(model)
     merge_lora(merged)
     write_hf(merged, tmp_path / "f64", trained["tok"], torch.float64)

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from higgs_min.model import KVCache
 from higgs_min.v3.config import V3Config
 from higgs_min.v3.model import HiggsV3Model, describe
-from higgs_min.v3.weights import WeightsError, build_v3, load_v3
+from higgs_min.v3.weights import WeightsError, build_v3
 from tests import v3_oracle as oracle
 
 TOL = dict(rtol=0, atol=1e-5)
