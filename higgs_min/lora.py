@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from higgs_min.ops import lora_in
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -63,12 +65,20 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
-    def forward(self, x):
+    def forward(self, x, rebuild=None):
+        """x (…, in) -> (…, out). rebuild: None, or (fn, *sources) with fn(*sources) equal to x bit for bit from
+        tensors backward keeps anyway: A's gradient is then computed from a rebuilt x (ops.lora_in), not a kept one.
+        """
         y = F.linear(x, self.weight)  # (…, out)
         if self.merged:
             return y
-        a = self.dropout(x).to(self.lora_A.weight.dtype)
-        return y + (self.lora_B(self.lora_A(a)) * self.scale).to(y.dtype)
+        dtype = self.lora_A.weight.dtype
+        if rebuild is not None and isinstance(self.dropout, nn.Identity) and torch.is_grad_enabled():
+            fn, *sources = rebuild
+            a = lora_in(x.to(dtype), self.lora_A.weight, lambda *s: fn(*s).to(dtype), *sources)  # (…, r)
+        else:
+            a = self.lora_A(self.dropout(x).to(dtype))  # (…, r)
+        return y + (self.lora_B(a) * self.scale).to(y.dtype)
 
     def merge(self, name: str = "") -> None:
         """W ← merged_weight(W, A, B, scale), in place and without a copy of W. A second merge does nothing."""

@@ -31,6 +31,7 @@ new keys up to itself (a causal mask aligned to the bottom right).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -38,6 +39,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from higgs_min.config import ModelConfig
+from higgs_min.lora import LoRALinear
+from higgs_min.ops import swiglu, swiglu_value
 
 
 class RMSNorm(nn.Module):
@@ -200,7 +203,30 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = self.gate_proj(x), self.up_proj(x)  # (…, I) each
+        h = swiglu(g, u)  # keeps g and u for backward, not silu(g) too
+        if isinstance(self.down_proj, LoRALinear):  # its A rebuilds h from g and u in backward instead of keeping h
+            return self.down_proj(h, rebuild=(swiglu_value, g, u))
+        return self.down_proj(h)  # plain, or another wrapper (PEFT's)
+
+
+class Routing(NamedTuple):
+    """Which FFN each of the B*L rows takes in a DualFFN layer: order (B*L,) lists the text rows, then the audio
+    rows (flat indices, each ascending); n_text of them are text; inverse (B*L,) puts them back: order[inverse]
+    is 0..B*L-1."""
+    order: torch.Tensor
+    n_text: int
+    inverse: torch.Tensor
+
+    @staticmethod
+    def of(audio_mask: torch.Tensor) -> "Routing":
+        """audio_mask (B, L) bool."""
+        flat = audio_mask.reshape(-1)
+        text_rows, audio_rows = (~flat).nonzero().squeeze(1), flat.nonzero().squeeze(1)
+        order = torch.cat((text_rows, audio_rows))  # (B*L,)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return Routing(order, text_rows.numel(), inverse)
 
 
 class DecoderLayer(nn.Module):
@@ -218,8 +244,8 @@ class DecoderLayer(nn.Module):
             self.audio_input_layernorm = RMSNorm(H, cfg.rms_norm_eps)
             self.audio_post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn_mask, audio_mask, audio_rows, text_rows, kv=None, ff_attn_mask=None):
-        """x (B, L, H); audio_mask (B, L, 1) bool; audio_rows / text_rows: flat indices into (B*L,); or all None.
+    def forward(self, x, cos, sin, attn_mask, audio_mask, routing, kv=None, ff_attn_mask=None):
+        """x (B, L, H); audio_mask (B, L, 1) bool and routing (a Routing), or both None (no audio row).
         kv: this layer's KVCache slot, or None. ff_attn_mask (B, 1, L, P + L) bool: the fast-forward layers' mask
         (HiggsAudioModel.fast_forward_mask), given when audio is among the queries or the cached keys."""
         if self.fast_forward and ff_attn_mask is not None:
@@ -229,21 +255,20 @@ class DecoderLayer(nn.Module):
             # sequence with the audio positions removed (RoPE positions kept). Proven in tests/test_options.py.
             y = x + self.self_attn(self.input_layernorm(x), cos, sin, ff_attn_mask, kv)
             y = y + self.mlp(self.post_attention_layernorm(y))
-            return y if audio_rows is None else torch.where(audio_mask, x, y)
-        if not self.dual_ffn or audio_rows is None:
+            return y if routing is None else torch.where(audio_mask, x, y)
+        if not self.dual_ffn or routing is None:
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv)
             return x + self.mlp(self.post_attention_layernorm(x))
         B, L, H = x.shape
         h = torch.where(audio_mask, self.audio_input_layernorm(x), self.input_layernorm(x))
         x = x + self.self_attn(h, cos, sin, attn_mask, kv)
-        # Each row goes through exactly one FFN: gather, run, scatter back.
-        flat = x.reshape(B * L, H)
-        t = flat[text_rows]
-        a = flat[audio_rows]
-        ffn = torch.zeros_like(flat)
-        ffn = ffn.index_copy(0, text_rows, self.mlp(self.post_attention_layernorm(t)))
-        ffn = ffn.index_copy(0, audio_rows, self.audio_mlp(self.audio_post_attention_layernorm(a)))
-        return x + ffn.view(B, L, H)
+        # Each row goes through exactly one FFN: one gather (text rows, then audio rows), each FFN on its slice, one
+        # gather back to the sequence order. Gathers keep only their index for backward (index_copy kept its source).
+        rows = x.reshape(B * L, H)[routing.order]  # (B*L, H)
+        t, a = rows[:routing.n_text], rows[routing.n_text:]  # (Nt, H), (Na, H)
+        ffn = torch.cat((self.mlp(self.post_attention_layernorm(t)),
+                         self.audio_mlp(self.audio_post_attention_layernorm(a))))  # (B*L, H), routed order
+        return x + ffn[routing.inverse].view(B, L, H)
 
 
 class AudioDecoderProjector(nn.Module):
@@ -318,16 +343,14 @@ class HiggsAudioModel(nn.Module):
         freqs = torch.outer(pos, inv_freq)  # (L, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (L, hd)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)  # broadcast over (B, nh, L, hd)
-        audio_rows = text_rows = None
+        routing = None
         if audio_mask is not None and audio_mask.any():
-            flat = audio_mask.reshape(-1)
-            audio_rows = flat.nonzero().squeeze(1)
-            text_rows = (~flat).nonzero().squeeze(1)
+            routing = Routing.of(audio_mask)
             audio_mask = audio_mask.view(B, L, 1)
         ff_attn_mask = None
         if any(layer.fast_forward for layer in self.layers):
-            now = audio_mask.view(B, L) if audio_rows is not None else torch.zeros(B, L, dtype=torch.bool,
-                                                                                   device=x.device)
+            now = audio_mask.view(B, L) if routing is not None else torch.zeros(B, L, dtype=torch.bool,
+                                                                                device=x.device)
             keys = now
             if cache is not None:  # which cached positions are audio: their keys are hidden in these layers too
                 cache.audio[:, P:P + L] = now
@@ -338,11 +361,11 @@ class HiggsAudioModel(nn.Module):
             if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
                 # Keep only each layer's input; recompute the layer (LoRA and DualFFN included) in backward.
                 # Non-reentrant: works with frozen inputs and DDP, and gives the same grads (RNG state restored).
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn_mask, audio_mask, audio_rows,
-                                                      text_rows, None, ff_attn_mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn_mask, audio_mask, routing, None,
+                                                      ff_attn_mask, use_reentrant=False)
             else:
                 kv = None if cache is None else cache.layer(i)
-                x = layer(x, cos, sin, attn_mask, audio_mask, audio_rows, text_rows, kv, ff_attn_mask)
+                x = layer(x, cos, sin, attn_mask, audio_mask, routing, kv, ff_attn_mask)
         if cache is not None:
             cache.length = P + L
         return self.norm(x)

@@ -133,12 +133,12 @@ class HiggsV3Model(nn.Module):
         P, attn_mask = attention_plan(attention_mask, cache, L, x.device)
         cos, sin = rope_tables(self.config, P, L, x.device, x.dtype)  # broadcast over (B, nh, L, hd)
         for i, layer in enumerate(self.body.layers):
-            # v2's DecoderLayer without DualFFN: (x, cos, sin, mask, audio_mask, audio_rows, text_rows, kv)
+            # v2's DecoderLayer without DualFFN: (x, cos, sin, mask, audio_mask, routing, kv)
             if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn_mask, None, None, None, None,
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn_mask, None, None, None,
                                                       use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attn_mask, None, None, None, None if cache is None else cache.layer(i))
+                x = layer(x, cos, sin, attn_mask, None, None, None if cache is None else cache.layer(i))
         if cache is not None:
             cache.length = P + L
         return self.body.norm(x)
