@@ -214,9 +214,9 @@ def restore_replaced(output_dir: str | Path) -> list[Path]:
     return restored
 
 
-def _valid(folder: Path) -> bool:
+def _valid(folder: Path, hashes: bool = True) -> bool:
     try:
-        verify(folder)
+        verify(folder, hashes=hashes)
         return True
     except CheckpointError:
         return False
@@ -231,14 +231,27 @@ def remove_stale_tmp(output_dir: str | Path) -> list[Path]:
     return stale
 
 
-def rotate(output_dir: str | Path, keep_last: int) -> list[Path]:
-    """Delete valid checkpoints beyond the newest `keep_last` valid ones. Broken ones are left alone,
-    and so is the one `best` names (the lowest eval loss)."""
+def rotate(output_dir: str | Path, keep_last: int, saved: str | None = None) -> list[Path]:
+    """Delete checkpoints beyond the newest `keep_last` whole ones; never the newest one that verifies, nor
+    the one `best` names, nor a broken one. Returns the deleted folders.
+
+    Choosing what to delete hashes nothing: "whole" is the check that reads no data (manifest, names, sizes:
+    verify(hashes=False)). Hashing every kept checkpoint at every save read the whole output folder each time,
+    for a choice that only needs this: a checkpoint that verifies must survive. So nothing is deleted unless
+    one of the kept ones verifies: `saved`, the folder this process has just written (its hashes were
+    computed from the very buffers written, and save checked its names and sizes), is trusted without a
+    re-read; else the kept ones are hashed newest first until one verifies; if none does (damage that keeps
+    sizes, e.g. flipped bits), the doomed ones are hashed newest first and the first that verifies is spared.
+    A whole-looking but damaged checkpoint may thus count as kept: --keep-last 3 then leaves 2 good ones.
+    """
     if keep_last <= 0:
         return []
-    valid = [c["path"] for c in scan(output_dir) if c["ok"]]
+    whole = [p for _, p in _checkpoint_folders(Path(output_dir)) if _valid(p, hashes=False)]
     best = read_pointer(output_dir, "best")
-    doomed = [p for p in valid[keep_last:] if p.name != best]
+    kept, doomed = whole[:keep_last], [p for p in whole[keep_last:] if p.name != best]
+    if doomed and saved not in {p.name for p in kept} and not any(_valid(p) for p in kept):
+        spare = next((p for p in doomed if _valid(p)), None)  # the newest that verifies
+        doomed = [p for p in doomed if p != spare]
     for p in doomed:
         log.info("keep-last %d: deleting %s", keep_last, p)
         shutil.rmtree(p)

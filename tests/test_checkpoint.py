@@ -123,7 +123,7 @@ def test_on_save_error_continue_keeps_training(tmp_path, restore_write_file):
 def test_keep_last_failure_after_a_save_is_not_a_failed_save(tmp_path, monkeypatch, caplog):
     """A committed checkpoint whose --keep-last rotation fails: logged, the run goes on, nothing is written
     into --backup-dir (the save did not fail)."""
-    def broken_rotate(output_dir, keep_last):
+    def broken_rotate(output_dir, keep_last, saved=None):
         raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(output_dir))
 
     monkeypatch.setattr(checkpoint, "rotate", broken_rotate)
@@ -152,6 +152,39 @@ def test_rotation_never_counts_broken_folders_as_kept(tmp_path):
     _corrupt("truncated", tmp_path / "checkpoint-3")
     checkpoint.rotate(tmp_path, 1)
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+
+
+def _count_reads(monkeypatch) -> list:
+    from higgs_min import manifest
+
+    reads, real = [], manifest._read_hashed
+    monkeypatch.setattr(manifest, "_read_hashed", lambda path, *a: reads.append(path.parent.name) or real(path, *a))
+    return reads
+
+
+def test_rotation_after_a_save_hashes_nothing(tmp_path, monkeypatch):
+    """--keep-last chooses by names and sizes; the checkpoint just saved stands for "a kept one verifies"."""
+    for s in (1, 2, 3, 4):
+        checkpoint.save(tmp_path, s, _files())
+    reads = _count_reads(monkeypatch)
+    assert [p.name for p in checkpoint.rotate(tmp_path, 2, saved="checkpoint-4")] == ["checkpoint-2", "checkpoint-1"]
+    assert reads == []
+    # without `saved`, one kept checkpoint is hashed (the newest, which verifies): its files only
+    checkpoint.save(tmp_path, 5, _files())
+    reads.clear()
+    assert [p.name for p in checkpoint.rotate(tmp_path, 2)] == ["checkpoint-3"]
+    assert set(reads) == {"checkpoint-5"}
+
+
+def test_rotation_spares_the_newest_checkpoint_that_verifies(tmp_path, monkeypatch):
+    """Damage that keeps every size (a flipped bit) passes the cheap check, so the damaged folder counts as
+    kept; the newest checkpoint that verifies is spared all the same, and older ones go."""
+    for s in (1, 2, 3):
+        checkpoint.save(tmp_path, s, _files())
+    _corrupt("bit-flipped", tmp_path / "checkpoint-3")
+    assert [p.name for p in checkpoint.rotate(tmp_path, 1)] == ["checkpoint-1"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    verify(tmp_path / "checkpoint-2")
 
 
 def test_stale_temp_folders_are_reported_and_removed(tmp_path, caplog):
