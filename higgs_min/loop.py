@@ -128,33 +128,50 @@ BEST_BY = {"eval_loss": ("loss", False), "wer": ("wer", False), "speaker_similar
 
 
 def save_everywhere(step, model, optimizer, args, trainer_state, dist_info, base_name):
-    """Rank 0 writes; all ranks get the same outcome; no rank hangs on a failed save."""
-    outcome = "ok"
+    """Rank 0 writes; all ranks get the same outcome; no rank hangs on a failed save.
+
+    The other ranks wait for rank 0's outcome in a collective, so rank 0 must reach it whatever happens: an
+    exception other than a failed write (a bug, a KeyboardInterrupt) is caught, sent to every rank as a
+    "crashed" outcome, and re-raised on rank 0 after the collective; the other ranks stop with it named
+    (otherwise they would wait out --dist-timeout, or forever where rank 0's exit hangs on shutdown).
+    """
+    outcome, crash = ("ok", ""), None
     if dist_info.is_main:
-        files = train_state.training_files(model, optimizer, adapter_config(
-            model, args.lora_targets.split(","), args.lora_dropout, base_name), trainer_state)
-        targets = [args.output_dir] + ([args.backup_dir] if args.backup_dir else [])
-        errors = []
-        for target in targets:
-            try:
-                Path(target).mkdir(parents=True, exist_ok=True)
-                path = checkpoint.save(target, step, files)
-            except (checkpoint.CheckpointError, OSError) as e:
-                log.error("checkpoint at step %d into %s failed: %s", step, target, e)
-                errors.append(str(e))
-                continue
-            # what save checked: names and sizes against the manifest (the hashes are checked when read)
-            log.info("saved %s (%.2f MB; names and sizes checked against the manifest)", path.resolve(),
-                     sum(f.stat().st_size for f in path.iterdir()) / 1e6)
-            _after_save(target, path, trainer_state.get("eval"), args)
-            break
-        else:
-            outcome = "; then ".join(errors)
-    outcome = distributed.broadcast_from_main(outcome)
-    if outcome != "ok":
+        try:
+            outcome = _save_on_main(step, model, optimizer, args, trainer_state, base_name)
+        except BaseException as e:  # passed on to every rank, then re-raised below
+            crash, outcome = e, ("crashed", f"rank 0 stopped while saving: {type(e).__name__}: {e}")
+    kind, message = distributed.broadcast_from_main(outcome)
+    if crash is not None:
+        raise crash
+    if kind == "crashed":
+        raise checkpoint.CheckpointError(f"step {step}: {message}")
+    if kind == "failed":
         if args.on_save_error == "raise":
-            raise checkpoint.CheckpointError(f"step {step}: {outcome}")
+            raise checkpoint.CheckpointError(f"step {step}: {message}")
         log.warning("step %d: continuing without a checkpoint (--on-save-error continue)", step)
+
+
+def _save_on_main(step, model, optimizer, args, trainer_state, base_name) -> tuple[str, str]:
+    """Rank 0's save into --output-dir, else --backup-dir: ("ok", "") or ("failed", what each target said)."""
+    files = train_state.training_files(model, optimizer, adapter_config(
+        model, args.lora_targets.split(","), args.lora_dropout, base_name), trainer_state)
+    targets = [args.output_dir] + ([args.backup_dir] if args.backup_dir else [])
+    errors = []
+    for target in targets:
+        try:
+            Path(target).mkdir(parents=True, exist_ok=True)
+            path = checkpoint.save(target, step, files)
+        except (checkpoint.CheckpointError, OSError) as e:
+            log.error("checkpoint at step %d into %s failed: %s", step, target, e)
+            errors.append(str(e))
+            continue
+        # what save checked: names and sizes against the manifest (the hashes are checked when read)
+        log.info("saved %s (%.2f MB; names and sizes checked against the manifest)", path.resolve(),
+                 sum(f.stat().st_size for f in path.iterdir()) / 1e6)
+        _after_save(target, path, trainer_state.get("eval"), args)
+        return "ok", ""
+    return "failed", "; then ".join(errors)
 
 
 def _after_save(target, path: Path, ev, args) -> None:
@@ -168,7 +185,7 @@ def _after_save(target, path: Path, ev, args) -> None:
                                                                                  higher):
             log.info("best: %s (%s %.4f)", path.name, key, value)
         if args.keep_last:
-            checkpoint.rotate(target, args.keep_last)
+            checkpoint.rotate(target, args.keep_last, saved=path.name)
     except (checkpoint.CheckpointError, OSError) as e:
         log.error("saved %s, but updating best / --keep-last in %s failed: %s (the next save tries again)",
                   path.name, target, e)

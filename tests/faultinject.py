@@ -6,10 +6,14 @@ FAIL_SPEC is `rank:errno:after_bytes`: on that rank, checkpoint writes raise
 OSError(errno) once `after_bytes` bytes were written by this process (a disk
 that fills up mid-save, or an I/O error).
 
+FAIL_SPEC `rank:raise:ValueError`: on that rank, gathering the checkpoint's contents raises ValueError (an
+exception that is not a failed write: a bug), to check that the other ranks learn of it and stop.
+
 FAIL_SPEC `replace-window:kill` or `replace-window:raise`: in a save into an existing checkpoint-N,
 exactly between the old folder moved aside (a sibling named checkpoint-N....replaced-...) and the new one
 renamed in, this process is killed (SIGKILL), or that rename raises OSError(EIO).
 """
+import builtins
 import errno
 import os
 import re
@@ -43,6 +47,19 @@ def install(rank: int, code: int, after_bytes: int, only_under: str | None = Non
     checkpoint.write_file = failing_write
 
 
+def install_raise(rank: int, name: str):
+    from higgs_min import train_state
+
+    real = train_state.training_files
+
+    def failing(*args, **kwargs):
+        if int(os.environ.get("RANK", "0")) == rank:
+            raise getattr(builtins, name)("injected into training_files")
+        return real(*args, **kwargs)
+
+    train_state.training_files = failing
+
+
 def install_replace_window(action: str):
     """Patch os.rename/os.replace: the rename of a new folder onto checkpoint-N while the old copy sits aside."""
     def in_window(src, dst) -> bool:
@@ -68,6 +85,8 @@ if __name__ == "__main__":
     assert sep == "--"
     if spec.startswith("replace-window:"):
         install_replace_window(spec.split(":", 1)[1])
+    elif spec.split(":")[1] == "raise":
+        install_raise(int(spec.split(":")[0]), spec.split(":")[2])
     else:
         r, code, after = spec.split(":")
         install(int(r), getattr(errno, code), int(after))

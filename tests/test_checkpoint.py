@@ -277,3 +277,18 @@ def test_two_rank_save_failure_same_error_on_both_ranks_no_hang(tmp_path):
     lines = [l for l in log.splitlines() if "ERROR" in l and "step 2" in l and "ENOSPC" in l]
     assert len(lines) >= 2, log[-3000:]  # rank 0 and rank 1 report the same failure
     assert not [q for q in (tmp_path / "out").iterdir() if "checkpoint" in q.name]
+
+
+def test_two_rank_save_crash_on_rank_0_stops_both_ranks_with_the_error(tmp_path):
+    """Rank 0 raises something other than a failed write while saving (a bug): rank 1, waiting for the outcome
+    in a collective, learns of it and stops naming it, rather than waiting out --dist-timeout."""
+    args = ["--max-steps", "2", "--device", "cpu", "--lora-rank", "4", "--batch-size", "2", "--log-samples", "0",
+            "--output-dir", str(tmp_path / "out"), "--dist-timeout", "300"]
+    t0 = time.time()
+    p = torchrun(2, ["0:raise:ValueError", "--"] + args, script=str(ROOT / "tests" / "faultinject.py"))
+    log, _ = p.communicate(timeout=200)
+    assert time.time() - t0 < 150 and p.returncode != 0
+    assert "ValueError: injected into training_files" in log, log[-3000:]  # rank 0: the bug, with its traceback
+    told = [l for l in log.splitlines() if "step 2: rank 0 stopped while saving: ValueError: injected" in l]
+    assert told, log[-3000:]  # rank 1 stops with the error named
+    assert not [q for q in (tmp_path / "out").iterdir() if "checkpoint" in q.name]
