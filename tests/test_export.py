@@ -56,3 +56,18 @@ def test_export_of_a_preset_run_is_a_base_folder_that_trains(tmp_path, caplog, c
     assert export_main(["--adapter", str(ck), "--out", str(tmp_path / "m2"), "--tokenizer", str(big)]) == 1
     err = capsys.readouterr().err
     assert "2010 tokens" in err and "1024" in err and not (tmp_path / "m2").exists()
+
+
+def test_export_accepts_what_generate_accepts_for_adapter(tmp_path, capsys):
+    """--adapter RUN_DIR (the run's newest valid checkpoint), OUT/best-style pointers and a checkpoint folder,
+    as generate --adapter (train/runs.py:find_adapter); anything else is one line naming the path."""
+    assert run(tmp_path / "run", "--max-steps", 2, "--save-steps", 1) == 0
+    newest = (tmp_path / "run" / "checkpoint-2" / "adapter_model.safetensors").read_bytes()
+    assert newest != (tmp_path / "run" / "checkpoint-1" / "adapter_model.safetensors").read_bytes()
+    for i, given in enumerate((tmp_path / "run", tmp_path / "run" / "latest", tmp_path / "run" / "checkpoint-2")):
+        assert export_main(["--adapter", str(given), "--adapter-only", "--out", str(tmp_path / f"a{i}")]) == 0
+        assert (tmp_path / f"a{i}" / "adapter_model.safetensors").read_bytes() == newest
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    assert export_main(["--adapter", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
+    assert "--adapter " + str(tmp_path / "empty") + ": neither a checkpoint" in capsys.readouterr().err

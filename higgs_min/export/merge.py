@@ -48,7 +48,8 @@ from higgs_min.lora import (PEFT_PREFIX, TRAINED_TENSORS, lora_scale, merge_lora
                             read_trained_tensors)
 from higgs_min.model import HiggsAudioModel
 from higgs_min.weights import load_pretrained, weight_files
-from higgs_min.train.runs import PROMPT_FILE, load_trained, read_prompt, read_settings, resolve_checkpoint
+from higgs_min.train.runs import (PROMPT_FILE, find_adapter, load_trained, read_prompt, read_settings,
+                                  resolve_checkpoint)
 from higgs_min.v3.config import PRESETS as V3_PRESETS
 from higgs_min.v3.config import V3Config, is_v3_config
 
@@ -364,14 +365,15 @@ def _main(argv) -> int:
             ap.error("--format transformers needs a checkpoint, adapter or base folder")
         if args.adapter_only and args.base_only:
             ap.error("--adapter-only and --base-only exclude each other")
-        out = export_transformers(args.source or args.adapter, args.out, args.base_weights, args.tokenizer,
+        # a positional source may be a base folder; --adapter is what generate --adapter accepts
+        out = export_transformers(args.source or find_adapter(args.adapter), args.out, args.base_weights, args.tokenizer,
                                   args.adapter_only, args.base_only, getattr(torch, args.dtype) if args.dtype else None)
         print(f"transformers-format {'adapter' if args.adapter_only else 'model'} written to {out.resolve()}")
         return 0
     adapter = args.adapter or args.source
     if not adapter:
         ap.error("needs --adapter (a checkpoint such as output/checkpoint-300, or an adapter folder)")
-    adapter = resolve_checkpoint(adapter)
+    adapter = find_adapter(adapter)  # as generate --adapter: a checkpoint, adapter folder, OUT/best, or a run folder
     if args.adapter_only:
         out = export_adapter(adapter, args.out)
         print(f"adapter written to {out.resolve()} (generate --base-weights BASE --adapter {out})")

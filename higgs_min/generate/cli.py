@@ -83,22 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def find_adapter(path: Path) -> Path:
-    """A checkpoint folder (or OUT/best, OUT/latest), or an output folder's newest valid checkpoint."""
-    from higgs_min import checkpoint
-    from higgs_min.train.runs import resolve_checkpoint
-
-    path = resolve_checkpoint(path)
-    if (path / "adapter_config.json").exists():
-        return path
-    if path.is_dir():
-        latest = checkpoint.latest_valid(path)
-        if latest is not None:
-            return latest
-    raise UsageError(f"--adapter {path}: neither a checkpoint (adapter_config.json) "
-                            f"nor an output folder with a valid checkpoint")
-
-
 def load_model(adapter: Path | None, base_weights: Path | None, device: torch.device, dtype: torch.dtype,
                merge: bool):
     """-> (model in eval mode, the run's tokenizer or None). runs.load_trained: the base rebuilt from the
@@ -245,7 +229,7 @@ def run(args) -> dict:
     v3_cli.default_decoder(args)
     decoder = Decoder(args)
     check_outputs(args, decoder)
-    adapter = find_adapter(args.adapter) if args.adapter is not None else None
+    adapter = runs.find_adapter(args.adapter) if args.adapter is not None else None
     model, run_tokenizer = load_model(adapter, args.base_weights, device, dtype, merge=not args.no_merge)
     # the prompt the run trained on: its checkpoint's record, or an exported folder's prompt.json
     args.trained_prompt = runs.read_prompt(adapter if adapter is not None else args.base_weights)

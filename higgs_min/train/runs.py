@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from higgs_min.errors import RunError  # a run folder that cannot be turned back into its model
+from higgs_min.errors import RunError, UsageError  # a run folder that cannot be turned back into its model
 from higgs_min.config import ModelConfig
 from higgs_min.lora import TRAINED_TENSORS, load_adapter, load_trained_tensors, read_trained_tensors
 from higgs_min.model import HiggsAudioModel
@@ -97,6 +97,22 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise RunError(f"{path} names {name!r}, which is not a folder in {path.parent} (deleted by hand or by "
                        f"--keep-last?); pass a checkpoint folder instead (there: {there or 'none'})")
     return target
+
+
+def find_adapter(path: str | Path, option: str = "--adapter") -> Path:
+    """What `option` accepts wherever an adapter is asked for (generate, export): a checkpoint or adapter
+    folder, OUT/best or OUT/latest (resolve_checkpoint), or a run's output folder: its newest valid checkpoint."""
+    from higgs_min import checkpoint
+
+    path = resolve_checkpoint(path)
+    if (path / "adapter_config.json").exists():
+        return path
+    if path.is_dir():
+        latest = checkpoint.latest_valid(path)
+        if latest is not None:
+            return latest
+    raise UsageError(f"{option} {path}: neither a checkpoint (adapter_config.json) "
+                     f"nor an output folder with a valid checkpoint")
 
 
 PROMPT_FILE = "prompt.json"  # an exported folder's copy of the run's prompt record (export/merge.py)
