@@ -10,10 +10,11 @@ One optimizer step (`train_step`, then `train_loop` logs, evaluates and saves):
     5. log; evaluate when due; save at save_steps, at the last step, and on SIGTERM/SIGINT.
 
 Saves: rank 0 writes (checkpoint.save); every rank learns the outcome, so a failed save raises the same error
-everywhere (or warns, with --on-save-error continue) and nothing hangs. A failed save logs the path and errno,
-removes its temporary folder and retries once into --backup-dir when given. SIGTERM/SIGINT: all ranks agree
-(all-reduce) to stop at the next step boundary, save, and exit 0. --keep-last N deletes older valid
-checkpoints only after a new one is committed, never `best`. Before step 1, checkpoint.preflight writes,
+everywhere (or warns, with --on-save-error continue) and nothing hangs, even when rank 0 raises something
+else. A failed save logs the path and errno, removes its temporary folder and retries once into --backup-dir
+when given. SIGTERM/SIGINT: all ranks agree (all-reduce) to stop at the next step boundary, save, and exit 0.
+--keep-last N deletes older whole checkpoints only after a new one is committed, never `best` nor the newest
+that verifies, and hashes nothing to choose (checkpoint.rotate). Before step 1, checkpoint.preflight writes,
 fsyncs and removes a probe file, compares free space with the estimated checkpoint size (--strict-space: an
 error), and logs the absolute path and the steps at which saves happen (save_steps > max_steps is a warning;
 the final save still happens).
