@@ -21,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from higgs_min.data import SPECIAL_TOKENS  # noqa: E402
+from higgs_min.chat import SPECIAL_TOKENS  # noqa: E402
 from higgs_min.prepare.encode import prepare  # noqa: E402
 
 SYSTEM = "You are a helpful voice assistant. Answer in the language of the question."

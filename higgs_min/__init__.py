@@ -6,7 +6,8 @@ THE CORE, at the package top, in reading order (it imports nothing from the fold
     model.py         the Llama decoder with the DualFFN audio path, KV cache, text and audio heads
     lora.py          hand-written LoRA: a frozen linear + B·A·scale, merge, the adapter's files
     schema.py        the schema of a conversation, checked once (training lines, corpora, prompts)
-    data.py          a conversation -> Plan -> Sample: token layout, the delay pattern, labels, collate
+    chat.py          a conversation -> Plan in the ChatML layout: tokenizer, special tokens, turns, labels
+    data.py          Plan -> Sample -> batch: the delay pattern, audio labels, next-token targets, collate
     loss.py          text CE on the labelled rows only; the vectorized multi-codebook CE; target counts
     loop.py          one optimizer step: counts all-reduced, backward, clip, AdamW; log, eval, save
     distributed.py   torchrun's environment and the few collectives the loop uses
@@ -22,7 +23,7 @@ THE CORE, at the package top, in reading order (it imports nothing from the fold
 Follow one sample from a JSONL line to a gradient (one hop a line):
 
     higgs_min/prepare/sanitize.py:line_to_plan     the line parsed and checked (schema, codes headers)
-    higgs_min/data.py:ChatEncoder.plan             messages -> token ids, flags, codes segments (a Plan)
+    higgs_min/chat.py:ChatEncoder.plan             messages -> token ids, flags, codes segments (a Plan)
     higgs_min/data.py:materialize                  Plan -> Sample: delay pattern, text and audio labels
     higgs_min/data.py:collate                      Samples -> a right-padded batch (B, L) / (B, L, K)
     higgs_min/loop.py:train_step                   the step: micro-batches, counts, forward, backward, AdamW

@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-
 @dataclass
 class ModelConfig:
     # Llama backbone

@@ -3,7 +3,7 @@
     check_messages(messages, where, arrays) -> (texts, audio items)     raises SchemaError (a DataError)
 
 prepare/sanitize.py:check_conversation adds the line-level checks (an object with a 'messages' list) and a
-layout hint; data.ChatEncoder.prompt and .encode call it for prompts built in code; ChatEncoder.plan trusts a
+layout hint; chat.ChatEncoder.prompt and .encode call it for prompts built in code; ChatEncoder.plan trusts a
 conversation that passed it.
 """
 

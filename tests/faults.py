@@ -257,7 +257,8 @@ class Suite:
 
     # 5 ---------------------------------------------------------------------------------
     def bad_data(self, quick: bool):
-        from higgs_min.data import ChatEncoder, DataError
+        from higgs_min.chat import ChatEncoder
+        from higgs_min.schema import DataError
         from higgs_min.prepare.sanitize import load_jsonl
         folder = self.work / "bad"
         corpus = bad_corpus(folder)

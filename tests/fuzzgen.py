@@ -312,7 +312,7 @@ def write_lines(path: Path, cases: list[Case]) -> Path:
 
 
 def encoder():
-    from higgs_min.data import ChatEncoder
+    from higgs_min.chat import ChatEncoder
     return ChatEncoder(TOKENIZER, K, C, V)
 
 

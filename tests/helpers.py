@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from higgs_min.data import SPECIAL_TOKENS
+from higgs_min.chat import SPECIAL_TOKENS
 
 
 def make_tokenizer(path: Path, special_base: int = 300) -> Path:

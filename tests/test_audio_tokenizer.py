@@ -335,7 +335,8 @@ def test_read_wav_reads_every_integer_pcm_width_and_mixes_channels(tmp_path):
 
 def test_training_data_names_its_codec_and_refuses_a_mix(tmp_path):
     from higgs_min.prepare.corpus import open_dataset
-    from higgs_min.data import ChatEncoder, DataError
+    from higgs_min.chat import ChatEncoder
+    from higgs_min.schema import DataError
     from tests.helpers import conversation, make_tokenizer, write_codes, write_jsonl
     enc = ChatEncoder(make_tokenizer(tmp_path / "tok.json"), 8, 1024, 400)
     write_codes(tmp_path / "codes" / "a.npy", K=8, T=6, C=1024)

@@ -155,7 +155,7 @@ def test_converted_line_reaches_the_prepare_step(tmp_path):
     (src / "a.txt").write_text("hello world")
     out = tmp_path / "f.jsonl"
     assert convert("--from", "folder", src, "--out", out) == 0
-    from higgs_min.data import ChatEncoder
+    from higgs_min.chat import ChatEncoder
     from tests.helpers import make_tokenizer
     enc = ChatEncoder(make_tokenizer(tmp_path / "tok.json"), 4, 16, 400)
     r = line_to_plan(out.read_bytes().splitlines()[0], 1, out, enc, 1000)

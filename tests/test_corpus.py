@@ -11,7 +11,7 @@ import pytest
 
 from higgs_min.config import ModelConfig
 from higgs_min.prepare.corpus import CorpusError, JsonlDataset, PackedDataset, open_dataset, verify
-from higgs_min.data import ChatEncoder
+from higgs_min.chat import ChatEncoder
 from higgs_min.prepare.sanitize import load_jsonl
 from higgs_min.prepare.pack import pack
 from higgs_min.train.options import DATA

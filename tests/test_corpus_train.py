@@ -9,7 +9,7 @@ import torch
 from higgs_min.batches import BatchStream, distributed_order, length_grouped, padding_fraction
 from higgs_min.config import ModelConfig
 from higgs_min.prepare.corpus import open_dataset
-from higgs_min.data import ChatEncoder
+from higgs_min.chat import ChatEncoder
 from higgs_min.prepare.pack import pack
 from higgs_min.train.options import DATA
 from tests.trainutil import adapter, metrics, run

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from higgs_min.data import (IGNORE_INDEX, ChatEncoder, DataError, audio_stream, collate, delay_pattern,
-                            next_token_targets, revert_delay_pattern)
+from higgs_min.chat import ChatEncoder
+from higgs_min.data import IGNORE_INDEX, audio_stream, collate, delay_pattern, next_token_targets, revert_delay_pattern
+from higgs_min.schema import DataError
 from higgs_min.prepare.sanitize import load_jsonl
 from tests.helpers import conversation, make_tokenizer, write_codes, write_jsonl
 

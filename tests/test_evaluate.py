@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from higgs_min import checkpoint
-from higgs_min.data import IGNORE_INDEX, ChatEncoder
+from higgs_min.chat import ChatEncoder
+from higgs_min.data import IGNORE_INDEX
 from higgs_min.prepare.sanitize import load_jsonl
 from higgs_min.distributed import DistInfo
 from higgs_min.evaluate import Evaluator, figures

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from higgs_min.data import DataError
+from higgs_min.schema import DataError
 from higgs_min.prepare.sanitize import FILTERED, load_jsonl, read_jsonl
 from tests import fuzzgen
 

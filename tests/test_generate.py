@@ -256,7 +256,8 @@ def test_overfit_one_demo_sample_regenerates_it_greedily():
     import numpy as np
     import torch.nn.functional as F
 
-    from higgs_min.data import ChatEncoder, IGNORE_INDEX, next_token_targets
+    from higgs_min.chat import ChatEncoder
+    from higgs_min.data import IGNORE_INDEX, next_token_targets
     from higgs_min.generate.sampling import make_prompt
 
     root = Path(__file__).resolve().parents[1] / "data"

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from higgs_min.config import REFUSED_FIELDS, ModelConfig
-from higgs_min.data import EOM, IGNORE_INDEX, ChatEncoder, DataError, StreamRule
+from higgs_min.chat import EOM, ChatEncoder
+from higgs_min.data import IGNORE_INDEX, StreamRule
+from higgs_min.schema import DataError
 from higgs_min.prepare.sanitize import load_jsonl
 from higgs_min.model import HiggsAudioModel, rotate_half
 from tests.conftest import micro_config, random_batch

@@ -174,7 +174,7 @@ def test_exported_folders_carry_the_prompt(no_system, tmp_path, monkeypatch, cap
 
 def test_prompt_format_reads_the_system_turn_back_from_the_tokens(tmp_path):
     from higgs_min.config import ModelConfig
-    from higgs_min.data import ChatEncoder
+    from higgs_min.chat import ChatEncoder
     from higgs_min.prepare.corpus import open_dataset
     from higgs_min.train.datasets import prompt_format
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from higgs_min import checkpoint
-from higgs_min.data import ChatEncoder
+from higgs_min.chat import ChatEncoder
 from higgs_min.generate.sampling import codes_loader
 from higgs_min.train import report
 from higgs_min.train.samples import choose_prompts, held_prompt

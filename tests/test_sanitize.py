@@ -7,7 +7,9 @@ import struct
 import numpy as np
 import pytest
 
-from higgs_min.data import ChatEncoder, DataError, Plan
+from higgs_min.chat import ChatEncoder
+from higgs_min.data import Plan
+from higgs_min.schema import DataError
 from higgs_min.prepare.sanitize import RejectReport, Rejection, line_to_plan, load_jsonl
 from tests.helpers import conversation, make_tokenizer, write_codes, write_jsonl
 from tests.trainutil import ROOT, run

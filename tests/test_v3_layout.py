@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from higgs_min.data import IGNORE_INDEX, ChatEncoder, DataError, collate
+from higgs_min.chat import ChatEncoder
+from higgs_min.data import IGNORE_INDEX, collate
+from higgs_min.schema import DataError
 from higgs_min.loss import target_counts
 from higgs_min.prepare.corpus import CorpusError, open_dataset
 from higgs_min.prepare.pack import pack

@@ -49,7 +49,7 @@ def rss_anon():
 import torch.utils.data  # imported before the baseline: module code is not data
 from higgs_min.batches import BatchStream
 from higgs_min.prepare.corpus import open_dataset
-from higgs_min.data import ChatEncoder
+from higgs_min.chat import ChatEncoder
 from higgs_min.prepare.corpus import verify
 enc = ChatEncoder(sys.argv[2], 8, 1024, 1024)
 check = sys.argv[4] if len(sys.argv) > 4 else "none"  # none | all (every shard hashed first) | lazy (on first use)
@@ -153,7 +153,7 @@ def step_consumption(dataset) -> float:
 def bench_corpus(quick=False):
     from higgs_min.bench.common import row
     from higgs_min.prepare.corpus import open_dataset
-    from higgs_min.data import ChatEncoder
+    from higgs_min.chat import ChatEncoder
     from higgs_min.prepare.sanitize import load_jsonl
     from higgs_min.prepare.pack import pack
 

@@ -103,7 +103,8 @@ def _tiny_step():
     """The trainer's own step (Scorer + objective + AdamW) on a demo batch of 8, tiny preset."""
     from higgs_min.bench.speed import our_step
     from higgs_min.config import ModelConfig
-    from higgs_min.data import ChatEncoder, collate
+    from higgs_min.chat import ChatEncoder
+    from higgs_min.data import collate
     from higgs_min.prepare.sanitize import load_jsonl
 
     cfg = ModelConfig.from_preset("tiny")
@@ -312,7 +313,8 @@ def main(argv=None) -> int:
 
 
 def bench_data_rows(quick=False):
-    from higgs_min.data import ChatEncoder, collate
+    from higgs_min.chat import ChatEncoder
+    from higgs_min.data import collate
     from higgs_min.prepare.sanitize import load_jsonl
 
     step, cfg, _, _, samples = _tiny_step()

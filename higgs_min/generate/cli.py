@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from higgs_min import atomic
-from higgs_min.data import ChatEncoder, DataError
+from higgs_min.chat import ChatEncoder
+from higgs_min.schema import DataError
 from higgs_min.prepare.codes_file import load_codes
 from higgs_min.errors import Parser, UsageError, guard
 from higgs_min.generate import v3 as v3_cli

@@ -46,7 +46,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from higgs_min.data import DEFAULT_SYSTEM, DataError, revert_delay_pattern
+from higgs_min.chat import DEFAULT_SYSTEM
+from higgs_min.data import revert_delay_pattern
+from higgs_min.schema import DataError
 from higgs_min.prepare.codes_file import load_codes
 from higgs_min.model import KVCache
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from higgs_min.data import DataError
+from higgs_min.schema import DataError
 from higgs_min.errors import UsageError
 from higgs_min.v3.config import is_v3_config
 from higgs_min.v3.layout import V3Encoder

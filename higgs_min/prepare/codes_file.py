@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from higgs_min.atomic import HeaderError, read_safetensors_header
-from higgs_min.data import DataError
+from higgs_min.schema import DataError
 
 MAX_PATH_BYTES, MAX_NAME_BYTES = 4095, 255  # PATH_MAX - 1 and NAME_MAX on Linux: longer cannot be opened
 MAX_NPY_HEADER = 10_000  # numpy's own default limit

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from higgs_min import atomic
-from higgs_min.data import DEFAULT_SYSTEM
+from higgs_min.chat import DEFAULT_SYSTEM
 
 # Known layouts: name -> how to recognize one parsed line (JSON layouts) and what it looks like.
 LAYOUTS = {

@@ -47,8 +47,10 @@ import numpy as np
 
 from higgs_min.atomic import HeaderError, read_safetensors_header
 from higgs_min.checkpoint import sha256_file
-from higgs_min.data import DataError, LoadReport, Plan, ChatEncoder, materialize
-from higgs_min.prepare.sanitize import read_jsonl
+from higgs_min.chat import ChatEncoder
+from higgs_min.data import Plan, materialize
+from higgs_min.prepare.sanitize import LoadReport, read_jsonl
+from higgs_min.schema import DataError
 
 log = logging.getLogger(__name__)
 

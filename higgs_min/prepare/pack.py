@@ -32,7 +32,8 @@ import numpy as np
 from higgs_min import atomic
 from higgs_min.checkpoint import sha256_file
 from higgs_min.prepare.corpus import FORMAT, MANIFEST, VERSION, CorpusError, shard_bytes
-from higgs_min.data import ChatEncoder, DataError
+from higgs_min.chat import ChatEncoder
+from higgs_min.schema import DataError
 from higgs_min.prepare.sanitize import RejectReport, Rejection, line_to_plan
 from higgs_min.v3.layout import V3Encoder
 

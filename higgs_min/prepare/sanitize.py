@@ -44,8 +44,9 @@ from pathlib import Path
 
 from higgs_min import atomic
 from higgs_min.prepare.codes_file import Refused, read_codes, read_codes_header
-from higgs_min.data import ChatEncoder, DataError, LoadReport, Plan, Sample, materialize, plan_is_supervised
-from higgs_min.schema import SchemaError, check_messages
+from higgs_min.chat import ChatEncoder
+from higgs_min.data import Plan, Sample, materialize, plan_is_supervised
+from higgs_min.schema import DataError, SchemaError, check_messages
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def _expected(v) -> str:
 
 def check_conversation(obj, where_file: Path):
     """A line's schema, checked before any tokenizing or file reading: an object with a 'messages' list, whose
-    messages pass data.check_messages (the one schema check; a layout hint is added where the line looks like
+    messages pass schema.check_messages (the one schema check; a layout hint is added where the line looks like
     a layout `prepare convert` knows). Returns (messages, texts, audio items [(field, item)])."""
     if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
         keys = sorted(map(str, obj))[:8] if isinstance(obj, dict) else None
@@ -348,6 +349,18 @@ def read_jsonl(path: str | Path, encoder, max_length: int, skip_bad: bool = Fals
     if not plans:
         raise DataError(f"{path}: no usable sample (loaded 0, skipped {len(report)} ({report.summary()}))")
     return plans, report
+
+
+@dataclass
+class LoadReport:
+    """What loading a data file kept: samples loaded, lines skipped per reason (load_jsonl, the packed corpus)."""
+    loaded: int
+    skipped: dict  # reason -> count
+
+    def summary(self) -> str:
+        total = sum(self.skipped.values())
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(self.skipped.items())) or "none"
+        return f"loaded {self.loaded}, skipped {total} ({reasons})"
 
 
 def load_jsonl(path: str | Path, encoder: ChatEncoder, max_length: int, skip_bad: bool = False,

@@ -17,7 +17,7 @@ import numpy as np
 
 from higgs_min import atomic
 from higgs_min.batches import lengths_of
-from higgs_min.data import ChatEncoder
+from higgs_min.chat import ChatEncoder
 from higgs_min.errors import UsageError
 from higgs_min.prepare.corpus import open_dataset
 from higgs_min.v3.layout import V3Encoder
@@ -27,7 +27,7 @@ log = logging.getLogger("higgs_min.train")
 
 def encoder_for(cfg, tokenizer):
     """The model family's encoder: v3 (a V3Config) lays conversations out as its TTS prompt (v3/layout.py), v2 as
-    ChatML (data.ChatEncoder)."""
+    ChatML (chat.ChatEncoder)."""
     if getattr(cfg, "family", "v2") == "v3":
         return V3Encoder(tokenizer, cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size)
     return ChatEncoder(tokenizer, cfg.audio_num_codebooks, cfg.audio_codebook_size, cfg.vocab_size,

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from higgs_min import evaluate
-from higgs_min.data import DataError
+from higgs_min.schema import DataError
 from higgs_min.distributed import DistInfo
 from higgs_min.errors import Parser, UsageError, guard
 from higgs_min.loop import Scorer

@@ -26,7 +26,7 @@ import torch
 from higgs_min import checkpoint, distributed, evaluate, loop, runlog, train_state
 from higgs_min.batches import BatchStream, padding_fraction
 from higgs_min.config import ModelConfig
-from higgs_min.data import DataError
+from higgs_min.schema import DataError
 from higgs_min.errors import RunError, UsageError, guard
 from higgs_min.lora import apply_lora
 from higgs_min.loop import Scorer

@@ -61,7 +61,7 @@ class Held:
 
 
 def held_prompt(sample, index: int, encoder) -> Held | None:
-    """A sample cut before its last assistant audio segment (None when it has none). The layout is data.py's:
+    """A sample cut before its last assistant audio segment (None when it has none). The layout is chat.py's:
     ... text <|audio_out_bos|> [S audio-out positions] <|audio_eos|> ..."""
     out = sample.audio_out_mask
     if not bool(out.any()):

@@ -57,7 +57,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from higgs_min.data import AUDIO, ROLES, DataError, Plan, Sample, StreamRule, TokenEncoder, materialize
+from higgs_min.chat import TokenEncoder
+from higgs_min.data import AUDIO, Plan, Sample, StreamRule, materialize
+from higgs_min.schema import ROLES, DataError
 
 LAYOUT = "higgs-v3-tts"
 V3_SPECIAL_TOKENS = {"tts": "<|tts|>", "ref_audio": "<|ref_audio|>", "text": "<|text|>", "audio": "<|audio|>",
@@ -116,7 +118,7 @@ def speech_turns(messages: list, where: str):
 
 
 class V3Encoder(TokenEncoder):
-    """Conversations -> Plans in the v3 TTS layout; the same interface as data.ChatEncoder."""
+    """Conversations -> Plans in the v3 TTS layout; the same interface as chat.ChatEncoder."""
 
     layout = LAYOUT
 
