@@ -78,7 +78,9 @@ class LoRALinear(nn.Module):
             a = lora_in(x.to(dtype), self.lora_A.weight, lambda *s: fn(*s).to(dtype), *sources)  # (…, r)
         else:
             a = self.lora_A(self.dropout(x).to(dtype))  # (…, r)
-        return y + (self.lora_B(a) * self.scale).to(y.dtype)
+        # scale the (…, r) factor, not the (…, out) product: r columns to multiply instead of out, forward and
+        # backward. The same numbers when scale is a power of two (alpha = 2r, the default), else within rounding.
+        return y + self.lora_B(a * self.scale).to(y.dtype)
 
     def merge(self, name: str = "") -> None:
         """W ← merged_weight(W, A, B, scale), in place and without a copy of W. A second merge does nothing."""

@@ -50,10 +50,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        return self.weight * self.normalize(x)
+
+    def normalize(self, x):
+        """x / rms(x), without the weight (two norms of the same eps share it: DecoderLayer)."""
         # Normalize in fp32 (as Llama does) whatever the compute dtype.
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 @torch.no_grad()
@@ -260,7 +263,9 @@ class DecoderLayer(nn.Module):
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv)
             return x + self.mlp(self.post_attention_layernorm(x))
         B, L, H = x.shape
-        h = torch.where(audio_mask, self.audio_input_layernorm(x), self.input_layernorm(x))
+        # Both input norms differ only by their weight: normalize once, weigh twice, keep each row's own.
+        n = self.input_layernorm.normalize(x)  # (B, L, H)
+        h = torch.where(audio_mask, self.audio_input_layernorm.weight * n, self.input_layernorm.weight * n)
         x = x + self.self_attn(h, cos, sin, attn_mask, kv)
         # Each row goes through exactly one FFN: one gather (text rows, then audio rows), each FFN on its slice, one
         # gather back to the sequence order. Gathers keep only their index for backward (index_copy kept its source).
