@@ -9,9 +9,9 @@ The measured tables (moved here from the README) are at the end of this docstrin
 - Mid-preset MFU row: the trainer's own Scorer + objective + AdamW with half the positions audio (DualFFN
   norms + gather/scatter timed) vs a plain PyTorch Llama stack of the same shape (fused qkv, RoPE, SDPA, no
   LoRA, no routing, the same heads at the same rows); MFU against the best of 3 large fp32 matmuls in the same
-  run, attention backward counted 2x forward. Save row: atomic (sha256 while writing, fsync each file,
-  manifest, fsync folder, rename, fsync parent) vs the durability floor (save_file + fsync of each file and
-  the folder).
+  run, attention backward counted 2x forward. Save row (checkpoints.py): atomic (sha256 while writing, fsync
+  each file, manifest, fsync folder, rename, fsync parent) vs the durability floor (save_file + fsync of each
+  file and the folder).
 
 - Tiny preset MFU (44%, target 70%, missed): at hidden 256 every matmul is small, so per-op overhead
   (attention, norms, the DualFFN gather/scatter, the optimizer) weighs as much as the arithmetic; at hidden

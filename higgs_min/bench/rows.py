@@ -195,7 +195,7 @@ def bench_peer(quick=False):
     ]
 
 
-# --------------------------------------------------------------------------- 5. checkpoint: bench_speed.bench_checkpoint
+# --------------------------------------------------------------------------- 5. checkpoint: checkpoints.bench_checkpoint
 
 
 # --------------------------------------------------------------------------- 6. data: see bench_data_rows
@@ -287,7 +287,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     from higgs_min.bench.merge import bench_merge
     from higgs_min.bench.peer import bench_peer_audio, bench_saved
-    from higgs_min.bench.speed import bench_act_ckpt, bench_checkpoint, bench_mfu
+    from higgs_min.bench.checkpoints import bench_checkpoint
+    from higgs_min.bench.speed import bench_act_ckpt, bench_mfu
     from higgs_min.bench.v3 import bench_v3_step
     suites = {"audio_loss": bench_audio_loss, "text_memory": bench_text_memory, "train_step": bench_train_step,
               "mfu": bench_mfu, "act_ckpt": bench_act_ckpt, "peer": bench_peer, "peer_audio": bench_peer_audio,
