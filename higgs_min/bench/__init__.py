@@ -52,7 +52,7 @@ The measured tables (moved here from the README) are at the end of this docstrin
   block the writer asks the disk to start writing it (posix_fadvise DONTNEED), so the final fsync waits for
   the last block only. Format-1 checkpoints (one sha256 per file) still verify and load. Before/after in one
   process, alternating, min (median) of 12, 2 cores at load 6.7 -> 8.4: save 2.04x (1.67x) -> 1.28x (1.49x)
-  its durability floor; resume 1.02x -> 1.03x its floor (unchanged); cold verified load 1.32 -> 0.94 s
+  its durability floor; at load 5.1: 1.48x (2.01x) -> 0.87x (1.30x); resume 1.02x -> 1.03x its floor (unchanged); cold verified load 1.32 -> 0.94 s
   (plain load_file 0.57 s). What is left is CPU: sha256 runs at 1.42 GB/s per core (SHA-NI), 0.33 s of CPU
   for 473 MB, more than the floor's whole 0.21 s (save_file + fsync, which mostly waits on the disk): ours
   takes 0.51 s of CPU, so where other work holds the cores the ratio tends to 2.4x, and on an idle machine
