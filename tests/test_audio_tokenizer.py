@@ -356,20 +356,27 @@ def test_training_data_names_its_codec_and_refuses_a_mix(tmp_path):
         open_dataset(tmp_path / "mix.jsonl", enc, 4096)
 
 
-def test_snake_in_place_is_the_formula_bit_for_bit():
-    """#27: Snake1d computes on one buffer in inference; the result is the official expression's, bit for bit,
-    its input is left as it was, and with autograd on it is the expression itself (gradients flow)."""
-    from higgs_min.audio.layers import Snake1d
+def test_snake_in_place_is_the_formula_bit_for_bit(monkeypatch):
+    """#27: in inference Snake1d computes slice by slice in one small buffer, into a fresh tensor or over its
+    input; either way the result is the official expression's, bit for bit (slices that do not divide the
+    length, a batch of 2), the input is left as it was unless overwrite is asked, and with autograd on it
+    is the expression itself (gradients flow)."""
+    from higgs_min.audio import layers
     g = torch.Generator().manual_seed(0)
-    s = Snake1d(5)
+    s = layers.Snake1d(5)
     with torch.no_grad():
         s.alpha.copy_(1 + 0.3 * torch.rand(1, 5, 1, generator=g))
-    x = torch.randn(2, 5, 3000, generator=g) * 3
+    x = torch.randn(2, 5, 3001, generator=g) * 3
     before = x.clone()
     expect = x + (s.alpha + 1e-9).reciprocal() * torch.sin(s.alpha * x).pow(2)
-    with torch.inference_mode():
-        got = s(x)
-    assert torch.equal(got, expect.detach()) and torch.equal(x, before)
+    for slice_elements in (layers.SNAKE_SLICE, 10 * 64, 7):  # one slice; 64 steps + a ragged tail; 1 step each
+        monkeypatch.setattr(layers, "SNAKE_SLICE", slice_elements)
+        with torch.inference_mode():
+            got = s(x)
+            assert torch.equal(got, expect.detach()) and torch.equal(x, before)
+            y = x.clone()
+            assert s(y, overwrite=True) is y and torch.equal(y, expect.detach())
     xg = x.clone().requires_grad_(True)
-    s(xg).sum().backward()
-    assert xg.grad is not None and s.alpha.grad is not None
+    s(xg, overwrite=True).sum().backward()
+    assert xg.grad is not None and s.alpha.grad is not None and torch.equal(x, before)
+

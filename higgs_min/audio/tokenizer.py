@@ -12,7 +12,7 @@ encode, wav (N,) at 24 kHz:
            └─ encoder_semantic (semantic_module.Encoder: conv + 2 blocks of ELU res units) ─> (1,768,T)
     x ──encoder (DAC Encoder(64, ratios, D): 2048 ch before the last conv)──> (1,D,Ta)
     Ta != T: encoder(pad(x, 320|320)), then both trimmed to the shorter          (L271-279)
-    cat [acoustic; semantic] (1,D+768,T) ─> fc_prior ─> e (T,1024)
+    cat [acoustic; semantic] (1,D+768,T) ─> fc_prior ─> e (T,1024)   (a batch: B clips of one length)
     RVQ, layer i=0..7: h=project_in(r) (T,64); code=argmax -||h-E_i||^2 (core_vq_lsx_version
         EuclideanCodebook.quantize); r = r - project_out(E_i[code])             ─> codes (8,T)
 decode, codes (8,T):
@@ -166,23 +166,24 @@ class HiggsAudioTokenizerModel(nn.Module):
         self.quantizer = _RVQ(c.D + h, c.codebook_dim, c.bins, c.n_q)
 
     def semantic_features(self, x: torch.Tensor) -> torch.Tensor:
-        """x (1, N) at sample_rate -> (1, T, 768): get_regress_target (L164-207)."""
+        """x (B, N) at sample_rate -> (B, T, 768): get_regress_target (L164-207)."""
         x = resample(x, self.config.sample_rate, SEMANTIC_RATE)
         states = self.semantic_model(F.pad(x, (160, 160)))
         target = torch.stack(states, dim=1).mean(1)  # average of all 13 hidden states (L175-178)
         return target[:, ::self.config.semantic_factor] if self.config.semantic_factor > 1 else target
 
-    def encode(self, wav: torch.Tensor) -> torch.Tensor:
-        """wav (N,) float at sample_rate -> codes (n_q, T) int64: _xcodec_encode (L263-294), batch 1."""
-        x = wav.reshape(1, 1, -1)
-        e_sem = self.encoder_semantic(self.semantic_features(x[:, 0]).transpose(1, 2))
-        e_ac = self.encoder(x)
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, N) float at sample_rate, B clips of the same length -> codes (B, n_q, T) int64:
+        _xcodec_encode (L263-294). Each clip's codes are those it gets alone (AudioTokenizer.encode_batch)."""
+        x = x[:, None]  # (B, 1, N)
+        e_sem = self.encoder_semantic(self.semantic_features(x[:, 0]).transpose(1, 2))  # (B, 768, T)
+        e_ac = self.encoder(x)  # (B, D, Ta)
         if e_ac.shape[2] != e_sem.shape[2]:  # L271-273: re-encode padded by 160 * semantic factor
             pad = 160 * self.config.semantic_factor
             e_ac = self.encoder(F.pad(x, (pad, pad)))
         t = min(e_ac.shape[2], e_sem.shape[2])  # L275-279: trim to the shorter
-        e = self.fc_prior(torch.cat([e_ac[:, :, :t], e_sem[:, :, :t]], dim=1).transpose(1, 2))[0]  # (T, 1024)
-        return self.quantize(e)
+        e = self.fc_prior(torch.cat([e_ac[:, :, :t], e_sem[:, :, :t]], dim=1).transpose(1, 2))  # (B, T, 1024)
+        return torch.stack([self.quantize(clip) for clip in e])  # one clip at a time: the same matmuls as alone
 
     def quantize(self, e: torch.Tensor) -> torch.Tensor:
         """(T, D+768) -> codes (n_q, T): ResidualVectorQuantization.forward (core_vq_lsx_version L387-405)
@@ -250,7 +251,7 @@ class AudioTokenizer:
     def device(self):
         return next(self.model.parameters()).device
 
-    def encode(self, wav) -> torch.Tensor:
+    def checked_wav(self, wav) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(wav) if not isinstance(wav, torch.Tensor) else wav)
         if x.dim() != 1 or not x.is_floating_point() or x.numel() == 0:
             raise ValueError(f"encode takes a non-empty 1-D float waveform at {self.sample_rate} Hz, "
@@ -258,8 +259,36 @@ class AudioTokenizer:
         if x.numel() < self.hop:  # shorter clips give no frame, or fail in the official's first encoder call
             raise ValueError(f"a clip of {x.numel()} samples is shorter than one frame; give at least {self.hop} "
                              f"samples ({1000 * self.hop // self.sample_rate} ms)")
+        return x
+
+    def encode(self, wav) -> torch.Tensor:
+        """wav (N,) float at sample_rate -> codes (n_q, T) int64."""
+        x = self.checked_wav(wav)
         with torch.inference_mode():
-            return self.model.encode(x.to(self.device, self.dtype)).cpu().long()
+            return self.model.encode(x.to(self.device, self.dtype)[None])[0].cpu().long()
+
+    def encode_batch(self, wavs, max_batch: int = 4) -> list[torch.Tensor]:
+        """Several clips -> their codes, in order, each exactly what encode(wav) gives it.
+
+        Only clips of the same length (in samples) are encoded together, up to max_batch at a time; the others
+        one by one. Padding to a common length would change the codes, not only near the padded end:
+        HuBERT's first layer normalizes each channel over the whole clip (GroupNorm), its attention sees
+        every frame, and each DAC conv's zero padding at a clip's end would read the padded region's
+        activations instead of zeros. Exactness within a batch rests on every op computing a clip's rows as
+        it does alone (convs per batch element, the same matmuls per row); tests check it bit for bit."""
+        xs = [self.checked_wav(w) for w in wavs]
+        out: list = [None] * len(xs)
+        by_length: dict[int, list[int]] = {}
+        for i, x in enumerate(xs):
+            by_length.setdefault(x.numel(), []).append(i)
+        for group in by_length.values():
+            for a in range(0, len(group), max_batch):
+                idx = group[a:a + max_batch]
+                with torch.inference_mode():
+                    codes = self.model.encode(torch.stack([xs[i] for i in idx]).to(self.device, self.dtype))
+                for i, c in zip(idx, codes.cpu().long()):
+                    out[i] = c
+        return out
 
     def decode(self, codes) -> torch.Tensor:
         c = torch.as_tensor(np.asarray(codes) if not isinstance(codes, torch.Tensor) else codes).long()

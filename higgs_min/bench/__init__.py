@@ -62,6 +62,22 @@ The measured tables (moved here from the README) are at the end of this docstrin
 - #27, corpus start (corpus.py): each shard is hashed before its first sample is used; the first batch hashes
   at most batch-size shards (in parallel). 1M samples tiled from 20k (100 shards of 58 MB): open + first batch
   37 s with every shard hashed first vs 3.4-4.2 s at load 12-13.
+- #27, audio tokenizer (audio.py): against transformers' HiggsAudioV2TokenizerModel on the same random weights
+  at the released shape (written once as transformers' folder, read by each side's own loader), fresh process
+  per run, alternating; codes compared in the row (equal, and the decoded audio bitwise equal: same convs).
+  Profile (10 s clip, thread CPU time, 1 thread): encode 3.7 s = DAC encoder convs 1.6 s (0.8 s of it the
+  64-channel stage at 240k samples), Snake 0.5 s, HuBERT 1.1 s (matmuls 0.6, attention 0.3), the rest small;
+  decode 1.8 s = convs 1.1 s, transposed convs 0.33 s, Snake 0.3 s. Resampling and the quantizer are ~1%.
+  What changed, each bitwise equal (codes and audio hashed before/after): Snake runs slice by slice (128k
+  elements) in one reused buffer, over its input where that input is a temporary (layers.snake_into, _Chain):
+  a fresh 61 MB tensor costs ~15k page faults per call, which is most of the old Snake's time; the
+  transposed convs hand oneDNN channels-last tensors (layers._ConvTranspose1d: it computes in channels-last
+  anyway, and PyTorch's strided copy back cost as much as the conv at the last stage). Not done, because not
+  bitwise: channels-last for the ordinary convs (other oneDNN kernels: 1e-6 relative differences, ~16% less
+  conv time), im2col + GEMM. Both sides pay the same conv time, which bounds the ratio.
+  Batch encoding (AudioTokenizer.encode_batch, prepare --encode-batch): only clips of one length go together;
+  padding cannot be exact (HuBERT's GroupNorm normalizes over the whole clip, its attention sees every frame,
+  and each conv's zero padding would read the padded region's activations).
 
 # ---- measured tables
 

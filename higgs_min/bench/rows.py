@@ -285,6 +285,7 @@ def main(argv=None) -> int:
     import logging
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
+    from higgs_min.bench.audio import bench_audio_tokenizer
     from higgs_min.bench.merge import bench_merge
     from higgs_min.bench.peer import bench_peer_audio, bench_saved
     from higgs_min.bench.checkpoints import bench_checkpoint
@@ -328,62 +329,6 @@ def bench_data_rows(quick=False):
     return [row("data: tokenize+collate samples/s vs tiny training step consumption", loader, consume,
                 "samples/s", f"demo set, {len(samples)} conversations, batch 8", target="ratio >> 1",
                 better="higher")]
-
-
-# --------------------------------------------------------------------------- audio tokenizer vs DAC
-
-# The released Higgs Audio v2 tokenizer's shape (random weights: speed and memory do not depend on them)
-# beside the 24 kHz DAC's published shape (descript-audio-codec 24khz: 32 codebooks, hop 320).
-AUDIO_TOK_SNIPPET = r"""
-import sys, time, torch
-mode, which, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
-torch.manual_seed(0)
-if which == "higgs":
-    from higgs_min.audio import tokenizer as at
-    model = at.HiggsAudioTokenizerModel(at.AudioTokenizerConfig()).eval()
-    for layer in model.quantizer.vq.layers:
-        layer._codebook.embed.normal_()
-    tok = at.AudioTokenizer(model, "random")
-    enc, dec = tok.encode, tok.decode
-else:
-    import dac
-    model = dac.DAC(encoder_dim=64, encoder_rates=[2, 4, 5, 8], decoder_dim=1536, decoder_rates=[8, 5, 4, 2],
-                    n_codebooks=32, codebook_size=1024, sample_rate=24000).eval()
-    def enc(x):
-        with torch.inference_mode():
-            return model.encode(model.preprocess(x.view(1, 1, -1), 24000))[1][0]
-    def dec(c):
-        with torch.inference_mode():
-            return model.decode(model.quantizer.from_codes(c[None])[0])[0, 0]
-x = 0.3 * torch.sin(torch.arange(int(24000 * seconds)) * 0.05)
-from higgs_min.bench.common import reset_peak_rss, peak_rss_bytes, rss_bytes
-codes = enc(x[:24000])
-if mode == "memory":
-    reset_peak_rss(); base = rss_bytes()
-    codes = enc(x)
-    print(peak_rss_bytes() - base)
-else:
-    t = time.perf_counter(); codes = enc(x); t_enc = time.perf_counter() - t
-    t = time.perf_counter(); y = dec(codes); t_dec = time.perf_counter() - t
-    print(t_enc / seconds, t_dec / seconds)
-"""
-
-
-def bench_audio_tokenizer(quick=False):
-    """Encode/decode real-time factor (compute s per audio s, 10 s clip) and encode peak memory
-    (60 s clip), each in a fresh process, Higgs tokenizer (ours) beside DAC 24 kHz (theirs)."""
-    shapes = ("Higgs Audio v2 tokenizer released shape (D 256, ratios 8,5,4,2,3, HuBERT-base, 8x1024) vs "
-              "DAC 24 kHz (64, rates 2,4,5,8, decoder 1536, 32x1024); random weights, fp32, CPU")
-    runs = 1 if quick else 2
-    rtf = {w: min((tuple(map(float, run_snippet(AUDIO_TOK_SNIPPET, "time", w, 10).split())) for _ in range(runs)),
-                  key=lambda r: r[0] + r[1]) for w in ("higgs", "dac")}
-    mem = {w: int(run_snippet(AUDIO_TOK_SNIPPET, "memory", w, 60)) for w in ("higgs", "dac")}
-    return [row("audio tokenizer encode real-time factor, 10 s clip (Higgs vs DAC)", rtf["higgs"][0],
-                rtf["dac"][0], "s/s", shapes, target="< 1 (faster than real time)"),
-            row("audio tokenizer decode real-time factor, 10 s clip (Higgs vs DAC)", rtf["higgs"][1],
-                rtf["dac"][1], "s/s", shapes, target="< 1"),
-            row("audio tokenizer encode extra peak memory, 60 s clip (Higgs vs DAC)", mem["higgs"] / 2**20,
-                mem["dac"] / 2**20, "MiB", shapes, target="fits a laptop (< 4 GiB)")]
 
 
 def _cpu_name() -> str:

@@ -34,6 +34,12 @@ from higgs_min.prepare.audio_check import check_clip, transcript_of
 log = logging.getLogger("higgs_min.prepare")
 
 
+class _ClipError(Exception):
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index, self.message = index, message
+
+
 class _Codec:
     """The audio -> codes step behind `prepare`: a DAC (codec.py) or the Higgs Audio v2 tokenizer
     (audio_tokenizer.py). `identity` names it in each prepared item's "codec" field and in the cache key."""
@@ -76,6 +82,20 @@ class _Codec:
             self.model = codec.load_codec(*self.args)
         return codec.encode(self.model, x, rate)
 
+    def encode_many(self, clips: list) -> list[np.ndarray]:
+        """[(mono waveform, rate)] -> [(8, T) int16], each what encode gives it: the Higgs tokenizer encodes
+        clips of one length together; DAC one by one. A clip it refuses raises _ClipError naming its index."""
+        from higgs_min.audio import tokenizer as at
+        if not isinstance(self.model, at.AudioTokenizer):
+            return [self.encode(x, rate) for x, rate in clips]
+        wavs = [at.resample(x, rate, self.model.sample_rate) for x, rate in clips]
+        for i, w in enumerate(wavs):
+            try:
+                self.model.checked_wav(w)
+            except ValueError as e:
+                raise _ClipError(i, str(e)) from None
+        return [c.numpy().astype(np.int16) for c in self.model.encode_batch(wavs, max_batch=len(wavs))]
+
     def decode(self, codes: np.ndarray):
         """(K, T) codes -> (waveform, rate)."""
         from higgs_min.audio import tokenizer as at
@@ -85,6 +105,45 @@ class _Codec:
         if self.model is None:
             self.model = codec.load_codec(*self.args)
         return codec.decode(self.model, codes), self.model.sample_rate
+
+
+def encode_missing(enc: _Codec, missing: dict, batch: int) -> tuple[float, float]:
+    """{codes file: (where, wav, seconds)} -> each codes file written (atomically); returns (audio seconds,
+    compute seconds). Clips go in order of length, `batch` at a time, so that clips of one length meet in one
+    call: the Higgs tokenizer encodes those together (AudioTokenizer.encode_batch: the codes each gets alone)."""
+    import time
+
+    from tqdm import tqdm
+
+    from higgs_min.audio import codec
+
+    order = sorted(missing.items(), key=lambda kv: kv[1][2])  # [(target, (where, wav, seconds))]
+    audio_s, compute_s = 0.0, 0.0
+    bar = tqdm(total=len(order), desc=f"encoding audio ({enc.identity})", unit="clip",
+               disable=None if order else True)  # None: no bar into a pipe or a log file
+    for a in range(0, len(order), max(1, batch)):
+        group = order[a:a + max(1, batch)]
+        t0 = time.perf_counter()
+        clips = []
+        for _, (where, wav, _) in group:
+            try:
+                clips.append(codec.read_wav(wav))  # (x, rate)
+            except ValueError as e:  # e.g. a float WAV; the message names the file
+                raise SystemExit(f"{where}: {e}")
+        try:
+            codes = enc.encode_many(clips)  # [(8, T) int16]
+        except _ClipError as e:  # a clip shorter than one frame
+            where, wav, _ = group[e.index][1]
+            raise SystemExit(f"{where}: {wav}: {e.message}")
+        for (target, _), c in zip(group, codes):
+            with atomic.replacing(target, "wb") as f:
+                np.save(f, c)
+        audio_s += sum(s for _, (_, _, s) in group)
+        compute_s += time.perf_counter() - t0
+        bar.update(len(group))
+        bar.set_postfix_str(f"{audio_s / compute_s:.1f} audio-s/s")
+    bar.close()
+    return audio_s, compute_s
 
 
 def check_all(data: Path, out: Path, found: list, max_seconds: float) -> list[float]:
@@ -116,14 +175,8 @@ def check_all(data: Path, out: Path, found: list, max_seconds: float) -> list[fl
 
 
 def prepare(data: Path, out: Path, codec_weights=None, random_seed=None, audio_tokenizer=None,
-            max_seconds: float = 60.0, device: str = "cpu", dtype: str = "float32") -> dict:
+            max_seconds: float = 60.0, device: str = "cpu", dtype: str = "float32", encode_batch: int = 4) -> dict:
     """Returns counts: {'encoded': n, 'cached': m, 'audio_items': n + m, 'codec': identity}."""
-    import time
-
-    from tqdm import tqdm
-
-    from higgs_min.audio import codec
-
     enc = _Codec(codec_weights, random_seed, audio_tokenizer, device, dtype)
     lines = data.read_text(encoding="utf-8").splitlines()
     jobs = []  # (line index, message index, item index, wav path, seconds)
@@ -154,31 +207,14 @@ def prepare(data: Path, out: Path, codec_weights=None, random_seed=None, audio_t
     jobs = [(*job, s) for job, s in zip(jobs, seconds)]
     codes_dir = out.parent / "codes"
     codes_dir.mkdir(parents=True, exist_ok=True)
-    counts = {"encoded": 0, "cached": 0}
-    audio_s, compute_s = 0.0, 0.0
-    bar = tqdm(jobs, desc=f"encoding audio ({enc.identity})", unit="clip",
-               disable=None if jobs else True)  # None: no bar into a pipe or a log file
-    for conv_i, m_i, i_i, wav, seconds in bar:
+    targets, missing = [], {}  # per job its codes file; the files to write (a wav listed twice is encoded once)
+    for conv_i, m_i, i_i, wav, clip_s in jobs:
         key = hashlib.sha256(f"{enc.identity}:{sha256_file(wav)}".encode()).hexdigest()[:20]
-        target = codes_dir / f"{key}.npy"
-        if target.exists():
-            counts["cached"] += 1
-        else:
-            t0 = time.perf_counter()
-            where = f"{data}:{conv_i + 1}: messages[{m_i}].content[{i_i}].audio"
-            try:
-                x, rate = codec.read_wav(wav)
-            except ValueError as e:  # e.g. a float WAV; the message names the file
-                raise SystemExit(f"{where}: {e}")
-            try:
-                codes = enc.encode(x, rate)  # (8, T) int16
-            except ValueError as e:  # a clip shorter than one frame
-                raise SystemExit(f"{where}: {wav}: {e}")
-            with atomic.replacing(target, "wb") as f:
-                np.save(f, codes)
-            counts["encoded"] += 1
-            audio_s, compute_s = audio_s + seconds, compute_s + time.perf_counter() - t0
-            bar.set_postfix_str(f"{audio_s / compute_s:.1f} audio-s/s")
+        targets.append(codes_dir / f"{key}.npy")
+        if not targets[-1].exists() and targets[-1] not in missing:
+            missing[targets[-1]] = (f"{data}:{conv_i + 1}: messages[{m_i}].content[{i_i}].audio", wav, clip_s)
+    audio_s, compute_s = encode_missing(enc, missing, encode_batch)
+    for (conv_i, m_i, i_i, wav, _), target in zip(jobs, targets):
         item = convs[conv_i]["messages"][m_i]["content"][i_i]
         src = os.path.relpath(wav, out.parent)
         item.pop("audio")
@@ -187,7 +223,7 @@ def prepare(data: Path, out: Path, codec_weights=None, random_seed=None, audio_t
         item["codec"] = enc.identity  # provenance: which tokenizer's codes these are
     body = "".join((json.dumps(c, ensure_ascii=False) if c is not None else "") + "\n" for c in convs)
     atomic.write_text(out, body)
-    counts["audio_items"] = len(jobs)
+    counts = {"encoded": len(missing), "cached": len(jobs) - len(missing), "audio_items": len(jobs)}
     counts["codec"] = enc.identity
     if compute_s:
         log.info("encoded %.1f s of audio in %.1f s (%.1f audio-s/s)", audio_s, compute_s, audio_s / compute_s)
@@ -235,6 +271,9 @@ def encode_main(argv) -> int:
     ap.add_argument("--device", default="cpu", help="device for --audio-tokenizer (default cpu)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="dtype for --audio-tokenizer; other than float32 only on CUDA (codes then not bit-exact)")
+    ap.add_argument("--encode-batch", type=int, default=4, metavar="N",
+                    help="--audio-tokenizer: encode up to N clips of the same length together (default 4); the codes "
+                         "are those each clip gets alone (clips of other lengths go one by one)")
     ap.add_argument("--decode", type=Path, help="codes .npy (K, T) to turn back into a wav at --out")
     ap.add_argument("--debug", action="store_true", help="show the traceback of a reported error")
     args = ap.parse_args(argv)
@@ -249,7 +288,7 @@ def encode_main(argv) -> int:
     if args.data is None:
         ap.error("--data is required unless --decode is given")
     counts = prepare(args.data, args.out, args.codec_weights, args.random_codec_seed, args.audio_tokenizer,
-                     args.max_seconds, args.device, args.dtype)
+                     args.max_seconds, args.device, args.dtype, args.encode_batch)
     print(f"{args.out}: {counts['audio_items']} audio items, {counts['encoded']} encoded, {counts['cached']} cached"
           f" (codec {counts['codec']})")
     return 0
