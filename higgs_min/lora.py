@@ -72,12 +72,12 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight)  # (…, out)
         if self.merged:
             return y
-        dtype = self.lora_A.weight.dtype
-        if rebuild is not None and isinstance(self.dropout, nn.Identity) and torch.is_grad_enabled():
-            fn, *sources = rebuild
-            a = lora_in(x.to(dtype), self.lora_A.weight, lambda *s: fn(*s).to(dtype), *sources)  # (…, r)
-        else:
-            a = self.lora_A(self.dropout(x).to(dtype))  # (…, r)
+        if isinstance(self.dropout, nn.Identity):
+            return self.add_update(y, first_factor(x, self.lora_A.weight, rebuild))
+        return self.add_update(y, self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype)))
+
+    def add_update(self, y, a):
+        """y (…, out) + the update from A's output a (…, r)."""
         # scale the (…, r) factor, not the (…, out) product: r columns to multiply instead of out, forward and
         # backward. The same numbers when scale is a power of two (alpha = 2r, the default), else within rounding.
         return y + self.lora_B(a * self.scale).to(y.dtype)
@@ -99,6 +99,28 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}"
+
+
+def first_factor(x: torch.Tensor, weight: torch.Tensor, rebuild=None) -> torch.Tensor:
+    """x (…, in) @ weight (r, in)ᵀ in weight's dtype -> (…, r); with rebuild (fn, *sources), backward keeps the
+    sources instead of x (ops.lora_in)."""
+    if rebuild is None or not torch.is_grad_enabled():
+        return F.linear(x.to(weight.dtype), weight)
+    fn, *sources = rebuild
+    return lora_in(x.to(weight.dtype), weight, lambda *s: fn(*s).to(weight.dtype), *sources)
+
+
+def shared_input(layers, x: torch.Tensor, rebuild=None) -> list[torch.Tensor]:
+    """[layer(x) for layer in layers] for linears reading the same x (q, k, v; gate, up). When every one is an
+    unmerged LoRALinear without dropout, their A factors run as one matmul with A stacked (Σr, in): x is read
+    once instead of once per layer, forward and backward, and its gradient from the A's comes as one (…, in)
+    tensor instead of one per layer (the numbers differ from separate matmuls only by rounding)."""
+    fusable = all(isinstance(m, LoRALinear) and not m.merged and isinstance(m.dropout, nn.Identity) for m in layers)
+    if not fusable or len({m.lora_A.weight.dtype for m in layers}) > 1:
+        return [m(x, rebuild) if isinstance(m, LoRALinear) else m(x) for m in layers]
+    a = first_factor(x, torch.cat([m.lora_A.weight for m in layers]), rebuild)  # (…, Σr)
+    parts = a.split([m.r for m in layers], dim=-1)  # (…, r) each
+    return [m.add_update(F.linear(x, m.weight), part) for m, part in zip(layers, parts)]
 
 
 def lora_scale(r: int, alpha: float, rslora: bool = False) -> float:

@@ -31,7 +31,6 @@ new keys up to itself (a causal mask aligned to the bottom right).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from higgs_min.config import ModelConfig
-from higgs_min.lora import LoRALinear
+from higgs_min.lora import LoRALinear, shared_input
 from higgs_min.ops import swiglu, swiglu_value
 
 
@@ -174,14 +173,16 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
         self.qk_norm = qk_norm
 
-    def forward(self, x, cos, sin, attn_mask, kv=None):
+    def forward(self, x, cos, sin, attn_mask, kv=None, rebuild=None):
+        """x (B, L, H); rebuild: how x is rebuilt in backward for the LoRA factors (lora.shared_input), or None."""
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.nh, self.hd)  # (B, L, nh, hd)
-        k = self.k_proj(x).view(B, L, self.nkv, self.hd)  # (B, L, nkv, hd)
+        q, k, v = shared_input((self.q_proj, self.k_proj, self.v_proj), x, rebuild)
+        q = q.view(B, L, self.nh, self.hd)  # (B, L, nh, hd)
+        k = k.view(B, L, self.nkv, self.hd)  # (B, L, nkv, hd)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, L, hd), (B, nkv, L, hd)
-        v = self.v_proj(x).view(B, L, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, L, hd)
+        v = v.view(B, L, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, L, hd)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if kv is not None:
@@ -205,31 +206,24 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
-    def forward(self, x):
-        g, u = self.gate_proj(x), self.up_proj(x)  # (…, I) each
+    def forward(self, x, rebuild=None):
+        """x (…, H); rebuild: how x is rebuilt in backward for the LoRA factors (lora.shared_input), or None."""
+        g, u = shared_input((self.gate_proj, self.up_proj), x, rebuild)  # (…, I) each
         h = swiglu(g, u)  # keeps g and u for backward, not silu(g) too
         if isinstance(self.down_proj, LoRALinear):  # its A rebuilds h from g and u in backward instead of keeping h
             return self.down_proj(h, rebuild=(swiglu_value, g, u))
         return self.down_proj(h)  # plain, or another wrapper (PEFT's)
 
 
-class Routing(NamedTuple):
-    """Which FFN each of the B*L rows takes in a DualFFN layer: order (B*L,) lists the text rows, then the audio
-    rows (flat indices, each ascending); n_text of them are text; inverse (B*L,) puts them back: order[inverse]
-    is 0..B*L-1."""
-    order: torch.Tensor
-    n_text: int
-    inverse: torch.Tensor
-
-    @staticmethod
-    def of(audio_mask: torch.Tensor) -> "Routing":
-        """audio_mask (B, L) bool."""
-        flat = audio_mask.reshape(-1)
-        text_rows, audio_rows = (~flat).nonzero().squeeze(1), flat.nonzero().squeeze(1)
-        order = torch.cat((text_rows, audio_rows))  # (B*L,)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        return Routing(order, text_rows.numel(), inverse)
+def dual_ffn_routing(audio_mask: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """audio_mask (B, L) bool -> (order, n_text, inverse), the DualFFN layers' gathers: order (B*L,) lists the text
+    rows, then the audio rows (flat indices, each ascending), n_text of them text; order[inverse] is 0..B*L-1."""
+    flat = audio_mask.reshape(-1)
+    text_rows = (~flat).nonzero().squeeze(1)
+    order = torch.cat((text_rows, flat.nonzero().squeeze(1)))  # (B*L,)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return order, text_rows.numel(), inverse
 
 
 class DecoderLayer(nn.Module):
@@ -248,7 +242,7 @@ class DecoderLayer(nn.Module):
             self.audio_post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, attn_mask, audio_mask, routing, kv=None, ff_attn_mask=None):
-        """x (B, L, H); audio_mask (B, L, 1) bool and routing (a Routing), or both None (no audio row).
+        """x (B, L, H); audio_mask (B, L, 1) bool and routing (dual_ffn_routing), or both None (no audio row).
         kv: this layer's KVCache slot, or None. ff_attn_mask (B, 1, L, P + L) bool: the fast-forward layers' mask
         (HiggsAudioModel.fast_forward_mask), given when audio is among the queries or the cached keys."""
         if self.fast_forward and ff_attn_mask is not None:
@@ -256,24 +250,34 @@ class DecoderLayer(nn.Module):
             # Llama layer under the mask that hides audio keys, then audio rows restored to the layer's input.
             # INVARIANT: audio rows leave unchanged (bitwise); text rows get exactly a Llama layer run on the
             # sequence with the audio positions removed (RoPE positions kept). Proven in tests/test_options.py.
-            y = x + self.self_attn(self.input_layernorm(x), cos, sin, ff_attn_mask, kv)
-            y = y + self.mlp(self.post_attention_layernorm(y))
+            norm, post = self.input_layernorm, self.post_attention_layernorm
+            y = x + self.self_attn(norm(x), cos, sin, ff_attn_mask, kv, rebuild=(norm, x))
+            y = y + self.mlp(post(y), rebuild=(post, y))
             return y if routing is None else torch.where(audio_mask, x, y)
+        # The norms keep their input for backward anyway: the LoRA factors after them rebuild the norm's output
+        # from it (rebuild=) instead of keeping that too.
         if not self.dual_ffn or routing is None:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv)
-            return x + self.mlp(self.post_attention_layernorm(x))
+            norm, post = self.input_layernorm, self.post_attention_layernorm
+            x = x + self.self_attn(norm(x), cos, sin, attn_mask, kv, rebuild=(norm, x))
+            return x + self.mlp(post(x), rebuild=(post, x))
         B, L, H = x.shape
-        # Both input norms differ only by their weight: normalize once, weigh twice, keep each row's own.
-        n = self.input_layernorm.normalize(x)  # (B, L, H)
-        h = torch.where(audio_mask, self.audio_input_layernorm.weight * n, self.input_layernorm.weight * n)
-        x = x + self.self_attn(h, cos, sin, attn_mask, kv)
+        h = self.dual_input_norm(x, audio_mask)
+        x = x + self.self_attn(h, cos, sin, attn_mask, kv, rebuild=(self.dual_input_norm, x, audio_mask))
         # Each row goes through exactly one FFN: one gather (text rows, then audio rows), each FFN on its slice, one
         # gather back to the sequence order. Gathers keep only their index for backward (index_copy kept its source).
-        rows = x.reshape(B * L, H)[routing.order]  # (B*L, H)
-        t, a = rows[:routing.n_text], rows[routing.n_text:]  # (Nt, H), (Na, H)
-        ffn = torch.cat((self.mlp(self.post_attention_layernorm(t)),
-                         self.audio_mlp(self.audio_post_attention_layernorm(a))))  # (B*L, H), routed order
-        return x + ffn[routing.inverse].view(B, L, H)
+        order, n_text, inverse = routing
+        rows = x.reshape(B * L, H)[order]  # (B*L, H)
+        t, a = rows[:n_text], rows[n_text:]  # (Nt, H), (Na, H)
+        post, audio_post = self.post_attention_layernorm, self.audio_post_attention_layernorm
+        ffn = torch.cat((self.mlp(post(t), rebuild=(post, t)),
+                         self.audio_mlp(audio_post(a), rebuild=(audio_post, a))))  # (B*L, H), routed order
+        return x + ffn[inverse].view(B, L, H)
+
+    def dual_input_norm(self, x, audio_mask):
+        """x (B, L, H) -> each row through its own input norm: text rows input_layernorm, audio rows
+        audio_input_layernorm. The two differ only by their weight: normalize once, weigh twice."""
+        n = self.input_layernorm.normalize(x)  # (B, L, H)
+        return torch.where(audio_mask, self.audio_input_layernorm.weight * n, self.input_layernorm.weight * n)
 
 
 class AudioDecoderProjector(nn.Module):
@@ -350,7 +354,7 @@ class HiggsAudioModel(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)  # broadcast over (B, nh, L, hd)
         routing = None
         if audio_mask is not None and audio_mask.any():
-            routing = Routing.of(audio_mask)
+            routing = dual_ffn_routing(audio_mask)
             audio_mask = audio_mask.view(B, L, 1)
         ff_attn_mask = None
         if any(layer.fast_forward for layer in self.layers):

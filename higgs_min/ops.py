@@ -5,14 +5,15 @@ bit for bit (the same kernels on the same operands; tests/test_ops.py compares t
         autograd keeps g (for silu's backward), silu(g) and u (for the product's): three (N, I) tensors.
         This keeps g and u and recomputes silu(g) in backward: one (N, I) tensor less per FFN.
 
-    lora_in(x, A, rebuild, *sources) = x Aᵀ            (LoRA's first factor, LoRALinear)
-        autograd keeps x for A's gradient. When x is cheap to recompute from tensors backward keeps anyway
-        (the FFN's down projection: x = silu(g) * u, and swiglu keeps g and u), this keeps the sources and
-        rebuilds x in backward: one (N, I) tensor less per FFN.
+    lora_in(x, A, rebuild, *sources) = x Aᵀ            (LoRA's first factor: lora.first_factor)
+        autograd keeps x for A's gradient. When x is cheap to recompute from tensors backward keeps anyway, this
+        keeps those sources and rebuilds x in backward: one tensor the size of x less per use. The decoder
+        layer passes two such rebuilds: the down projection's input silu(g) * u (swiglu keeps g and u) and a
+        norm's output (the norm keeps its input) for q, k, v and gate, up.
 
-In the mid-shape LoRA step with half the positions audio these two cut what a step keeps for backward by
-176 of 645 MiB (higgs_min/bench/peer.py, saved row). The recomputation is elementwise (silu and a product),
-small beside the matmuls around it.
+In the mid-shape LoRA step with half the positions audio (higgs_min/bench/peer.py, saved row) what a step keeps
+for backward went from 645 to 381 MiB with these and the DualFFN routing by gathers (model.DecoderLayer). The
+recomputation is elementwise (silu, a product, a norm), small beside the matmuls around it.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from higgs_min.lora import LoRALinear
-from higgs_min.model import MLP, HiggsAudioModel
+from higgs_min.model import MLP, HiggsAudioModel, dual_ffn_routing
 from higgs_min.ops import lora_in, swiglu, swiglu_value
 from tests.conftest import micro_config
 
@@ -105,8 +105,7 @@ def test_dual_ffn_routing_equals_both_ffns_on_every_row():
             out = y + torch.where(m, layer.audio_mlp(layer.audio_post_attention_layernorm(y)),
                                   layer.mlp(layer.post_attention_layernorm(y)))
         else:
-            from higgs_min.model import Routing
-            out = layer(xi, cos, sin, None, audio.view(B, L, 1), Routing.of(audio))
+            out = layer(xi, cos, sin, None, audio.view(B, L, 1), dual_ffn_routing(audio))
         out.square().sum().backward()
         return out.detach(), xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
 
@@ -116,3 +115,31 @@ def test_dual_ffn_routing_equals_both_ffns_on_every_row():
     assert g1.keys() == g2.keys() and len(g1) == sum(p.requires_grad for p in layer.parameters())
     for n in g1:
         assert torch.allclose(g1[n], g2[n], rtol=1e-5, atol=1e-6), n
+
+
+def test_shared_input_equals_each_layer_alone():
+    """q, k, v (or gate, up) reading one x: A factors stacked into one matmul vs each LoRALinear alone; with one
+    layer merged, each runs alone (and the results are those of the layers, exactly)."""
+    from higgs_min.lora import shared_input
+
+    torch.manual_seed(0)
+    layers = [LoRALinear(torch.nn.Linear(16, n, bias=False), r=4, alpha=8) for n in (16, 8, 8)]
+    for m in layers:
+        m.lora_B.weight.data.normal_(0, 0.1)
+    x = torch.randn(2, 5, 16)
+
+    def run(fn):
+        for m in layers:
+            m.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        outs = fn(xi)
+        sum((o * (i + 1)).square().sum() for i, o in enumerate(outs)).backward()
+        return [o.detach() for o in outs] + [xi.grad] + [p.grad for m in layers for p in (m.lora_A.weight,
+                                                                                           m.lora_B.weight)]
+
+    alone, fused = run(lambda xi: [m(xi) for m in layers]), run(lambda xi: shared_input(layers, xi))
+    for a, b in zip(alone, fused):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    layers[1].merge()
+    alone, fused = run(lambda xi: [m(xi) for m in layers]), run(lambda xi: shared_input(layers, xi))
+    assert all(torch.equal(a, b) for a, b in zip(alone[:4], fused[:4]))

@@ -10,7 +10,8 @@ audio (B=2 x L=512, DualFFN in every layer, fp32, CPU, no activation checkpointi
 alpha 32, targets q,k,v,o,gate,up,down: in both models the patterns match the attention projections and the
 projections of BOTH FFNs, mlp and audio_mlp; the snippet checks the counts are equal). Each contestant runs in
 a fresh process (its own peak RSS), alternated ours, theirs, ours, theirs; times are the minimum of the
-measured steps, memory the extra peak RSS above the set-up (the first step's AdamW state included).
+measured steps (CPU time of the process; wall time too), memory the extra peak RSS above the set-up (the
+first step's AdamW state included).
 
 saved: bytes of the distinct non-parameter storages autograd keeps for backward in one step of ours, each
 attributed to the innermost module kind that saved it first (attention, mlp, audio_mlp, norms, heads, LoRA).
@@ -73,11 +74,12 @@ else:
     def step():
         loss_fn().backward(); opt.step(); opt.zero_grad()
 import gc; gc.collect(); reset_peak_rss(); base = rss_bytes()
-times = []
+times, cpu = [], []
 for i in range(steps + 1):
-    t = time.perf_counter(); step(); dt = time.perf_counter() - t
-    if i: times.append(dt)
-print(json.dumps({"step_s": min(times), "extra_peak_bytes": peak_rss_bytes() - base, "lora_layers": wrapped}))
+    t, c = time.perf_counter(), time.process_time(); step()
+    if i: times.append(time.perf_counter() - t); cpu.append(time.process_time() - c)
+print(json.dumps({"step_s": min(times), "cpu_s": min(cpu), "extra_peak_bytes": peak_rss_bytes() - base,
+                  "lora_layers": wrapped}))
 """
 
 
@@ -97,14 +99,16 @@ def bench_peer_audio(quick=False, repeats=None, threads=1):
     n = {w: {r["lora_layers"] for r in rs} for w, rs in res.items()}
     if len(n["ours"] | n["peer"]) != 1:
         raise RuntimeError(f"LoRA layer counts differ: ours {n['ours']}, transformers+PEFT {n['peer']}")
-    step_s = {w: min(r["step_s"] for r in rs) for w, rs in res.items()}
+    # Timed by the process's CPU time (the time other jobs hold the cores is not counted); wall time beside it.
+    step_s = {w: min(r["cpu_s"] for r in rs) for w, rs in res.items()}
+    wall_s = {w: min(r["step_s"] for r in rs) for w, rs in res.items()}
     mem = {w: min(r["extra_peak_bytes"] for r in rs) / 2**20 for w, rs in res.items()}
     shapes = (f"mid shape (H=1024, 8 layers, V=128256) B={B} L={L}, half the positions audio (DualFFN every layer), "
               f"LoRA r=16 on q,k,v,o,gate,up,down of both FFNs ({n['ours'].pop()} layers each), fp32, "
               f"{threads} thread(s), fresh process per contestant, {repeats} alternations")
-    return [row("LoRA step with audio: tokens/s vs transformers HiggsAudioV2 + PEFT", B * L / step_s["ours"],
-                B * L / step_s["peer"], "tokens/s", shapes, target="ratio >= 2.5", better="higher",
-                load_avg=(load0, load_avg())),
+    return [row("LoRA step with audio: tokens per CPU second vs transformers HiggsAudioV2 + PEFT",
+                B * L / step_s["ours"], B * L / step_s["peer"], "tokens/s", shapes, target="ratio >= 2.5",
+                better="higher", wall_ratio=wall_s["peer"] / wall_s["ours"], load_avg=(load0, load_avg())),
             row("LoRA step with audio: extra peak memory vs transformers HiggsAudioV2 + PEFT", mem["ours"],
                 mem["peer"], "MiB", shapes, target="ratio <= 0.5", load_avg=(load0, load_avg()),
                 all_mib={w: [r["extra_peak_bytes"] / 2**20 for r in rs] for w, rs in res.items()})]
@@ -114,10 +118,10 @@ def bench_peer_audio(quick=False, repeats=None, threads=1):
 
 def _kind(path: str) -> str:
     """A module path of the trainer's Scorer -> the kind its saved tensors are counted under."""
-    if ".lora_" in path:
-        return "LoRA A/B inputs"
+    if ".lora_" in path:  # (A's input is kept, or rebuilt, under its layer: lora.first_factor)
+        return "LoRA B inputs"
     for part, kind in (("audio_mlp", "audio_mlp"), ("mlp", "mlp"), ("self_attn", "attention"),
-                       ("layernorm", "norms"), ("audio_decoder_proj", "heads"), ("layers.", "routing (layer)")):
+                       ("layernorm", "norms"), ("audio_decoder_proj", "heads"), ("layers.", "layer (input norms, routing)")):
         if part in path:
             return kind
     return "model (embedding, final norm, heads' gathers)"

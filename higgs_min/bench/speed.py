@@ -30,31 +30,33 @@ def load_avg() -> float:
     return os.getloadavg()[0]
 
 
-def alternate(contestants: dict, repeats: int, before=None) -> dict:
-    """name -> fn. Runs them in turn `repeats` times (after one warm-up each); returns name -> min seconds."""
+def alternate(contestants: dict, repeats: int, before=None, clock=time.perf_counter) -> dict:
+    """name -> fn. Runs them in turn `repeats` times (after one warm-up each); returns name -> min seconds.
+    clock: wall time by default; time.thread_time counts only the CPU time of this thread (single-threaded work
+    on a shared machine: the time spent descheduled is not counted)."""
     best = {}
     for r in range(repeats + 1):
         for name, fn in contestants.items():
             if before:
                 before()
-            t = time.perf_counter()
+            t = clock()
             fn()
-            dt = time.perf_counter() - t
+            dt = clock() - t
             if r:  # round 0 is the warm-up
                 best[name] = min(best.get(name, dt), dt)
     return best
 
 
-def peak_matmul_flops(repeats=3) -> float:
+def peak_matmul_flops(repeats=3, clock=time.perf_counter) -> float:
     """The best of a few large fp32 matmuls (FLOP/s): the peak an MFU figure is measured against."""
     best = 0.0
     for m, k, n in ((2048, 2048, 2048), (4096, 1024, 2816), (1024, 4096, 4096)):
         a, b = torch.randn(m, k), torch.randn(k, n)
         a @ b
         for _ in range(repeats):
-            t = time.perf_counter()
+            t = clock()
             a @ b
-            best = max(best, 2 * m * k * n / (time.perf_counter() - t))
+            best = max(best, 2 * m * k * n / (clock() - t))
     return best
 
 
@@ -199,24 +201,38 @@ def bench_mfu(quick=False):
     threads = torch.get_num_threads()
     # One thread for both contestants and the peak: on a shared 2-core box a 2-thread parallel region waits at
     # every barrier for a descheduled thread, and that penalizes the stack with more ops, not more FLOPs.
+    # Timed by this thread's CPU time (everything runs on it then): the time other jobs hold the core is not
+    # counted, which on the shared box moved the wall-clock ratio by +-10% between runs. Wall times are kept too.
     torch.set_num_threads(1)
+    wall = {}
+
+    def walled(name, fn):
+        def run():
+            t0 = time.perf_counter()
+            fn()
+            wall.setdefault(name, []).append(time.perf_counter() - t0)
+        return run
+
     try:
         load0 = load_avg()
-        peak = peak_matmul_flops()
-        t = alternate({"ours": ours, "plain": plain}, 2 if quick else 4)
-        peak = max(peak, peak_matmul_flops())
+        peak = peak_matmul_flops(clock=time.thread_time)
+        t = alternate({"ours": walled("ours", ours), "plain": walled("plain", plain)}, 2 if quick else 4,
+                      clock=time.thread_time)
+        peak = max(peak, peak_matmul_flops(clock=time.thread_time))
     finally:
         torch.set_num_threads(threads)
+    wall = {name: min(times[1:]) for name, times in wall.items()}  # [0]: the warm-up
     f_ours = step_flops(cfg, B, L, info["n_text"], info["n_audio"], 16)
     f_plain = step_flops(cfg, B, L, info["n_text"], info["n_audio"], 0)
     audio_share = float(batch["audio_out_mask"].float().mean())
     shapes = (f"B={B} L={L} H=1024 layers=8 V=128256, {audio_share:.0%} audio positions (DualFFN routing), "
-              f"{info['n_text']} text / {info['n_audio']} audio targets; peak {peak / 1e9:.0f} GFLOP/s, 1 thread")
+              f"{info['n_text']} text / {info['n_audio']} audio targets; peak {peak / 1e9:.0f} GFLOP/s, 1 thread, "
+              f"thread CPU time")
     return [row("LoRA step mid preset with audio: MFU ours vs plain PyTorch stack (no LoRA, no routing)",
                 f_ours / t["ours"] / peak, f_plain / t["plain"] / peak, "MFU", shapes,
-                target="ratio >= 0.85", better="higher", time_ratio=t["plain"] / t["ours"],
+                target="ratio >= 0.95", better="higher", time_ratio=t["plain"] / t["ours"],
                 ours_s=t["ours"], plain_s=t["plain"], tokens_per_s=B * L / t["ours"],
-                load_avg=(load0, load_avg()))]
+                wall_time_ratio=wall["plain"] / wall["ours"], load_avg=(load0, load_avg()))]
 
 
 ACT_SNIPPET = r"""
