@@ -110,15 +110,15 @@ def first_factor(x: torch.Tensor, weight: torch.Tensor, rebuild=None) -> torch.T
     return lora_in(x.to(weight.dtype), weight, lambda *s: fn(*s).to(weight.dtype), *sources)
 
 
-def shared_input(layers, x: torch.Tensor, rebuild=None) -> list[torch.Tensor]:
+def shared_input(layers, x: torch.Tensor) -> list[torch.Tensor]:
     """[layer(x) for layer in layers] for linears reading the same x (q, k, v; gate, up). When every one is an
     unmerged LoRALinear without dropout, their A factors run as one matmul with A stacked (Σr, in): x is read
     once instead of once per layer, forward and backward, and its gradient from the A's comes as one (…, in)
     tensor instead of one per layer (the numbers differ from separate matmuls only by rounding)."""
     fusable = all(isinstance(m, LoRALinear) and not m.merged and isinstance(m.dropout, nn.Identity) for m in layers)
     if not fusable or len({m.lora_A.weight.dtype for m in layers}) > 1:
-        return [m(x, rebuild) if isinstance(m, LoRALinear) else m(x) for m in layers]
-    a = first_factor(x, torch.cat([m.lora_A.weight for m in layers]), rebuild)  # (…, Σr)
+        return [m(x) for m in layers]
+    a = first_factor(x, torch.cat([m.lora_A.weight for m in layers]))  # (…, Σr)
     parts = a.split([m.r for m in layers], dim=-1)  # (…, r) each
     return [m.add_update(F.linear(x, m.weight), part) for m, part in zip(layers, parts)]
 

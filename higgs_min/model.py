@@ -173,10 +173,9 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
         self.qk_norm = qk_norm
 
-    def forward(self, x, cos, sin, attn_mask, kv=None, rebuild=None):
-        """x (B, L, H); rebuild: how x is rebuilt in backward for the LoRA factors (lora.shared_input), or None."""
+    def forward(self, x, cos, sin, attn_mask, kv=None):
         B, L, _ = x.shape
-        q, k, v = shared_input((self.q_proj, self.k_proj, self.v_proj), x, rebuild)
+        q, k, v = shared_input((self.q_proj, self.k_proj, self.v_proj), x)
         q = q.view(B, L, self.nh, self.hd)  # (B, L, nh, hd)
         k = k.view(B, L, self.nkv, self.hd)  # (B, L, nkv, hd)
         if self.qk_norm:
@@ -206,9 +205,8 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
-    def forward(self, x, rebuild=None):
-        """x (…, H); rebuild: how x is rebuilt in backward for the LoRA factors (lora.shared_input), or None."""
-        g, u = shared_input((self.gate_proj, self.up_proj), x, rebuild)  # (…, I) each
+    def forward(self, x):
+        g, u = shared_input((self.gate_proj, self.up_proj), x)  # (…, I) each
         h = swiglu(g, u)  # keeps g and u for backward, not silu(g) too
         if isinstance(self.down_proj, LoRALinear):  # its A rebuilds h from g and u in backward instead of keeping h
             return self.down_proj(h, rebuild=(swiglu_value, g, u))
@@ -250,27 +248,21 @@ class DecoderLayer(nn.Module):
             # Llama layer under the mask that hides audio keys, then audio rows restored to the layer's input.
             # INVARIANT: audio rows leave unchanged (bitwise); text rows get exactly a Llama layer run on the
             # sequence with the audio positions removed (RoPE positions kept). Proven in tests/test_options.py.
-            norm, post = self.input_layernorm, self.post_attention_layernorm
-            y = x + self.self_attn(norm(x), cos, sin, ff_attn_mask, kv, rebuild=(norm, x))
-            y = y + self.mlp(post(y), rebuild=(post, y))
+            y = x + self.self_attn(self.input_layernorm(x), cos, sin, ff_attn_mask, kv)
+            y = y + self.mlp(self.post_attention_layernorm(y))
             return y if routing is None else torch.where(audio_mask, x, y)
-        # The norms keep their input for backward anyway: the LoRA factors after them rebuild the norm's output
-        # from it (rebuild=) instead of keeping that too.
         if not self.dual_ffn or routing is None:
-            norm, post = self.input_layernorm, self.post_attention_layernorm
-            x = x + self.self_attn(norm(x), cos, sin, attn_mask, kv, rebuild=(norm, x))
-            return x + self.mlp(post(x), rebuild=(post, x))
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv)
+            return x + self.mlp(self.post_attention_layernorm(x))
         B, L, H = x.shape
-        h = self.dual_input_norm(x, audio_mask)
-        x = x + self.self_attn(h, cos, sin, attn_mask, kv, rebuild=(self.dual_input_norm, x, audio_mask))
+        x = x + self.self_attn(self.dual_input_norm(x, audio_mask), cos, sin, attn_mask, kv)
         # Each row goes through exactly one FFN: one gather (text rows, then audio rows), each FFN on its slice, one
         # gather back to the sequence order. Gathers keep only their index for backward (index_copy kept its source).
         order, n_text, inverse = routing
         rows = x.reshape(B * L, H)[order]  # (B*L, H)
         t, a = rows[:n_text], rows[n_text:]  # (Nt, H), (Na, H)
-        post, audio_post = self.post_attention_layernorm, self.audio_post_attention_layernorm
-        ffn = torch.cat((self.mlp(post(t), rebuild=(post, t)),
-                         self.audio_mlp(audio_post(a), rebuild=(audio_post, a))))  # (B*L, H), routed order
+        ffn = torch.cat((self.mlp(self.post_attention_layernorm(t)),
+                         self.audio_mlp(self.audio_post_attention_layernorm(a))))  # (B*L, H), routed order
         return x + ffn[inverse].view(B, L, H)
 
     def dual_input_norm(self, x, audio_mask):

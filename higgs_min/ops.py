@@ -7,13 +7,14 @@ bit for bit (the same kernels on the same operands; tests/test_ops.py compares t
 
     lora_in(x, A, rebuild, *sources) = x Aᵀ            (LoRA's first factor: lora.first_factor)
         autograd keeps x for A's gradient. When x is cheap to recompute from tensors backward keeps anyway, this
-        keeps those sources and rebuilds x in backward: one tensor the size of x less per use. The decoder
-        layer passes two such rebuilds: the down projection's input silu(g) * u (swiglu keeps g and u) and a
-        norm's output (the norm keeps its input) for q, k, v and gate, up.
+        keeps those sources and rebuilds x in backward. Used for the down projection's input silu(g) * u (swiglu
+        keeps g and u): one (N, I) tensor less per FFN.
 
 In the mid-shape LoRA step with half the positions audio (higgs_min/bench/peer.py, saved row) what a step keeps
-for backward went from 645 to 381 MiB with these and the DualFFN routing by gathers (model.DecoderLayer). The
-recomputation is elementwise (silu, a product, a norm), small beside the matmuls around it.
+for backward went from 645 to 440 MiB with these and the DualFFN routing by gathers (model.DecoderLayer); the
+recomputation is elementwise (silu and a product). Rebuilding the norms' outputs for the q, k, v and gate, up
+factors as well (from the input each norm keeps) reached 381 MiB but cost 2-3% of the step's time in a
+same-process A/B, so it is not done.
 """
 
 from __future__ import annotations
