@@ -62,6 +62,32 @@ The measured tables (moved here from the README) are at the end of this docstrin
 - #27, corpus start (corpus.py): each shard is hashed before its first sample is used; the first batch hashes
   at most batch-size shards (in parallel). 1M samples tiled from 20k (100 shards of 58 MB): open + first batch
   37 s with every shard hashed first vs 3.4-4.2 s at load 12-13.
+- #27, LoRA step (peer.py; ops.py; model.DecoderLayer; lora.shared_input): `--only peer_audio,saved` runs the
+  trainer's step (Scorer + objective + AdamW) at the mid shape with half the positions audio (B=2, L=512,
+  DualFFN in every layer, fp32, CPU, 1 thread, no activation checkpointing) beside transformers 5.24's
+  HiggsAudioV2ForConditionalGeneration(use_text_head=True) + PEFT 0.21, r=16 on the same 80 projections
+  (q,k,v,o and gate,up,down of mlp AND audio_mlp in each layer), each in a fresh process, alternated.
+  Kept for backward (saved-tensor hooks, distinct storages): 645 -> 440 MiB. swiglu keeps g and u, not silu(g)
+  (-88); down_proj's LoRA A rebuilds silu(g) * u from them in backward (-88); the DualFFN FFNs take their rows
+  by one gather and give them back by another (index_copy kept its source, -32). Before, by kind: LoRA inputs
+  156, mlp 132, audio_mlp 132, attention 81 (SDPA's q, k, v, out), norms 60, losses + final norm 53, routing 32.
+  the norms' outputs for q,k,v and gate,up too reached 381 MiB but cost 2-3% of the step: not done. Extra peak
+  RSS vs transformers+PEFT, min of 2 alternations at load ~3 (2026-12-07): 1,359 -> 1,079 MiB vs 2,780 MiB,
+  **0.49 -> 0.39x** (2 threads, load ~5: 1,389 -> 1,087 vs 2,841). Tokens per CPU-second, 1 thread: 212 ->
+  204 (within the box's noise) vs 103: **2.0x, the 2.5x target missed**. transformers computes (B*L, V) text
+  logits and audio logits at every position (about twice our FLOPs) but its few large matmuls run as
+  efficiently as ours; the issue's 2.86x was 2 threads on a quiet machine, where the peer's many small ops wait
+  at barriers (at 2 threads here, load 5, wall: 187 vs 47 tok/s, too noisy to quote as a ratio).
+  MFU (speed.py, now timed by the thread's CPU time, wall beside it): a profile (1 thread) had aten::mm at 66%
+  of both steps with the same mm time; our excess was elementwise: the (N, out) LoRA scale multiplies, the
+  DualFFN input norm computed twice over every row, the adds of each LoRA update, silu. Now the scale
+  multiplies the (N, r) factor (the same numbers when alpha = 2r), the two input norms normalize once and weigh
+  twice, and q,k,v's (and gate,up's) A factors run as one stacked matmul. Old and new step in one process with
+  the plain stack, rotating order, 8 rounds at load ~3: min 5.04 -> 4.70 s (plain 4.42: MFU ratio 0.90 ->
+  0.97), medians 5.30 -> 5.34 s (plain 4.62: 0.90 -> 0.89); `--only mfu` 0.93 before and 0.885-0.92 after in
+  separate runs. **The 0.95 target is not shown**: the box's noise (+-7% between runs of the same code) is
+  larger than what is left to find. Outputs, LoRA gradients and 20 `make train` steps' losses are equal
+  (bitwise for every change but the stacked A factors: 6.4e-7 after 20 steps, equal to 4 decimals).
 - #27, audio tokenizer (audio.py): against transformers' HiggsAudioV2TokenizerModel on the same random weights
   at the released shape (written once as transformers' folder, read by each side's own loader), fresh process
   per run, alternating; codes compared in the row (equal, and the decoded audio bitwise equal: same convs).
