@@ -96,14 +96,32 @@ The measured tables (moved here from the README) are at the end of this docstrin
   decode 1.8 s = convs 1.1 s, transposed convs 0.33 s, Snake 0.3 s. Resampling and the quantizer are ~1%.
   What changed, each bitwise equal (codes and audio hashed before/after): Snake runs slice by slice (128k
   elements) in one reused buffer, over its input where that input is a temporary (layers.snake_into, _Chain):
-  a fresh 61 MB tensor costs ~15k page faults per call, which is most of the old Snake's time; the
+  at the encoder's first stage (64 x 240k) the old one's fresh 61 MB temporary (mapped anew by glibc on each
+  call: a page fault per 4 KiB) and five full passes took 135 ms, the sliced one 42-59 ms; the
   transposed convs hand oneDNN channels-last tensors (layers._ConvTranspose1d: it computes in channels-last
-  anyway, and PyTorch's strided copy back cost as much as the conv at the last stage). Not done, because not
+  anyway, and PyTorch's strided copy back cost as much as the conv at the last stage). Before/after in one
+  process, CPU time, 1 thread: decode 1.81 -> 1.62 s, encode 3.64-3.85 -> 3.61-3.67 s. Not done, because not
   bitwise: channels-last for the ordinary convs (other oneDNN kernels: 1e-6 relative differences, ~16% less
-  conv time), im2col + GEMM. Both sides pay the same conv time, which bounds the ratio.
-  Batch encoding (AudioTokenizer.encode_batch, prepare --encode-batch): only clips of one length go together;
-  padding cannot be exact (HuBERT's GroupNorm normalizes over the whole clip, its attention sees every frame,
-  and each conv's zero padding would read the padded region's activations).
+  conv time), im2col + GEMM. Both sides pay the same conv time (~60% of it), which bounds the ratio.
+  2 threads on this shared 2-core box measure the scheduler, not the code: with one other busy process every
+  parallel region waits at its barrier for a descheduled thread, and the same build gave 2.6 s and 20 s for one
+  encode (transformers 10 s, 2x its own 1-thread time). Only the 1-thread rows below are figures.
+  Batch encoding (AudioTokenizer.encode_batch, prepare --encode-batch, default 1): only clips of one length go
+  together; padding cannot be exact (HuBERT's GroupNorm normalizes over the whole clip, its attention sees every
+  frame, and each conv's zero padding would read the padded region's activations). With 1 thread it gains
+  nothing (convs dominate and already fill the core); with 2 threads on the busy box it was 2.3x (fewer parallel
+  regions per audio second to wait at: a figure of the contention as much as of the code). N clips take N times
+  the memory, hence the default of 1.
+
+`python -m higgs_min.bench --only audio_tokenizer` parts, 2026-12-07, 1 thread, load 2-3 (shared box), 10 s clip,
+min of 3 alternating fresh processes:
+
+| | higgs_min | transformers 5.24 | ratio | target | met |
+|---|---|---|---|---|---|
+| encode (codes equal) | 3.90 s | 5.40 s | 0.72 | <= 0.8 | yes (1 thread) |
+| decode (audio bitwise equal) | 1.70 s | 1.89 s | 0.90 | <= 0.8 | no |
+| corpus encoding, 8 clips x 5 s, batches of 4 vs one at a time (audio-s/s; both higgs_min, codes equal) | 2.00 | 2.06 | 0.97 | > 1 | no gain |
+| same, 2 threads, load 2.2 -> 3.7 (one run each) | 0.92 | 0.40 | 2.3 | > 1 | yes, under contention |
 
 # ---- measured tables
 
