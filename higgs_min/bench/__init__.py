@@ -123,6 +123,11 @@ min of 3 alternating fresh processes:
 | corpus encoding, 8 clips x 5 s, batches of 4 vs one at a time (audio-s/s; both higgs_min, codes equal) | 2.00 | 2.06 | 0.97 | > 1 | no gain |
 | same, 2 threads, load 2.2 -> 3.7 (one run each) | 0.92 | 0.40 | 2.3 | > 1 | yes, under contention |
 
+Before/after (590f2d7 vs 5f9c690) beside transformers, 1 thread, load 4.8, fresh processes in turn old/new/theirs,
+two rounds, min of 2 runs in each process: encode 3.73/3.88 -> 3.48/3.67 s (transformers 4.72/4.81: 0.79/0.81 ->
+0.74/0.76); decode 1.62/1.74 -> 1.41/1.57 s (transformers 1.88/1.87: 0.86/0.93 -> 0.75/0.84). Codes equal and
+audio bitwise equal in all three.
+
 # ---- measured tables
 
 One `make bench` (3 minutes), 2 cores (AMD EPYC), 24 GB, no GPU, torch 2.11.0, 2026-11-24; medians
