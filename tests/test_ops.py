@@ -41,7 +41,8 @@ def test_swiglu_equals_autograd_bitwise_and_keeps_one_tensor_less():
     out.backward(dy)
     assert torch.equal(out, ref) and torch.equal(g.grad, ref_grads[0]) and torch.equal(u.grad, ref_grads[1])
     assert kept_ref == 3 * 7 * 33 * 4 and kept == 2 * 7 * 33 * 4  # g, silu(g), u  vs  g, u
-    assert torch.autograd.gradcheck(swiglu, (g.double().detach().requires_grad_(), u.double().detach().requires_grad_()))
+    g64, u64 = (t.double().detach().requires_grad_() for t in (g, u))
+    assert torch.autograd.gradcheck(swiglu, (g64, u64))
 
 
 @pytest.mark.parametrize("shape", [(9, 40), (2, 5, 40)])
@@ -74,7 +75,8 @@ def test_mlp_with_lora_down_keeps_no_copy_of_its_input():
     x = _leaf(6, 16, seed=5)
     _, shapes, out = _kept(lambda: mlp(x))
     out.sum().backward()
-    assert sorted(s for s in shapes if s[0] == 6 and s[-1] == 40) == [(6, 40), (6, 40)]  # g and u: not silu(g), not silu(g) * u
+    # g and u: neither silu(g) nor silu(g) * u
+    assert sorted(s for s in shapes if s[0] == 6 and s[-1] == 40) == [(6, 40), (6, 40)]
 
 
 def test_dual_ffn_routing_equals_both_ffns_on_every_row():

@@ -121,7 +121,8 @@ def _kind(path: str) -> str:
     if ".lora_" in path:  # (A's input is kept, or rebuilt, under its layer: lora.first_factor)
         return "LoRA B inputs"
     for part, kind in (("audio_mlp", "audio_mlp"), ("mlp", "mlp"), ("self_attn", "attention"),
-                       ("layernorm", "norms"), ("audio_decoder_proj", "heads"), ("layers.", "layer (input norms, routing)")):
+                       ("layernorm", "norms"), ("audio_decoder_proj", "heads"),
+                       ("layers.", "layer (input norms, routing)")):
         if part in path:
             return kind
     return "model (embedding, final norm, heads' gathers)"
