@@ -4,6 +4,7 @@ THE CORE, at the package top, in reading order (it imports nothing from the fold
 
     config.py        ModelConfig: the released shape, the presets, the released and transformers config.json
     model.py         the Llama decoder with the DualFFN audio path, KV cache, text and audio heads
+    ops.py           two autograd functions that keep less for backward (SwiGLU; LoRA's A after it), bitwise equal
     lora.py          hand-written LoRA: a frozen linear + B·A·scale, merge, the adapter's files
     schema.py        the schema of a conversation, checked once (training lines, corpora, prompts)
     chat.py          a conversation -> Plan in the ChatML layout: tokenizer, special tokens, turns, labels
