@@ -13,7 +13,6 @@ uninterrupted one. The suite prints a table and exits non-zero if any is lost.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import random

@@ -11,7 +11,7 @@ import pytest
 from higgs_min import checkpoint
 from higgs_min.checkpoint import CheckpointError, verify
 from tests.faultinject import install
-from tests.trainutil import ROOT, adapter, env, run, torchrun
+from tests.trainutil import ROOT, env, run, torchrun
 
 
 @pytest.fixture
