@@ -68,15 +68,16 @@ def text_scores(hidden, text_targets, head, chunk_rows: int = 128) -> TextScores
     return TextScores(loss_sum, N, pred, t, row, (min(N, chunk_rows), V))
 
 
-def multi_codebook_sums(logits, targets, ignore_index: int = IGNORE_INDEX, accuracy: bool = True):
-    """logits (N, K, C), targets (N, K) -> per-codebook (loss sums, counts, correct or None), each (K,)."""
+def multi_codebook_sums(logits, targets, ignore_index: int = IGNORE_INDEX, pred=None):
+    """logits (N, K, C), targets (N, K) -> per-codebook (loss sums, counts, correct or None), each (K,).
+    pred (N, K): logits' argmax ids, given to count the correct ones (the caller keeps them: one argmax)."""
     N, K, C = logits.shape
     if targets.shape != (N, K):
         raise ValueError(f"audio logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)}")
     ce = F.cross_entropy(logits.reshape(N * K, C).float(), targets.reshape(N * K),
                          ignore_index=ignore_index, reduction="none").view(N, K)  # 0 where ignored
     valid = targets != ignore_index
-    correct = ((logits.detach().argmax(-1) == targets) & valid).sum(0) if accuracy else None
+    correct = ((pred == targets) & valid).sum(0) if pred is not None else None
     return ce.sum(0), valid.sum(0), correct
 
 
@@ -103,7 +104,7 @@ def multi_codebook_cross_entropy(logits, targets, ignore_index: int = IGNORE_IND
 
     Returns (loss, per-codebook losses (K,)).
     """
-    sums, counts, _ = multi_codebook_sums(logits, targets, ignore_index, accuracy=False)
+    sums, counts, _ = multi_codebook_sums(logits, targets, ignore_index)
     return reduce_codebooks(sums, counts, reduction)
 
 
@@ -130,11 +131,11 @@ def audio_scores(hidden, audio_targets, audio_logits_fn) -> AudioScores:
     sel = (audio_targets != IGNORE_INDEX).any(-1)  # (B, L): rows with at least one codebook target
     logits = audio_logits_fn(hidden[sel])  # (N, K, C + 2)
     t = audio_targets[sel]  # (N, K)
-    sums, counts, correct = multi_codebook_sums(logits, t)
+    pred = logits.detach().argmax(-1)  # (N, K)
+    sums, counts, correct = multi_codebook_sums(logits, t, pred=pred)
     if t.numel() == 0:
         sums = sums + hidden.sum() * 0.0  # keep the graph connected for DDP
-    return AudioScores(sums, counts, correct, logits.detach().argmax(-1), t, sel.nonzero()[:, 0],
-                       tuple(logits.shape))
+    return AudioScores(sums, counts, correct, pred, t, sel.nonzero()[:, 0], tuple(logits.shape))
 
 
 # --------------------------------------------------------------------------- the objective
