@@ -69,24 +69,25 @@ class LoRALinear(nn.Module):
         """x (…, in) -> (…, out). rebuild: None, or (fn, *sources) with fn(*sources) equal to x bit for bit from
         tensors backward keeps anyway: A's gradient is then computed from a rebuilt x (ops.lora_in), not a kept one.
         """
-        y = F.linear(x, self.weight)  # (…, out)
         if self.merged:
-            return y
+            return F.linear(x, self.weight)  # (…, out)
         if isinstance(self.dropout, nn.Identity):
-            return self.add_update(y, first_factor(x, self.lora_A.weight, rebuild))
-        return self.add_update(y, self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype)))
+            return self.base_plus_update(x, first_factor(x, self.lora_A.weight, rebuild))
+        return self.base_plus_update(x, self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype)))
 
-    def add_update(self, y, a):
-        """y (…, out) + the update from A's output a (…, r)."""
+    def base_plus_update(self, x, a):
+        """x Wᵀ (…, out) + the update from A's output a (…, r), for x (…, in)."""
         # scale the (…, r) factor, not the (…, out) product: r columns to multiply instead of out, forward and
         # backward. The same numbers when scale is a power of two (alpha = 2r, the default), else within rounding.
-        u = a * self.scale  # (…, r)
+        u = (a * self.scale).reshape(-1, a.shape[-1])  # (N, r)
+        y = F.linear(x.reshape(-1, x.shape[-1]), self.weight)  # (N, out): the same mm as on (…, in)
         if y.dtype != self.lora_B.weight.dtype:  # a bf16 base (or autocast): B's product cast to y's dtype
-            return y + self.lora_B(u).to(y.dtype)
-        # y += u Bᵀ inside the matmul (addmm_, beta = 1): no (…, out) product to allocate, fill and add (3.5% of
-        # the mid-shape step, bench mfu). y is the base linear's output, which no backward keeps, so in place is
-        # safe; the gradients are linear's own (u's: grad B; B's: (uᵀ grad)ᵀ).
-        return y.view(-1, y.shape[-1]).addmm_(u.reshape(-1, u.shape[-1]), self.lora_B.weight.t()).view(y.shape)
+            y = y + self.lora_B(u).to(y.dtype)
+        else:
+            # y += u Bᵀ inside the matmul (addmm_, beta = 1): no (N, out) product to allocate, fill and add. y is
+            # linear's output, kept by no backward, and 2-D, not a view: in place costs no copy in backward.
+            y.addmm_(u, self.lora_B.weight.t())
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def merge(self, name: str = "") -> None:
         """W ← merged_weight(W, A, B, scale), in place and without a copy of W. A second merge does nothing."""
@@ -126,7 +127,7 @@ def shared_input(layers, x: torch.Tensor) -> list[torch.Tensor]:
         return [m(x) for m in layers]
     a = first_factor(x, torch.cat([m.lora_A.weight for m in layers]))  # (…, Σr)
     parts = a.split([m.r for m in layers], dim=-1)  # (…, r) each
-    return [m.add_update(F.linear(x, m.weight), part) for m, part in zip(layers, parts)]
+    return [m.base_plus_update(x, part) for m, part in zip(layers, parts)]
 
 
 def lora_scale(r: int, alpha: float, rslora: bool = False) -> float:

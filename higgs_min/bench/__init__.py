@@ -88,6 +88,27 @@ The measured tables (moved here from the README) are at the end of this docstrin
   separate runs. **The 0.95 target is not shown**: the box's noise (+-7% between runs of the same code) is
   larger than what is left to find. Outputs, LoRA gradients and 20 `make train` steps' losses are equal
   (bitwise for every change but the stacked A factors: 6.4e-7 after 20 steps, equal to 4 decimals).
+- #27, MFU profile (05:50; speed.bench_mfu shapes, torch.profiler, 1 thread, self CPU ms per step, 2 steps, quiet
+  box): ours 4,743 vs plain 4,212, +531 ms. aten::mm +301 (465 calls vs 68: LoRA's rank-16 A and B products,
+  about 6 thin matmuls per adapted linear forward and backward, the weight gradient xᵀ·da reading the whole
+  (N, in) input for 16 columns; q,k,v and gate,up as separate matmuls where plain fuses them; each DualFFN FFN
+  on half the rows): ~10% more mm time for the 3.5% more FLOPs that step_flops counts as useful for LoRA
+  (both sides count the same formula, r=16 vs r=0; the heads at the same rows). add +44, add_ +11 (x's
+  gradient summed over its consumers: q,k,v bases + the A factor, gate,up + A); silu +42, mul +29 (silu three
+  times per FFN: forward, swiglu's backward, lora_in's rebuild, the memory trade of ops.py); DualFFN routing:
+  where +26 (dual_input_norm), index +17, index_put +13; argmax +24 (logged accuracy: text (67, 128256) and
+  audio logits, every step); Python/autograd overhead ~40; AdamW 21 ms in all. SDPA and the losses are equal
+  or ours smaller (cat -57, log_softmax -14). Changed (bitwise: 20 `train --max-steps 20` steps' adapter and
+  optimizer files identical, losses equal): LoRA's B product is added inside the matmul (lora.LoRALinear.
+  base_plus_update: addmm_ into the 2-D base output; an in-place add on a view of it instead cost +198 ms of
+  copy_ in backward through CopySlices), and one audio argmax serves predictions and accuracy (was two).
+  Before that fix the profile had add +118 and fill_ (fresh (N, out) products). One LoRALinear 1024 -> 2816 on
+  (2, 512) forward + backward: min 88.9 -> 83.5 ms, median 97.5 -> 87.0. Whole step, old and new in one process
+  beside plain, min of 4-5 alternations (thread CPU s): 4.51 old / 4.53 new / 3.87 plain, then 4.90 / 4.58 /
+  4.44: MFU ratio 0.887 -> 0.882 and 0.934 -> 1.00 (the box moves all three by ~10% between runs: the 0.95
+  target is within reach but not shown reliably). Not done: text argmax only on log steps (API change in
+  TextScores/evaluate, ~20 ms), fused q,k,v / gate,up base weights (the checkpoint's names), sharing silu(g)
+  between swiglu's backward and lora_in's rebuild.
 - #27, audio tokenizer (audio.py): against transformers' HiggsAudioV2TokenizerModel on the same random weights
   at the released shape (written once as transformers' folder, read by each side's own loader), fresh process
   per run, alternating; codes compared in the row (equal, and the decoded audio bitwise equal: same convs).
