@@ -106,7 +106,8 @@ The measured tables (moved here from the README) are at the end of this docstrin
   (2, 512) forward + backward: min 88.9 -> 83.5 ms, median 97.5 -> 87.0. Whole step, old and new in one process
   beside plain, min of 4-5 alternations (thread CPU s): 4.51 old / 4.53 new / 3.87 plain, then 4.90 / 4.58 /
   4.44: MFU ratio 0.887 -> 0.882 and 0.934 -> 1.00 (the box moves all three by ~10% between runs: the 0.95
-  target is within reach but not shown reliably). Not done: text argmax only on log steps (API change in
+  target is within reach but not shown reliably); `--only mfu` alone, quiet box: 0.83 before (5.54 vs 4.46 s),
+  0.868 after (4.86 vs 4.09 s). Not done: text argmax only on log steps (API change in
   TextScores/evaluate, ~20 ms), fused q,k,v / gate,up base weights (the checkpoint's names), sharing silu(g)
   between swiglu's backward and lora_in's rebuild.
 - #27, audio tokenizer (audio.py): against transformers' HiggsAudioV2TokenizerModel on the same random weights
