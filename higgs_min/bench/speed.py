@@ -30,10 +30,11 @@ def load_avg() -> float:
     return os.getloadavg()[0]
 
 
-def alternate(contestants: dict, repeats: int, before=None, clock=time.perf_counter) -> dict:
+def alternate(contestants: dict, repeats: int, before=None, clock=time.perf_counter, times=None) -> dict:
     """name -> fn. Runs them in turn `repeats` times (after one warm-up each); returns name -> min seconds.
     clock: wall time by default; time.thread_time counts only the CPU time of this thread (single-threaded work
-    on a shared machine: the time spent descheduled is not counted)."""
+    on a shared machine: the time spent descheduled is not counted). times: a dict, filled with name -> every
+    timed run's seconds (for medians)."""
     best = {}
     for r in range(repeats + 1):
         for name, fn in contestants.items():
@@ -44,6 +45,8 @@ def alternate(contestants: dict, repeats: int, before=None, clock=time.perf_coun
             dt = clock() - t
             if r:  # round 0 is the warm-up
                 best[name] = min(best.get(name, dt), dt)
+                if times is not None:
+                    times.setdefault(name, []).append(dt)
     return best
 
 
