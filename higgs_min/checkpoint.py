@@ -42,8 +42,7 @@ from pathlib import Path
 
 from higgs_min import atomic, manifest
 from higgs_min.atomic import fsync_dir, json_bytes, safetensors_chunks, write_file  # noqa: F401
-from higgs_min.manifest import (CHECKPOINT_RE, MANIFEST, CheckpointError, read_verified,  # noqa: F401
-                                sha256_file, tensors_from_safetensors, verify)
+from higgs_min.manifest import CHECKPOINT_RE, MANIFEST, CheckpointError, verify  # noqa: F401
 
 log = logging.getLogger(__name__)
 

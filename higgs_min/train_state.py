@@ -26,7 +26,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from higgs_min.checkpoint import CheckpointError, json_bytes, read_verified, tensors_from_safetensors
+from higgs_min.atomic import json_bytes
+from higgs_min.manifest import CheckpointError, read_verified, tensors_from_safetensors
 
 
 def rng_state() -> dict:

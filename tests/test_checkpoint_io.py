@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from higgs_min import checkpoint, train_state
+from higgs_min import checkpoint, manifest, train_state
 from higgs_min.checkpoint import CheckpointError
 
 
@@ -19,23 +19,23 @@ def _tensors():
 def test_verified_read_equals_load_file(tmp_path):
     t = _tensors()
     path = checkpoint.save(tmp_path, 3, {"x.safetensors": t, "meta.json": b'{"k": 1}\n'})
-    data = checkpoint.read_verified(path)
+    data = manifest.read_verified(path)
     assert bytes(data["meta.json"]) == b'{"k": 1}\n'
-    ours = checkpoint.tensors_from_safetensors(data["x.safetensors"], "x")
+    ours = manifest.tensors_from_safetensors(data["x.safetensors"], "x")
     theirs = load_file(str(path / "x.safetensors"))  # the reference reader
     assert set(ours) == set(theirs) == set(t)
     for k in t:
         assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) and torch.equal(ours[k], t[k])
     # and a file written by safetensors itself (with __metadata__) reads the same
     save_file(t, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
-    ref = checkpoint.tensors_from_safetensors(bytearray((tmp_path / "ref.safetensors").read_bytes()), "ref")
+    ref = manifest.tensors_from_safetensors(bytearray((tmp_path / "ref.safetensors").read_bytes()), "ref")
     assert all(torch.equal(ref[k], t[k]) for k in t)
 
 
 def test_bad_header_is_named(tmp_path):
     buf = bytearray(b"\x10\x00\x00\x00\x00\x00\x00\x00" + b'{"x":{"dtype":"F32","shape":[9],"data_offsets":[0,36]}}')
     with pytest.raises(CheckpointError, match="bad.safetensors: not a safetensors file"):
-        checkpoint.tensors_from_safetensors(buf, "bad.safetensors")
+        manifest.tensors_from_safetensors(buf, "bad.safetensors")
 
 
 def test_damage_is_refused_before_restore_and_the_previous_one_restores(tmp_path):
@@ -106,7 +106,7 @@ def test_resume_hashes_the_chosen_checkpoint_once(tmp_path, monkeypatch):
     st = target.stat()
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later write (the clock ticks coarsely)
     with pytest.raises(CheckpointError, match="optimizer.safetensors does not match its sha256"):
-        checkpoint.read_verified(folder)
+        manifest.read_verified(folder)
 
 
 def test_parallel_save_manifest_equals_the_files(tmp_path, monkeypatch):
@@ -130,7 +130,7 @@ def test_parallel_save_manifest_equals_the_files(tmp_path, monkeypatch):
         blocks = [hashlib.sha256(raw[s:s + 1000]).hexdigest() for s in range(0, max(len(raw), 1), 1000)]
         assert m["files"][name] == {"sha256": blocks, "bytes": len(raw)}
     assert len(m["files"]["t2.safetensors"]["sha256"]) > 300
-    got = checkpoint.tensors_from_safetensors(checkpoint.read_verified(path)["t2.safetensors"], "t2")
+    got = manifest.tensors_from_safetensors(manifest.read_verified(path)["t2.safetensors"], "t2")
     assert all(torch.equal(got[k], files["t2.safetensors"][k]) for k in files["t2.safetensors"])
     # a byte flipped in one block of the middle is refused, by name
     target = path / "t1.safetensors"
@@ -138,7 +138,7 @@ def test_parallel_save_manifest_equals_the_files(tmp_path, monkeypatch):
     data[len(data) // 2] ^= 0x04
     target.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="t1.safetensors does not match its sha256"):
-        checkpoint.read_verified(path)
+        manifest.read_verified(path)
 
 
 def _format_1(folder, step, files):
@@ -163,7 +163,7 @@ def test_format_1_checkpoints_still_verify_and_load(tmp_path):
     _format_1(folder, 3, {"x.safetensors": st_save(t), "meta.json": b"{}\n"})
     assert checkpoint.verify(folder)["format"] == 1
     assert checkpoint.latest_valid(tmp_path) == folder
-    got = checkpoint.tensors_from_safetensors(checkpoint.read_verified(folder)["x.safetensors"], "x")
+    got = manifest.tensors_from_safetensors(manifest.read_verified(folder)["x.safetensors"], "x")
     assert all(torch.equal(got[k], t[k]) for k in t)
     data = bytearray((folder / "x.safetensors").read_bytes())
     data[-1] ^= 0x01

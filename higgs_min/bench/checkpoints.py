@@ -101,7 +101,7 @@ def _time_loads(files: dict, latest: Path, reps: int) -> tuple[dict, dict]:
     plain load with the files evicted first (cold)."""
     from safetensors.torch import load_file
 
-    from higgs_min import checkpoint
+    from higgs_min import checkpoint, manifest
 
     dest = {k: torch.empty_like(v) for part in files.values() for k, v in part.items()}
 
@@ -111,12 +111,12 @@ def _time_loads(files: dict, latest: Path, reps: int) -> tuple[dict, dict]:
                 dest[k].copy_(t)
 
     def ours_load():
-        data = checkpoint.read_verified(latest)
-        restore([checkpoint.tensors_from_safetensors(data[n], n) for n in files])
+        data = manifest.read_verified(latest)
+        restore([manifest.tensors_from_safetensors(data[n], n) for n in files])
 
     def ours_resume():  # rank 0's resume: choose the newest valid checkpoint (hashed, kept), then load it
-        data = checkpoint.read_verified(checkpoint.latest_valid(latest.parent, keep=True))
-        restore([checkpoint.tensors_from_safetensors(data[n], n) for n in files])
+        data = manifest.read_verified(checkpoint.latest_valid(latest.parent, keep=True))
+        restore([manifest.tensors_from_safetensors(data[n], n) for n in files])
 
     def plain_load():
         restore([load_file(str(latest / n)) for n in files])

@@ -99,7 +99,6 @@ def bench_3b(seq: int, activation_checkpointing: bool, peak: float) -> str:
         best = min(best, time.perf_counter() - t)
     flops = step_flops(cfg, 1, seq, info["n_text"], info["n_audio"], 16)
     mem = torch.cuda.max_memory_allocated() / 2**30
-    del model, opt, scorer
     return (f"3B LoRA step, 1 x {seq} positions (half audio), activation checkpointing "
             f"{'on ' if activation_checkpointing else 'off'}: {best * 1e3:.0f} ms, {seq / best:.0f} tokens/s, "
             f"MFU {flops / best / peak:.1%} of {peak / 1e12:.0f} TFLOP/s (bf16 matmul here), "

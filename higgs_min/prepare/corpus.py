@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from higgs_min.atomic import HeaderError, read_safetensors_header
-from higgs_min.checkpoint import sha256_file
+from higgs_min.manifest import sha256_file
 from higgs_min.chat import ChatEncoder
 from higgs_min.data import Plan, materialize
 from higgs_min.prepare.sanitize import LoadReport, read_jsonl

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from higgs_min import atomic
-from higgs_min.checkpoint import sha256_file
+from higgs_min.manifest import sha256_file
 from higgs_min.errors import Parser, RunError, UsageError, guard
 from higgs_min.prepare.audio_check import check_clip, transcript_of
 

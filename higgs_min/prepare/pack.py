@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from higgs_min import atomic
-from higgs_min.checkpoint import sha256_file
+from higgs_min.manifest import sha256_file
 from higgs_min.prepare.corpus import FORMAT, MANIFEST, VERSION, CorpusError, shard_bytes
 from higgs_min.chat import ChatEncoder
 from higgs_min.schema import DataError

@@ -26,7 +26,7 @@ import logging
 import time
 from pathlib import Path
 
-from higgs_min import atomic, checkpoint, distributed
+from higgs_min import atomic, checkpoint, distributed, manifest
 from higgs_min.errors import UsageError
 from higgs_min.train.options import NOT_CONFIG, OPERATIONAL, RESUME_CLASS, SHAPE, TRAINED
 from higgs_min.train.runs import RunError, resolve_checkpoint
@@ -46,13 +46,13 @@ def fingerprint(path) -> dict | None:
         return None
     path = Path(path).resolve()
     if path.is_file():
-        return {"path": str(path), "sha256": checkpoint.sha256_file(path)}
+        return {"path": str(path), "sha256": manifest.sha256_file(path)}
     if path.is_dir():
         h = hashlib.sha256()
         for p in sorted(q for q in path.rglob("*") if q.is_file()):
             size = p.stat().st_size
             h.update(f"{p.relative_to(path)}\0{size}\0".encode())
-            h.update((checkpoint.sha256_file(p) if size <= _HASH_LIMIT else "large").encode())
+            h.update((manifest.sha256_file(p) if size <= _HASH_LIMIT else "large").encode())
         return {"path": str(path), "sha256": h.hexdigest()}
     return {"path": str(path), "sha256": None}
 
