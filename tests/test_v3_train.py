@@ -128,15 +128,6 @@ def test_the_trained_run_generates(runs, tmp_path):
     assert np.array_equal(np.load(out), want.codes.numpy())
 
 
-def test_v3_held_out_eval(tmp_path):
-    """--eval-split on a v3 run: the eval loss (audio only; no text) is computed; no generated samples (the
-    listener lays prompts out as v2's ChatML), said in one warning rather than a crash."""
-    out = tmp_path / "out"
-    assert run(out, "--preset", "v3-tiny", "--max-steps", 1, "--save-steps", 1, "--eval-split", 0.25) == 0
-    rows = [r for r in metrics(out) if r["split"] == "eval"]
-    assert rows and all(r["text_loss"] is None and r["audio_loss"] > 0 and r["samples"] == 8 for r in rows)
-
-
 def test_v3_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     """v3-tiny with --train-audio-embedding on 2 gloo ranks (batch 2 each) against 1 process (batch 4), both with
     --grad-accum 2: DDP averages the gradients (the tied audio matrix is one parameter, used twice), so the losses,

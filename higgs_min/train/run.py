@@ -199,19 +199,19 @@ def build_run(args) -> loop.Run:
 
 def listener(args, cfg, model, encoder, eval_samples, dist_info):
     """The loop's Run.listen: rank 0 generates --eval-samples held-out prompts at each evaluation
-    (train/samples.py), or None."""
+    (train/samples.py; the model family's prompts and sampler: samples.V2, samples_v3.V3), or None."""
     if not (eval_samples and args.eval_samples and dist_info.is_main):
         return None
-    if getattr(cfg, "family", "v2") == "v3":  # samples.py cuts and generates v2's ChatML layout
-        log.warning("--eval-samples %d: no samples for a v3 run (the listener generates v2's layout); the eval "
-                    "loss is computed as usual", args.eval_samples)
-        return None
-    if not cfg.use_delay_pattern:
+    from higgs_min.train import samples
+
+    if getattr(cfg, "family", "v2") == "v3":
+        from higgs_min.train.samples_v3 import V3 as family
+    elif not cfg.use_delay_pattern:
         log.warning("--eval-samples %d: no samples, generation needs use_delay_pattern true", args.eval_samples)
         return None
-    from higgs_min.train.samples import Listener
-
-    return Listener(args, model, encoder, eval_samples, dist_info.device)
+    else:
+        family = samples.V2
+    return samples.Listener(args, model, encoder, eval_samples, dist_info.device, family)
 
 
 def train(args) -> dict:

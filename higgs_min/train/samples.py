@@ -1,7 +1,7 @@
 """Listen to every evaluation: fixed held-out prompts generated with the adapter being trained.
 
-    Listener(args, model, encoder, eval_set, device)(eval_row, tb) -> figures merged into the checkpoint's
-                                                                         "eval" record (what --best-by reads)
+    Listener(args, model, encoder, eval_set, device, family)(eval_row, tb) -> figures merged into the checkpoint's
+                                                                                 "eval" record (what --best-by reads)
 
 The loop calls it on rank 0 after each evaluation row is logged (loop.Run.listen): the core loop knows a plain
 callable, this folder knows generation, codecs and the report. What one call writes, each file atomically:
@@ -12,14 +12,20 @@ callable, this folder knows generation, codecs and the report. What one call wri
     RUN/loss.png, RUN/report.html               redrawn (train/plot.py, train/report.py)
     TensorBoard (--tensorboard)                 samples/<id> audio, samples/* scalars
 
+What differs between the model families is a Family: how a held-out sample is cut into a prompt, and how codes
+are generated from it (v2's ChatML here, V2; v3's TTS layout in train/samples_v3.py, V3; train/run.py picks by
+the model's config). Everything else (writing, scoring, the summary, the report, TensorBoard) is shared.
+
 The prompts: the first --eval-samples held-out samples that hold assistant audio, each cut just before its last
-assistant audio segment, so the prompt ends with <|audio_out_bos|> (the audio is forced) and is laid out exactly
-as training laid it out (the run's prompt format, its system message, any reference audio, and the text the
-audio should say). The reference clip is that segment's codes; its text is the assistant text before it.
-Generation: generate.sampling.generate with the CLI's defaults, seeded per sample (--seed + sample number, so a
-sample changes between evaluations only because the adapter did), limited to twice the reference's frames plus
-the delay; generation stops when the clip ends by EOS (no text after it), and a clip cut by the limit is reported
-as such.
+assistant audio segment, so the prompt ends with the token that starts the audio (v2 <|audio_out_bos|>, v3
+<|audio|>) and is laid out exactly as training laid it out (v2: the run's prompt format, its system message,
+any reference audio, and the text the audio should say; v3: the TTS prompt with its reference clip and text).
+The reference clip is that segment's codes; its text is the text the clip says.
+Generation: the family's sampler with the CLI's defaults (v2 generate.sampling.generate, v3 v3.sampler.generate_v3),
+seeded per sample (--seed + sample number, so a sample changes between evaluations only because the adapter did),
+limited to twice the reference's stream (its frames, the delay and v2's BOS/EOS); generation stops when the clip
+ends by EOS (v2: no text after it; v3: the countdown after codebook 0's EOC), and a clip cut by the limit is
+reported as such.
 Training's RNG is untouched: the decoder is built under torch.random.fork_rng (the random DAC seeds torch), and
 generation draws from its own generator, so a run trains the same with and without samples.
 """
@@ -32,6 +38,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -55,9 +62,25 @@ class Held:
     """One held-out prompt and what it should produce."""
     id: str  # eval-NNNN: the sample's index in the eval set
     number: int  # that index (seeds its generation)
-    prompt: Prompt
+    prompt: object  # the family's prompt: generate.sampling.Prompt (v2), v3.sampler.V3Prompt (v3)
     reference: torch.Tensor  # (K, T) codes of the held-out clip
-    text: str  # what the clip says (the assistant text before it)
+    text: str  # what the clip says (v2: the assistant text before it; v3: the text after <|text|>)
+
+
+@dataclass
+class Generated:
+    """What the listener needs of one generation, whatever the family."""
+    codes: torch.Tensor  # (K, T) codes of the generated clip
+    stopped: str  # "eos" (the clip ended) or "limit" (cut by max_new_tokens)
+    steps: int
+
+
+@dataclass
+class Family:
+    """The family-specific half of listening (the rest of this module is shared)."""
+    name: str
+    cut: Callable  # (sample, index, encoder) -> Held | None (None: no assistant audio)
+    generate: Callable  # (model, prompt, limit, seed) -> Generated
 
 
 def held_prompt(sample, index: int, encoder) -> Held | None:
@@ -84,13 +107,23 @@ def held_prompt(sample, index: int, encoder) -> Held | None:
     return Held(f"eval-{index:04d}", index, prompt, codes.long().clone(), text)
 
 
-def choose_prompts(eval_set, n: int, encoder) -> list[Held]:
-    """The first n held-out samples with assistant audio (a fixed choice: the eval set's order is)."""
+def generate_v2(model, prompt: Prompt, limit: int, seed: int) -> Generated:
+    """One segment of audio (max_segments=1): it stops at the clip's EOS, before any text after it."""
+    g = generate(model, prompt, max_new_tokens=limit, seed=seed, max_segments=1)
+    return Generated(g.codes, "eos" if g.stopped == "audio segments" else "limit", g.steps)
+
+
+V2 = Family("v2", held_prompt, generate_v2)
+
+
+def choose_prompts(eval_set, n: int, encoder, cut: Callable = held_prompt) -> list[Held]:
+    """The first n held-out samples with assistant audio (a fixed choice: the eval set's order is), each cut by
+    `cut` (the family's; v2's held_prompt by default)."""
     chosen = []
     for i in range(len(eval_set)):
         if len(chosen) == n:
             break
-        h = held_prompt(eval_set[i], i, encoder)
+        h = cut(eval_set[i], i, encoder)
         if h is not None:
             chosen.append(h)
     return chosen
@@ -108,12 +141,12 @@ def mean(values) -> float | None:
 class Listener:
     """Generates, writes and scores the held-out samples at each evaluation (rank 0 only)."""
 
-    def __init__(self, args, model, encoder, eval_set, device):
+    def __init__(self, args, model, encoder, eval_set, device, family: Family = V2):
         from higgs_min.generate.cli import Decoder
 
-        self.args, self.model, self.encoder = args, model, encoder
+        self.args, self.model, self.encoder, self.family = args, model, encoder, family
         self.out = Path(args.output_dir)
-        self.held = choose_prompts(eval_set, args.eval_samples, encoder)
+        self.held = choose_prompts(eval_set, args.eval_samples, encoder, family.cut)
         if len(self.held) < args.eval_samples:
             log.warning("--eval-samples %d: only %d held-out samples hold assistant audio", args.eval_samples,
                         len(self.held))
@@ -154,16 +187,16 @@ class Listener:
         """Generate h, write <id>.npy (+ .wav) and <id>.json into `folder`, return its row."""
         from higgs_min.audio import codec
 
-        K, T = h.reference.shape
-        limit = 2 * (T + K + 1)  # twice the reference's columns (its frames + the delay + BOS/EOS)
+        T = h.reference.shape[1]
+        limit = 2 * int(self.encoder.streams.length(T))  # twice the reference's stream (frames, delay, v2's BOS/EOS)
         t0 = time.perf_counter()
-        g = generate(self.model, h.prompt, max_new_tokens=limit, seed=self.args.seed + h.number, max_segments=1)
+        g = self.family.generate(self.model, h.prompt, limit, self.args.seed + h.number)
         wall = time.perf_counter() - t0
         codes = g.codes.numpy().astype(np.int16)
         fps = self.decoder.fps if self.decoder.kind else FALLBACK_FPS
         row = {"id": h.id, "step": step, "text": h.text, "frames": int(codes.shape[1]), "reference_frames": T,
                "duration_s": round(codes.shape[1] / fps, 3), "duration_ratio": codes.shape[1] / max(T, 1),
-               "stopped": "eos" if g.stopped == "audio segments" else "limit", "steps": g.steps,
+               "stopped": g.stopped, "steps": g.steps,
                "limit": limit, "generation_s": round(wall, 3),
                "rtf": round(wall / (codes.shape[1] / fps), 3) if codes.shape[1] else None,
                "files": [f"{h.id}.npy", f"{h.id}.json"]}
