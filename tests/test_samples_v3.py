@@ -14,7 +14,7 @@ from higgs_min.train.runs import load_trained
 from higgs_min.train.samples_v3 import held_prompt_v3
 from higgs_min.v3.layout import V3Encoder
 from higgs_min.v3.sampler import V3Prompt, generate_v3
-from tests.test_samples import TEXTS, short_set
+from tests.test_samples import TEXTS, check_report, short_set
 from tests.trainutil import ROOT, adapter, metrics, run
 
 TOKENIZER = ROOT / "data" / "tokenizer_v3.json"
@@ -90,6 +90,7 @@ def test_a_v3_run_listens_at_every_evaluation_as_generate_would(tmp_path, data):
             assert row["stopped"] == "eos" or row["steps"] == row["limit"]
             assert np.load(folder / f"{i}.npy").shape == (8, row["frames"])
     assert not [p for p in out.rglob(".*")]  # no temp file or folder left behind
+    check_report(out)  # report.html: a player per wav, links only to files that exist
     rows = [r for r in metrics(out) if r["split"] == "samples"]
     assert [r["step"] for r in rows] == [0, 1, 2] and all(r["samples"] == 2 for r in rows)
     assert all(0 <= r["eos_rate"] <= 1 and 0 <= r["silence_fraction"] <= 1 for r in rows)

@@ -90,7 +90,8 @@ OPTIONS = (
           help=f"held-out prompts generated at each evaluation, written to OUTPUT/samples/step-N/ and "
                f"OUTPUT/report.html (default: {DEFAULT_SAMPLES} when there is eval data; 0: none)"),
     opt("--audio-tokenizer", OPERATIONAL, type=Path, help="decode the samples with the released Higgs audio "
-                                                         "tokenizer in DIR (as generate)"),
+                                                         "tokenizer in DIR, or the codec a v3 model folder bundles "
+                                                         "(as generate)"),
     opt("--codec-weights", OPERATIONAL, type=Path, help="decode the samples with DAC weights (.pth) (as generate)"),
     opt("--random-codec-seed", OPERATIONAL, type=int, help="decode the samples with the demo's seeded random DAC "
                                                           "(the demo set was encoded with seed 0)"),

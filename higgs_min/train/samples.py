@@ -154,7 +154,8 @@ class Listener:
                                                   random_codec_seed=args.random_codec_seed, device=str(device)))
         if self.decoder.kind is None:
             log.info("samples: codes only (no decoder; --random-codec-seed, --codec-weights or --audio-tokenizer "
-                     "to listen, and for the silence, ASR and speaker figures)")
+                     "(a v3 model folder gives its bundled codec) to listen, and for the silence, ASR and speaker "
+                     "figures)")
         # loaded now, so that a bad folder stops the run before step 1
         self.asr = audio_metrics.Asr(args.eval_asr, device) if args.eval_asr else None
         self.speaker = audio_metrics.Speaker(args.eval_speaker, device) if args.eval_speaker else None
