@@ -112,3 +112,31 @@ def test_a_v3_run_listens_at_every_evaluation_as_generate_would(tmp_path, data):
     assert [(r["split"], r["step"], r["loss"]) for r in loud] == [(r["split"], r["step"], r["loss"]) for r in calm]
     for name, t in adapter(out / "checkpoint-2").items():
         assert torch.equal(t, adapter(quiet / "checkpoint-2")[name]), name
+
+
+def test_a_released_v3_folder_decodes_the_samples_with_its_bundled_codec(tmp_path, monkeypatch):
+    """--base-weights a released v3 folder (tests/v3_oracle's tiny one, with tests/audiotok_util's seeded tiny
+    codec under the v3 prefix) and no decoder option: the samples are decoded by that codec, as `generate`
+    decodes (tests/test_v3_generate.py), so the run writes wavs of 960 samples a frame at 24 kHz."""
+    import wave
+
+    from tests.helpers import write_jsonl
+    from tests.v3_oracle import write_released_with_codec
+
+    folder = write_released_with_codec(tmp_path / "release", tmp_path, monkeypatch)
+    rows = []
+    for i in range(4):  # the tiny tokenizer's words: w1, w2, ...
+        codes = np.random.default_rng(i).integers(0, 1024, size=(8, 3 + i)).astype(np.int16)
+        (tmp_path / "codes").mkdir(exist_ok=True)
+        np.save(tmp_path / "codes" / f"{i}.npy", codes)
+        rows.append({"messages": [{"role": "user", "content": f"w{i + 1}"}, {"role": "assistant", "content": [
+            {"type": "text", "text": f"w{i + 2} w{i + 3}"}, {"type": "audio", "codes": f"codes/{i}.npy"}]}]})
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "out"
+    assert run(out, "--data", data, "--base-weights", folder, "--eval-split", "0.5", "--eval-samples", "1",
+               "--max-steps", "1", "--save-steps", "1") == 0
+    for sub in ("reference", "step-1"):
+        frames = json.loads((out / "samples" / sub / "eval-0000.json").read_text())["frames"]
+        with wave.open(str(out / "samples" / sub / "eval-0000.wav")) as w:
+            assert frames > 0 and w.getframerate() == 24000 and w.getnframes() == frames * 960
+    assert "decoded with the audio codec bundled in" in (out / "train.log").read_text()

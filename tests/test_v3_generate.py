@@ -251,17 +251,9 @@ def test_cli_decodes_with_the_codec_bundled_in_the_folder(tmp_path, monkeypatch)
 
     import numpy as np
 
-    from higgs_min.audio import tokenizer_files as tf
     from higgs_min.generate.cli import main
-    from tests import audiotok_util as u
 
-    monkeypatch.setattr(tf, "RELEASED", u.tiny_released(tf.RELEASED))
-    _, state = u.write_released(tmp_path / "pth", seed=3)
-    folder = tmp_path / "release"
-    tensors = oracle.write_released(folder, seed=5)
-    llm = {k: v for k, v in tensors.items() if not k.startswith(oracle.CODEC_PREFIX)}
-    codec = {tf.V3_PREFIX + k: v.contiguous() for k, v in u.to_transformers(state, fold="parametrizations").items()}
-    save_file({**llm, **codec}, str(folder / "model.safetensors"))
+    folder = oracle.write_released_with_codec(tmp_path / "release", tmp_path, monkeypatch)
     wav, npy = tmp_path / "o" / "a.wav", tmp_path / "o" / "a.npy"
     assert main(["--base-weights", str(folder), "--text", "w1 w2", "--temperature", "0", "--max-new-tokens", "12",
                  "--out", str(wav), "--codes-out", str(npy)]) == 0

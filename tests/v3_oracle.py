@@ -206,6 +206,22 @@ def write_released(folder: Path, seed: int = 0, vocab_size: int = 64, layers: in
     return tensors
 
 
+def write_released_with_codec(folder: Path, tmp: Path, monkeypatch) -> Path:
+    """write_released (seed 5) with the codec bundled as released: tests/audiotok_util's seeded tiny tokenizer
+    (seed 3, built under `tmp`) under the v3 prefix, in place of the two stand-in codec tensors. Patches
+    tokenizer_files.RELEASED to the tiny widths (so the tiny codec counts as the released architecture)."""
+    from higgs_min.audio import tokenizer_files as tf
+    from tests import audiotok_util as u
+
+    monkeypatch.setattr(tf, "RELEASED", u.tiny_released(tf.RELEASED))
+    _, state = u.write_released(tmp / "pth", seed=3)
+    tensors = write_released(folder, seed=5)
+    llm = {k: v for k, v in tensors.items() if not k.startswith(CODEC_PREFIX)}
+    codec = {tf.V3_PREFIX + k: v.contiguous() for k, v in u.to_transformers(state, fold="parametrizations").items()}
+    save_file({**llm, **codec}, str(folder / "model.safetensors"))
+    return folder
+
+
 # ----------------------------------------------------------------------------- the serving model, composed
 
 class OracleTTS(torch.nn.Module):

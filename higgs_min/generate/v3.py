@@ -51,15 +51,21 @@ def default_decoder(args) -> None:
     chosen = (args.audio_tokenizer, args.codec_weights, args.random_codec_seed)
     if any(c is not None for c in chosen) or (args.out is None and args.reference_audio is None):
         return
-    if args.base_weights is None or not is_v3_config(args.base_weights):
-        return
+    bundled = bundled_codec(args.base_weights)
+    if bundled is not None:
+        log.info("decoding with the audio codec bundled in %s", bundled)
+        args.audio_tokenizer = bundled
+
+
+def bundled_codec(base_weights) -> Path | None:
+    """base_weights when it is a v3 folder that bundles its codec (as released), else None (also for weights
+    that cannot be read: the model load reports those, naming the file)."""
+    if base_weights is None or not is_v3_config(base_weights):
+        return None
     try:
-        bundled = bool(codec_tensors(args.base_weights))
+        return Path(base_weights) if codec_tensors(base_weights) else None
     except (OSError, ValueError):
-        return  # unreadable weights: the model load reports it, naming the file
-    if bundled:
-        log.info("decoding with the audio codec bundled in %s", args.base_weights)
-        args.audio_tokenizer = Path(args.base_weights)
+        return None
 
 
 def generate_codes(args, model, tokenizer: Path, reference: torch.Tensor | None, on_step) -> tuple[torch.Tensor, dict]:
