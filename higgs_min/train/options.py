@@ -23,6 +23,7 @@ from pathlib import Path
 from higgs_min.config import PRESETS
 from higgs_min.v3.config import PRESETS as V3_PRESETS
 from higgs_min.errors import Parser, UsageError
+from higgs_min.generate.v3 import bundled_codec
 from higgs_min.lora import DEFAULT_TARGETS
 
 DEFAULT_SAMPLES = 4  # --eval-samples when there is eval data
@@ -91,7 +92,7 @@ OPTIONS = (
                f"OUTPUT/report.html (default: {DEFAULT_SAMPLES} when there is eval data; 0: none)"),
     opt("--audio-tokenizer", OPERATIONAL, type=Path, help="decode the samples with the released Higgs audio "
                                                          "tokenizer in DIR, or the codec a v3 model folder bundles "
-                                                         "(as generate)"),
+                                                         "(as generate; default: a v3 --base-weights folder's)"),
     opt("--codec-weights", OPERATIONAL, type=Path, help="decode the samples with DAC weights (.pth) (as generate)"),
     opt("--random-codec-seed", OPERATIONAL, type=int, help="decode the samples with the demo's seeded random DAC "
                                                           "(the demo set was encoded with seed 0)"),
@@ -202,6 +203,9 @@ def check_listening(args) -> None:
     decoders = [f for f in ("audio_tokenizer", "codec_weights", "random_codec_seed") if getattr(args, f) is not None]
     if len(decoders) > 1:
         raise UsageError("choose one decoder: " + " or ".join(f"--{f.replace('_', '-')}" for f in decoders))
+    if args.eval_samples and not decoders and bundled_codec(args.base_weights) is not None:
+        # a released v3 folder bundles its codec: the decoder generate defaults to (recorded as --audio-tokenizer)
+        args.audio_tokenizer, decoders = bundled_codec(args.base_weights), ["audio_tokenizer"]
     for flag, value in (("--eval-asr", args.eval_asr), ("--eval-speaker", args.eval_speaker)):
         if value is not None and not (args.eval_samples and decoders):
             raise UsageError(f"{flag} scores generated audio: it needs --eval-samples > 0 and a decoder "

@@ -205,9 +205,7 @@ def listener(args, cfg, model, encoder, eval_samples, dist_info):
     from higgs_min.train import samples
 
     if getattr(cfg, "family", "v2") == "v3":
-        from higgs_min.train.samples_v3 import V3 as family, with_bundled_codec
-
-        args = with_bundled_codec(args)
+        from higgs_min.train.samples_v3 import V3 as family
     elif not cfg.use_delay_pattern:
         log.warning("--eval-samples %d: no samples, generation needs use_delay_pattern true", args.eval_samples)
         return None

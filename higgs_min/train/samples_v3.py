@@ -8,23 +8,17 @@ Cut just before the target rows, it is the prompt the model is served with (V3En
 lays it out: generate/v3.py generate_codes), ending with <|audio|>, whose position predicts row 0. The target
 rows are the clip delayed (BOC above the diagonal, EOC below it); reverted, they are the reference codes (K, T).
 Generation is the serving sampler (v3/sampler.py generate_v3) with its defaults for speech, as the CLI's.
-Decoding: with no decoder option, a released v3 --base-weights folder decodes with the codec it bundles, as
-`generate` does (generate/v3.py default_decoder).
+Decoding: with no decoder option, a released v3 --base-weights folder's bundled codec, as `generate` decodes
+(train/options.py check_listening records it as --audio-tokenizer; generate/v3.py bundled_codec).
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-
 import torch
 
 from higgs_min.data import revert_delay_pattern
-from higgs_min.generate.v3 import bundled_codec
 from higgs_min.train.samples import Family, Generated, Held
 from higgs_min.v3.sampler import V3Prompt, generate_v3
-
-log = logging.getLogger("higgs_min.train")
 
 
 def held_prompt_v3(sample, index: int, encoder) -> Held | None:
@@ -51,15 +45,3 @@ def generate_codes_v3(model, prompt: V3Prompt, limit: int, seed: int) -> Generat
 
 
 V3 = Family("v3", held_prompt_v3, generate_codes_v3)
-
-
-def with_bundled_codec(args):
-    """args, or a copy whose --audio-tokenizer is the codec bundled in the --base-weights v3 folder when no
-    decoder option was given (said in the log: a default, never silent)."""
-    if any(getattr(args, f) is not None for f in ("audio_tokenizer", "codec_weights", "random_codec_seed")):
-        return args
-    bundled = bundled_codec(args.base_weights)
-    if bundled is None:
-        return args
-    log.info("samples: decoded with the audio codec bundled in %s (as --audio-tokenizer would)", bundled)
-    return argparse.Namespace(**{**vars(args), "audio_tokenizer": bundled})
