@@ -50,7 +50,7 @@ class Evaluator:
             batch = collate([self.samples[j] for j in mine[i:i + self.batch_size]], self.pad_id)
             batch = {k: v.to(self.dist_info.device) for k, v in batch.items()}
             with self.autocast or contextlib.nullcontext():
-                text, audio = self.scorer(batch)
+                text, audio = self.scorer(batch, predict=True)  # accuracy
             out[0] += float(text.loss_sum)
             out[1] += text.count
             out[2] += int((text.pred == text.target).sum())

@@ -68,7 +68,9 @@ class Scorer(nn.Module):
         self.model, self.text_chunk = model, text_chunk
         self.trainable = [p for p in model.parameters() if p.requires_grad]
 
-    def forward(self, batch):
+    def forward(self, batch, predict: bool = False):
+        """-> (loss.TextScores, loss.AudioScores). predict: with the argmax predictions and accuracy, for an
+        evaluation or a training step that logs them (the argmax reads every logit: ~0.5% of a mid-shape step)."""
         audio_mask = batch["audio_in_mask"] | batch["audio_out_mask"]
         hidden = self.model(batch["input_ids"], batch["attention_mask"], batch["audio_codes"], audio_mask)
         # A batch without audio rows leaves audio_mlp's LoRA out of the graph. A zero-weighted term keeps
@@ -76,8 +78,8 @@ class Scorer(nn.Module):
         # with find_unused_parameters=False: no extra graph walk, no warning.
         hidden = hidden + 0.0 * sum(p.sum() for p in self.trainable).to(hidden.dtype)
         # the heads through methods both model families have (v3's are tied to its embeddings)
-        text = text_scores(hidden, batch["text_targets"], self.model.text_logits, self.text_chunk)
-        audio = audio_scores(hidden, batch["audio_targets"], self.model.audio_logits)
+        text = text_scores(hidden, batch["text_targets"], self.model.text_logits, self.text_chunk, predict)
+        audio = audio_scores(hidden, batch["audio_targets"], self.model.audio_logits, predict)
         return text, audio
 
 
@@ -217,8 +219,9 @@ class Run:
     listen: Callable[[dict, object], dict] | None = None
 
 
-def train_step(run: Run, step: int, ddp, autocast) -> tuple[dict, object, object, int]:
-    """Steps 1-4 of one optimizer step. Returns (losses row, last micro-batch's text and audio scores, tokens)."""
+def train_step(run: Run, step: int, ddp, autocast, predict: bool = False) -> tuple[dict, object, object, int]:
+    """Steps 1-4 of one optimizer step. Returns (losses row, last micro-batch's text and audio scores, tokens).
+    predict: the scores carry argmax predictions (Scorer.forward), for a step whose log shows them."""
     args, dist, K = run.args, run.dist, run.model.config.audio_num_codebooks
     for g in run.optimizer.param_groups:
         g["lr"] = lr_at(step, args)
@@ -233,7 +236,7 @@ def train_step(run: Run, step: int, ddp, autocast) -> tuple[dict, object, object
     for i, batch in enumerate(micro):
         sync = i == len(micro) - 1 or not dist.enabled
         with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast:
-            text, audio = ddp(batch)
+            text, audio = ddp(batch, predict=predict)
             loss = objective(text, audio, counts, args)
         run.diag.check_finite(loss, step, batch["sample_index"])
         (loss * dist.world_size).backward()
@@ -293,7 +296,7 @@ class Outputs:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
-        if self.run.dist.is_main and (step % args.log_every == 0 or step in (self.run.start_step + 1, args.max_steps)):
+        if self.logs(step):
             append_metrics(self.metrics, row)
             if self.tb is not None:
                 for k in ("loss", "text_loss", "audio_loss", "lr", "grad_norm"):
@@ -303,6 +306,12 @@ class Outputs:
                             if args.save_steps > 0 else args.max_steps)
             for line in self.report.lines(row, text, audio, next_save):
                 log.info("%s", line)
+
+    def logs(self, step: int) -> bool:
+        """Whether this rank logs `step` (a metrics row, log lines with predictions)."""
+        args = self.run.args
+        return self.run.dist.is_main and (step % args.log_every == 0 or step in (self.run.start_step + 1,
+                                                                                 args.max_steps))
 
     def evaluation(self, row: dict) -> None:
         if self.run.dist.is_main:
@@ -332,7 +341,7 @@ def train_loop(run: Run) -> tuple[int, dict]:
             out.evaluation(run.evaluator.run(0))
         while step < args.max_steps:
             step += 1
-            last, text, audio, tokens = train_step(run, step, ddp, autocast)          # steps 1-4
+            last, text, audio, tokens = train_step(run, step, ddp, autocast, out.logs(step))  # steps 1-4
             tokens_seen += tokens
             elapsed = time.time() - t0
             last.update(tokens_per_s=tokens_seen / max(elapsed, 1e-9), elapsed_s=elapsed)

@@ -28,25 +28,26 @@ from torch.utils.checkpoint import checkpoint
 from higgs_min.data import IGNORE_INDEX
 
 
-def _text_chunk(head, h, t):
+def _text_chunk(head, h, t, predict=True):
     logits = head(h).float()  # (n, V)
     loss_sum = F.cross_entropy(logits, t, reduction="sum")
-    return loss_sum, logits.detach().argmax(-1)
+    return loss_sum, logits.detach().argmax(-1) if predict else None
 
 
 @dataclass
 class TextScores:
     loss_sum: torch.Tensor  # () sum of per-token losses
     count: int  # N, tokens scored
-    pred: torch.Tensor  # (N,) argmax ids
+    pred: torch.Tensor | None  # (N,) argmax ids; None unless asked for (predict=True)
     target: torch.Tensor  # (N,)
     row: torch.Tensor  # (N,) batch index of each scored token
     logits_shape: tuple  # (N, V): what was materialized
 
 
-def text_scores(hidden, text_targets, head, chunk_rows: int = 128) -> TextScores:
+def text_scores(hidden, text_targets, head, chunk_rows: int = 128, predict: bool = True) -> TextScores:
     """hidden (B, L, H), text_targets (B, L) (data.targets_of), head: rows (N, H) -> logits (N, V) (a module, or a
-    model's text_logits: v3's text head is tied to its text embedding)."""
+    model's text_logits: v3's text head is tied to its text embedding). predict=False: no argmax (pred None), for
+    a training step that logs nothing: the argmax reads every (N, V) logit, ~0.5% of a mid-shape step."""
     targets = text_targets
     sel = targets != IGNORE_INDEX
     h, t = hidden[sel], targets[sel]  # (N, H), (N,)
@@ -57,14 +58,15 @@ def text_scores(hidden, text_targets, head, chunk_rows: int = 128) -> TextScores
     if N == 0:  # (v3 scores no text)
         return TextScores(hidden.sum() * 0.0, 0, t, t, row, (0, V))
     if N <= chunk_rows:
-        loss_sum, pred = _text_chunk(head, h, t)
+        loss_sum, pred = _text_chunk(head, h, t, predict)
     else:
         sums, preds = [], []
         for i in range(0, N, chunk_rows):
-            s, p = checkpoint(_text_chunk, head, h[i:i + chunk_rows], t[i:i + chunk_rows], use_reentrant=False)
+            s, p = checkpoint(_text_chunk, head, h[i:i + chunk_rows], t[i:i + chunk_rows], predict,
+                              use_reentrant=False)
             sums.append(s)
             preds.append(p)
-        loss_sum, pred = torch.stack(sums).sum(), torch.cat(preds)
+        loss_sum, pred = torch.stack(sums).sum(), torch.cat(preds) if predict else None
     return TextScores(loss_sum, N, pred, t, row, (min(N, chunk_rows), V))
 
 
@@ -112,8 +114,8 @@ def multi_codebook_cross_entropy(logits, targets, ignore_index: int = IGNORE_IND
 class AudioScores:
     loss_sums: torch.Tensor  # (K,)
     counts: torch.Tensor  # (K,)
-    correct: torch.Tensor  # (K,)
-    pred: torch.Tensor  # (N, K) argmax ids
+    correct: torch.Tensor | None  # (K,); None unless asked for (predict=True)
+    pred: torch.Tensor | None  # (N, K) argmax ids; None unless asked for
     target: torch.Tensor  # (N, K)
     row: torch.Tensor  # (N,) batch index
     logits_shape: tuple  # (N, K, C + 2)
@@ -126,12 +128,13 @@ def target_counts(text_targets, audio_targets) -> torch.Tensor:
     return torch.cat([text.view(1), audio]).double()
 
 
-def audio_scores(hidden, audio_targets, audio_logits_fn) -> AudioScores:
-    """hidden (B, L, H), audio_targets (B, L, K) (data.targets_of)."""
+def audio_scores(hidden, audio_targets, audio_logits_fn, predict: bool = True) -> AudioScores:
+    """hidden (B, L, H), audio_targets (B, L, K) (data.targets_of). predict=False: no argmax (pred and correct
+    None), as text_scores."""
     sel = (audio_targets != IGNORE_INDEX).any(-1)  # (B, L): rows with at least one codebook target
     logits = audio_logits_fn(hidden[sel])  # (N, K, C + 2)
     t = audio_targets[sel]  # (N, K)
-    pred = logits.detach().argmax(-1)  # (N, K)
+    pred = logits.detach().argmax(-1) if predict else None  # (N, K)
     sums, counts, correct = multi_codebook_sums(logits, t, pred=pred)
     if t.numel() == 0:
         sums = sums + hidden.sum() * 0.0  # keep the graph connected for DDP

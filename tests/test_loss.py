@@ -195,3 +195,23 @@ def test_logged_loss_is_the_sum_of_the_micro_batch_objectives(n_text, n_audio):
 def test_non_finite_loss_stops_with_step_and_samples():
     with pytest.raises(FloatingPointError, match=r"step 7; samples \(JSONL lines\) \[3, 9\]"):
         Diagnostics(10, 10).check_finite(torch.tensor(float("nan")), 7, torch.tensor([3, 9]))
+
+
+@pytest.mark.parametrize("chunk", [1000, 7])
+def test_scores_without_predictions_have_the_same_losses_and_gradients(chunk):
+    """predict=False (a training step that logs nothing) skips only the argmax: losses and gradients bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    B, L, H, V, K, C2 = 2, 20, 16, 50, 3, 11
+    head, audio_head = nn.Linear(H, V, bias=False), nn.Linear(H, K * C2, bias=False)
+    hidden = torch.randn(B, L, H, generator=g, requires_grad=True)
+    alabels = torch.randint(0, C2, (B, L, K), generator=g)
+    alabels[:, :8] = IGNORE_INDEX
+    tt, at = targets_of(_labels(B, L, V, g), alabels)
+    out = []
+    for predict in (True, False):
+        t = text_scores(hidden, tt, head, chunk_rows=chunk, predict=predict)
+        a = audio_scores(hidden, at, lambda h: audio_head(h).view(-1, K, C2), predict=predict)
+        out.append((t, a, *torch.autograd.grad(t.loss_sum + a.loss_sums.sum(), hidden)))
+    (t1, a1, g1), (t0, a0, g0) = out
+    assert t0.pred is None and a0.pred is None and a0.correct is None and t1.pred.shape == (t1.count,)
+    assert torch.equal(t0.loss_sum, t1.loss_sum) and torch.equal(a0.loss_sums, a1.loss_sums) and torch.equal(g0, g1)
