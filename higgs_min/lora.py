@@ -30,7 +30,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from higgs_min.ops import lora_in
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +64,18 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
-    def forward(self, x, rebuild=None):
-        """x (…, in) -> (…, out). rebuild: None, or (fn, *sources) with fn(*sources) equal to x bit for bit from
-        tensors backward keeps anyway: A's gradient is then computed from a rebuilt x (ops.lora_in), not a kept one.
-        """
+    def forward(self, x):
+        """x (…, in) -> (…, out)."""
         if self.merged:
             return F.linear(x, self.weight)  # (…, out)
         if isinstance(self.dropout, nn.Identity):
-            return self.base_plus_update(x, first_factor(x, self.lora_A.weight, rebuild))
+            return self.base_plus_update(x, first_factor(x, self.lora_A.weight))
         return self.base_plus_update(x, self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype)))
+
+    @property
+    def factored(self) -> bool:
+        """y = base_plus_update(x, x Aᵀ) exactly: unmerged, no dropout (callers may compute x Aᵀ themselves)."""
+        return not self.merged and isinstance(self.dropout, nn.Identity)
 
     def base_plus_update(self, x, a):
         """x Wᵀ (…, out) + the update from A's output a (…, r), for x (…, in)."""
@@ -108,13 +110,9 @@ class LoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}"
 
 
-def first_factor(x: torch.Tensor, weight: torch.Tensor, rebuild=None) -> torch.Tensor:
-    """x (…, in) @ weight (r, in)ᵀ in weight's dtype -> (…, r); with rebuild (fn, *sources), backward keeps the
-    sources instead of x (ops.lora_in)."""
-    if rebuild is None or not torch.is_grad_enabled():
-        return F.linear(x.to(weight.dtype), weight)
-    fn, *sources = rebuild
-    return lora_in(x.to(weight.dtype), weight, lambda *s: fn(*s).to(weight.dtype), *sources)
+def first_factor(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (…, in) @ weight (r, in)ᵀ in weight's dtype -> (…, r) (ops.swiglu_lora_in: the same after a SwiGLU)."""
+    return F.linear(x.to(weight.dtype), weight)
 
 
 def shared_input(layers, x: torch.Tensor) -> list[torch.Tensor]:
@@ -122,7 +120,7 @@ def shared_input(layers, x: torch.Tensor) -> list[torch.Tensor]:
     unmerged LoRALinear without dropout, their A factors run as one matmul with A stacked (Σr, in): x is read
     once instead of once per layer, forward and backward, and its gradient from the A's comes as one (…, in)
     tensor instead of one per layer (the numbers differ from separate matmuls only by rounding)."""
-    fusable = all(isinstance(m, LoRALinear) and not m.merged and isinstance(m.dropout, nn.Identity) for m in layers)
+    fusable = all(isinstance(m, LoRALinear) and m.factored for m in layers)
     if not fusable or len({m.lora_A.weight.dtype for m in layers}) > 1:
         return [m(x) for m in layers]
     a = first_factor(x, torch.cat([m.lora_A.weight for m in layers]))  # (…, Σr)

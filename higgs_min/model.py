@@ -39,7 +39,7 @@ import torch.utils.checkpoint
 
 from higgs_min.config import ModelConfig
 from higgs_min.lora import LoRALinear, shared_input
-from higgs_min.ops import swiglu, swiglu_value
+from higgs_min.ops import swiglu, swiglu_lora_in
 
 
 class RMSNorm(nn.Module):
@@ -207,10 +207,9 @@ class MLP(nn.Module):
 
     def forward(self, x):
         g, u = shared_input((self.gate_proj, self.up_proj), x)  # (…, I) each
-        h = swiglu(g, u)  # keeps g and u for backward, not silu(g) too
-        if isinstance(self.down_proj, LoRALinear):  # its A rebuilds h from g and u in backward instead of keeping h
-            return self.down_proj(h, rebuild=(swiglu_value, g, u))
-        return self.down_proj(h)  # plain, or another wrapper (PEFT's)
+        if isinstance(self.down_proj, LoRALinear) and self.down_proj.factored:  # backward keeps g and u, not h too
+            return self.down_proj.base_plus_update(*swiglu_lora_in(g, u, self.down_proj.lora_A.weight))  # h, h Aᵀ
+        return self.down_proj(swiglu(g, u))  # keeps g and u, not silu(g) too; plain, or another wrapper (PEFT's)
 
 
 def dual_ffn_routing(audio_mask: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:

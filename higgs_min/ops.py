@@ -5,10 +5,11 @@ bit for bit (the same kernels on the same operands; tests/test_ops.py compares t
         autograd keeps g (for silu's backward), silu(g) and u (for the product's): three (N, I) tensors.
         This keeps g and u and recomputes silu(g) in backward: one (N, I) tensor less per FFN.
 
-    lora_in(x, A, rebuild, *sources) = x Aᵀ            (LoRA's first factor: lora.first_factor)
-        autograd keeps x for A's gradient. When x is cheap to recompute from tensors backward keeps anyway, this
-        keeps those sources and rebuilds x in backward. Used for the down projection's input silu(g) * u (swiglu
-        keeps g and u): one (N, I) tensor less per FFN.
+    swiglu_lora_in(g, u, A) = (h, h Aᵀ) with h = swiglu(g, u)     (h: the down projection's input; h Aᵀ: its
+        LoRA first factor, lora.first_factor)
+        autograd keeps h for A's gradient besides what swiglu keeps. This keeps g and u only and rebuilds h in
+        backward: one (N, I) tensor less per FFN. silu(g) is computed once in backward for both the rebuilt h
+        and the product's gradient (separate functions computed it twice: 16 (N, I) silus per mid-shape step).
 
 In the mid-shape LoRA step with half the positions audio (higgs_min/bench/peer.py, saved row) what a step keeps
 for backward went from 645 to 440 MiB with these and the DualFFN routing by gathers (model.DecoderLayer); the
@@ -43,35 +44,38 @@ def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return _SwiGLU.apply(g, u)
 
 
-def swiglu_value(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """swiglu's value without a graph (what lora_in rebuilds the down projection's input with)."""
-    return F.silu(g) * u
-
-
-class _LoRAIn(torch.autograd.Function):
+class _SwiGLULoRAIn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, rebuild, *sources):
-        ctx.rebuild, ctx.shape = rebuild, x.shape
-        ctx.save_for_backward(weight, *sources)
-        return F.linear(x, weight)
+    def forward(ctx, g, u, weight):
+        ctx.save_for_backward(g, u, weight)
+        h = F.silu(g) * u  # (…, I)
+        return h, F.linear(h.to(weight.dtype), weight)
 
     @staticmethod
-    def backward(ctx, da):
-        weight, *sources = ctx.saved_tensors
-        da2 = da.reshape(-1, da.shape[-1])  # (N, r): linear's backward runs on the rows flattened
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = da2.mm(weight).view(ctx.shape)  # (N, in), as mm's backward: grad @ (Aᵀ)ᵀ
-        if ctx.needs_input_grad[1]:
-            with torch.no_grad():
-                x = ctx.rebuild(*sources).reshape(-1, ctx.shape[-1])  # (N, in), equal to the forward's x
-            dw = x.t().mm(da2).t()  # (r, in), as mm's backward: (xᵀ grad) for Aᵀ, transposed back
-        return (dx, dw, None) + (None,) * len(sources)
+    def backward(ctx, dh, da):
+        g, u, weight = ctx.saved_tensors
+        dw = None
+        if da is not None:
+            da2 = da.reshape(-1, da.shape[-1])  # (N, r): linear's backward runs on the rows flattened
+            # h's gradient from A's product, added to the one from h's other use (the down projection's base) as
+            # autograd would add two consumers' gradients (two terms: the order does not change the sum)
+            dx = da2.mm(weight).view(g.shape).to(g.dtype)  # (…, I), as mm's backward: grad @ (Aᵀ)ᵀ
+            dh = dx if dh is None else dh + dx
+        s = F.silu(g)  # (…, I): once, for A's rebuilt input and for the product's gradient
+        if da is not None and ctx.needs_input_grad[2]:
+            h = (s * u).to(weight.dtype).reshape(-1, g.shape[-1])  # (N, I), equal to the forward's h
+            dw = h.t().mm(da2).t()  # (r, I), as mm's backward: (hᵀ grad) for Aᵀ, transposed back
+            del h
+        # what autograd computes for F.silu(g) * u: mul's two gradients, then silu_backward at g
+        dg = torch.ops.aten.silu_backward(dh * u, g) if ctx.needs_input_grad[0] else None
+        du = dh * s if ctx.needs_input_grad[1] else None
+        return dg, du, dw
 
 
-def lora_in(x: torch.Tensor, weight: torch.Tensor, rebuild, *sources: torch.Tensor) -> torch.Tensor:
-    """x (…, in) @ weight (r, in)ᵀ -> (…, r), keeping `sources` instead of x for backward.
+def swiglu_lora_in(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """g, u (…, I), weight A (r, I) -> (h, a): h = silu(g) * u (…, I) and a = h Aᵀ in A's dtype (…, r), LoRA's
+    first factor of the projection that reads h (model.MLP's down_proj), keeping only g, u and A for backward.
 
-    INVARIANT (the caller's): rebuild(*sources) equals x bit for bit, and x's gradient reaches the sources through
-    the graph that made x (lora_in gives none to the sources themselves)."""
-    return _LoRAIn.apply(x, weight, rebuild, *sources)
+    Backward computes silu(g) once for both of its uses (A's gradient needs h, the product's gradient silu(g)), and
+    adds h's two gradients (A's product, the caller's other use of h) itself."""
+    return _SwiGLULoRAIn.apply(g, u, weight)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from higgs_min.lora import LoRALinear
 from higgs_min.model import MLP, HiggsAudioModel, dual_ffn_routing
-from higgs_min.ops import lora_in, swiglu, swiglu_value
+from higgs_min.ops import swiglu, swiglu_lora_in
 from tests.conftest import micro_config
 
 
@@ -46,25 +46,29 @@ def test_swiglu_equals_autograd_bitwise_and_keeps_one_tensor_less():
 
 
 @pytest.mark.parametrize("shape", [(9, 40), (2, 5, 40)])
-def test_lora_in_equals_linear_bitwise_and_keeps_the_sources_only(shape):
+def test_swiglu_lora_in_equals_autograd_bitwise_and_keeps_g_u_and_a_only(shape):
+    """Plain autograd: h = silu(g) * u read by two consumers, A's product (LoRA's first factor) and a base linear
+    (the down projection): values and the gradients of g, u and A bit for bit; kept: g, u and A (not h, silu(g))."""
     g, u = _leaf(*shape, seed=2), _leaf(*shape, seed=3)
-    A = _leaf(4, 40, seed=4)
-    da = torch.randn(*shape[:-1], 4)
+    A, W = _leaf(4, 40, seed=4), torch.randn(6, 40)
+    da, dy = torch.randn(*shape[:-1], 4), torch.randn(*shape[:-1], 6)
 
-    def grads(rebuilt: bool):
+    def grads(fused: bool):
         g.grad = u.grad = A.grad = None
-        x = swiglu(g, u)
-        out = lora_in(x, A, swiglu_value, g, u) if rebuilt else F.linear(x, A)
-        out.backward(da)
-        return out.detach(), g.grad, u.grad, A.grad
+        if fused:
+            h, a = swiglu_lora_in(g, u, A)
+        else:
+            h = F.silu(g) * u
+            a = F.linear(h, A)
+        torch.autograd.backward((a, F.linear(h, W)), (da, dy))
+        return h.detach(), a.detach(), g.grad, u.grad, A.grad
 
-    for a, b in zip(grads(False), grads(True)):
-        assert torch.equal(a, b)
-    x = swiglu(g, u)
-    kept_ref, _, _ = _kept(lambda: F.linear(x, A))
-    kept, _, _ = _kept(lambda: lora_in(x, A, swiglu_value, g, u))
-    assert kept_ref == x.numel() * 4 + A.numel() * 4  # x and A
-    assert kept == (g.numel() + u.numel() + A.numel()) * 4  # g, u (kept by swiglu anyway) and A
+    for ref, ours in zip(grads(False), grads(True)):
+        assert torch.equal(ref, ours)
+    kept, _, _ = _kept(lambda: swiglu_lora_in(g, u, A))
+    assert kept == (g.numel() + u.numel() + A.numel()) * 4
+    g64, u64, A64 = (t.double().detach().requires_grad_() for t in (g, u, A))
+    assert torch.autograd.gradcheck(swiglu_lora_in, (g64, u64, A64))
 
 
 def test_mlp_with_lora_down_keeps_no_copy_of_its_input():
