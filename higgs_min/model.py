@@ -39,7 +39,7 @@ import torch.utils.checkpoint
 
 from higgs_min.config import ModelConfig
 from higgs_min.lora import LoRALinear, shared_input
-from higgs_min.ops import swiglu, swiglu_lora_in
+from higgs_min.ops import permute_rows, swiglu, swiglu_lora_in
 
 
 class RMSNorm(nn.Module):
@@ -255,20 +255,21 @@ class DecoderLayer(nn.Module):
             return x + self.mlp(self.post_attention_layernorm(x))
         B, L, H = x.shape
         x = x + self.self_attn(self.dual_input_norm(x, audio_mask), cos, sin, attn_mask, kv)
-        # Each row goes through exactly one FFN: one gather (text rows, then audio rows), each FFN on its slice, one
-        # gather back to the sequence order. Gathers keep only their index for backward (index_copy kept its source).
+        # Each row goes through exactly one FFN: one gather (text rows, then audio rows), each FFN on its part, one
+        # gather back to the sequence order. Gathers keep only their index for backward (index_copy kept its source);
+        # split, not two slices: its backward is one cat, a slice's a zero tensor of the whole and a copy.
         order, n_text, inverse = routing
-        rows = x.reshape(B * L, H)[order]  # (B*L, H)
-        t, a = rows[:n_text], rows[n_text:]  # (Nt, H), (Na, H)
+        t, a = permute_rows(x.reshape(B * L, H), order, inverse).split([n_text, B * L - n_text])  # (Nt, H), (Na, H)
         ffn = torch.cat((self.mlp(self.post_attention_layernorm(t)),
                          self.audio_mlp(self.audio_post_attention_layernorm(a))))  # (B*L, H), routed order
-        return x + ffn[inverse].view(B, L, H)
+        return x + permute_rows(ffn, inverse, order).view(B, L, H)
 
     def dual_input_norm(self, x, audio_mask):
         """x (B, L, H) -> each row through its own input norm: text rows input_layernorm, audio rows
-        audio_input_layernorm. The two differ only by their weight: normalize once, weigh twice."""
+        audio_input_layernorm. The two differ only by their weight: normalize once, weigh by each row's own (the
+        same products as weighing twice and choosing, with one product and no choice to differentiate)."""
         n = self.input_layernorm.normalize(x)  # (B, L, H)
-        return torch.where(audio_mask, self.audio_input_layernorm.weight * n, self.input_layernorm.weight * n)
+        return n * torch.where(audio_mask, self.audio_input_layernorm.weight, self.input_layernorm.weight)
 
 
 class AudioDecoderProjector(nn.Module):

@@ -1,5 +1,5 @@
-"""Two autograd functions that keep less for backward than autograd would, with the same values and gradients
-bit for bit (the same kernels on the same operands; tests/test_ops.py compares them with plain autograd).
+"""Autograd functions that keep less for backward, or do less in it, than autograd would, with the same values and
+gradients bit for bit (the same kernels on the same operands; tests/test_ops.py compares them with plain autograd).
 
     swiglu(g, u) = silu(g) * u
         autograd keeps g (for silu's backward), silu(g) and u (for the product's): three (N, I) tensors.
@@ -10,6 +10,9 @@ bit for bit (the same kernels on the same operands; tests/test_ops.py compares t
         autograd keeps h for A's gradient besides what swiglu keeps. This keeps g and u only and rebuilds h in
         backward: one (N, I) tensor less per FFN. silu(g) is computed once in backward for both the rebuilt h
         and the product's gradient (separate functions computed it twice: 16 (N, I) silus per mid-shape step).
+
+    permute_rows(x, order, inverse) = x[order]            (the DualFFN layers' gathers, model.DecoderLayer)
+        backward gathers the gradient back (dy[inverse]) instead of scattering it into zeros.
 
 In the mid-shape LoRA step with half the positions audio (higgs_min/bench/peer.py, saved row) what a step keeps
 for backward went from 645 to 440 MiB with these and the DualFFN routing by gathers (model.DecoderLayer); the
@@ -79,3 +82,23 @@ def swiglu_lora_in(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor) -> tu
     Backward computes silu(g) once for both of its uses (A's gradient needs h, the product's gradient silu(g)), and
     adds h's two gradients (A's product, the caller's other use of h) itself."""
     return _SwiGLULoRAIn.apply(g, u, weight)
+
+
+class _PermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, order, inverse):
+        ctx.save_for_backward(inverse)
+        return x[order]
+
+    @staticmethod
+    def backward(ctx, dy):
+        (inverse,) = ctx.saved_tensors
+        return dy[inverse], None, None
+
+
+def permute_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """x (N, …)[order] for a permutation `order` of 0..N-1 with x[order][inverse] == x (model.dual_ffn_routing).
+
+    Its gradient is the gradient gathered back, dy[inverse], where autograd's indexing backward scatters dy into a
+    zero tensor (a fill and an accumulating index_put: 0 + dy is dy, so the same numbers)."""
+    return _PermuteRows.apply(x, order, inverse)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from higgs_min.lora import LoRALinear
 from higgs_min.model import MLP, HiggsAudioModel, dual_ffn_routing
-from higgs_min.ops import swiglu, swiglu_lora_in
+from higgs_min.ops import permute_rows, swiglu, swiglu_lora_in
 from tests.conftest import micro_config
 
 
@@ -81,6 +81,19 @@ def test_mlp_with_lora_down_keeps_no_copy_of_its_input():
     out.sum().backward()
     # g and u: neither silu(g) nor silu(g) * u
     assert sorted(s for s in shapes if s[0] == 6 and s[-1] == 40) == [(6, 40), (6, 40)]
+
+
+def test_permute_rows_equals_indexing_bitwise():
+    """Autograd's x[order] (its backward scatters into zeros) against permute_rows (gathers back): the routing's
+    permutation (dual_ffn_routing) of a mask; values and gradients bit for bit, and nothing kept but the index."""
+    audio = torch.rand(3, 11, generator=torch.Generator().manual_seed(6)) < 0.4
+    order, n_text, inverse = dual_ffn_routing(audio)
+    x, dy = _leaf(33, 5, seed=7), torch.randn(33, 5)
+    (ref,) = torch.autograd.grad(x[order], x, dy)
+    kept, shapes, out = _kept(lambda: permute_rows(x, order, inverse))
+    (ours,) = torch.autograd.grad(out, x, dy)
+    assert torch.equal(out, x[order]) and torch.equal(ours, ref) and shapes == [(33,)]
+    assert torch.equal(permute_rows(out, inverse, order), x)
 
 
 def test_dual_ffn_routing_equals_both_ffns_on_every_row():
