@@ -356,5 +356,6 @@ def format_table(rows, machine) -> str:
                      + (f"; {r['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in r else "")
                      + (f"; real-time factor {r['rtf']:.2f}" if "rtf" in r else "")
                      + (f"; load average {r['load_avg'][0]:.2f} -> {r['load_avg'][1]:.2f}" if "load_avg" in r else "")
-                     + "".join(f"; {k} {v:.3g}" for k, v in r.items() if k.endswith(("_s", "_ratio", "to_bare"))))
+                     + "".join(f"; {k} {v:.3g}" for k, v in r.items()
+                               if k.endswith(("_s", "_ratio", "to_bare")) and isinstance(v, (int, float))))
     return "\n".join(lines)
