@@ -153,7 +153,7 @@ def update_best(output_dir: str | Path, name: str, value: float, key: str = "los
     return True
 
 
-def _checkpoint_folders(output_dir: Path) -> list[tuple[int, Path]]:
+def checkpoint_folders(output_dir: Path) -> list[tuple[int, Path]]:
     """(step, path) of every checkpoint-N entry, newest first; nothing is read."""
     if not output_dir.is_dir():
         return []
@@ -164,7 +164,7 @@ def _checkpoint_folders(output_dir: Path) -> list[tuple[int, Path]]:
 def scan(output_dir: str | Path) -> list[dict]:
     """Every checkpoint-N folder, newest first, each verified: {step, path, ok, reason, bytes}."""
     out = []
-    for step, p in _checkpoint_folders(Path(output_dir)):
+    for step, p in checkpoint_folders(Path(output_dir)):
         try:
             verify(p)
             ok, reason = True, "ok"
@@ -179,7 +179,7 @@ def latest_valid(output_dir: str | Path, keep: bool = False) -> Path | None:
     """The newest checkpoint whose manifest verifies; broken ones are reported, never deleted.
     Verifies newest first and stops at the first good one: a run with 300 checkpoints hashes one at resume.
     keep: as in `verify` (the resume that loads it next hashes nothing again)."""
-    for _, p in _checkpoint_folders(Path(output_dir)):
+    for _, p in checkpoint_folders(Path(output_dir)):
         try:
             verify(p, keep=keep)
             return p
@@ -245,7 +245,7 @@ def rotate(output_dir: str | Path, keep_last: int, saved: str | None = None) -> 
     """
     if keep_last <= 0:
         return []
-    whole = [p for _, p in _checkpoint_folders(Path(output_dir)) if _valid(p, hashes=False)]
+    whole = [p for _, p in checkpoint_folders(Path(output_dir)) if _valid(p, hashes=False)]
     best = read_pointer(output_dir, "best")
     kept, doomed = whole[:keep_last], [p for p in whole[keep_last:] if p.name != best]
     if doomed and saved not in {p.name for p in kept} and not any(_valid(p) for p in kept):

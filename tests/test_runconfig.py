@@ -162,3 +162,19 @@ def test_resume_refuses_each_trained_option_and_every_shape_option(tmp_path, cap
         err = capsys.readouterr().err
         assert f"{a.dest}: " in err, (a.dest, err)
         assert ("trained with other shapes" in err) == (cls == SHAPE), (a.dest, err)
+
+
+def test_resume_none_is_refused_beside_checkpoints(tmp_path, capsys):
+    """--resume none where checkpoints exist would interleave two runs in one folder (latest naming the new run's
+    checkpoint-2 while --resume auto took the old run's checkpoint-3): refused, the folder untouched."""
+    out = tmp_path / "out"
+    assert run(out, "--max-steps", 3, "--save-steps", 3) == 0
+    before = sorted(p.name for p in out.iterdir())
+    capsys.readouterr()
+    assert run(out, "--max-steps", 2, "--resume", "none") == 2
+    err = capsys.readouterr().err
+    assert "--resume none" in err and "checkpoint-3" in err and "new --output-dir" in err, err
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert run(out, "--max-steps", 3, "--lora-rank", 8, "--allow-changed-settings") == 2  # a shape change: the
+    err = capsys.readouterr().err                                                       # hint is a new folder only
+    assert "other shapes" in err and "--resume none" not in err, err

@@ -117,6 +117,13 @@ def _resume_folder(args) -> Path | None:
     if args.resume == "auto":
         return checkpoint.latest_valid(args.output_dir, keep=True)  # kept: the load hashes nothing again
     if args.resume == "none":
+        # A fresh run beside checkpoints would interleave two runs' step numbers in one folder: `latest` would
+        # name the new run's checkpoint while --resume auto took the old run's higher step. Refused instead.
+        held = checkpoint.checkpoint_folders(Path(args.output_dir))  # names only: valid or not, they are a run's
+        if held:
+            raise UsageError(
+                f"--resume none: {args.output_dir} already holds checkpoints (newest: {held[0][1].name}); a new run "
+                "there would mix with them\n  start it in a new --output-dir, or move the old run away first")
         return None
     try:
         folder = resolve_checkpoint(args.resume)
@@ -177,7 +184,7 @@ def _decide(args) -> Run:
         if shape and folder is not None:
             raise UsageError(
                 f"{folder} was trained with other shapes: " + "; ".join(f"{k}: {v}" for k, v in shape.items())
-                + "\n  its adapter cannot load into this model; use a new --output-dir (or --resume none)")
+                + "\n  its adapter cannot load into this model; start this run in a new --output-dir")
         if refused and not getattr(args, "allow_changed_settings", False):
             src = output_dir / RUN_CONFIG if previous["_source"] == "run_config" else folder
             raise UsageError(
