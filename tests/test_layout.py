@@ -102,3 +102,14 @@ def test_readme_reading_path_names_real_functions():
                 break
             scope = found.body
     assert not missing, f"the README names code that does not exist: {missing}"
+
+
+def test_pyproject_ships_every_package():
+    """A non-editable install (`pip install .`, a wheel) carries exactly the packages pyproject.toml lists: every
+    folder of higgs_min/ with an __init__.py must be there (higgs_min.v3 was missing, so such an install failed at
+    `import higgs_min.train`, whose options import higgs_min.v3.config)."""
+    import tomllib
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    present = {".".join(p.parent.relative_to(ROOT).parts) for p in PKG.rglob("__init__.py")}
+    assert present - listed == set(), f"pyproject.toml [tool.setuptools] packages misses {sorted(present - listed)}"
+    assert listed - present == set(), f"pyproject.toml lists packages that do not exist: {sorted(listed - present)}"
