@@ -130,6 +130,28 @@ def read_pointer(output_dir: str | Path, name: str = "latest") -> str | None:
         return None
 
 
+POINTERS = ("best", "latest")  # write_latest / update_best: one line, a checkpoint folder's name
+
+
+def resolve_pointer(path: str | Path) -> Path:
+    """The checkpoint a path means: OUT/best or OUT/latest -> OUT/<the folder named inside>; any other path as
+    it is. The one place where a pointer is followed, so that verify, generate, export, eval and --resume accept
+    `runs/x/best` wherever they accept a checkpoint folder. CheckpointError when the named folder is gone."""
+    path = Path(path)
+    if path.name not in POINTERS or not path.is_file():
+        return path
+    try:
+        name = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint it names: {e}") from e
+    target = path.parent / name
+    if not name or Path(name).name != name or not target.is_dir():
+        there = sorted(p.name for p in path.parent.glob("checkpoint-*"))[-4:]
+        raise CheckpointError(f"{path} names {name!r}, which is not a folder in {path.parent} (deleted by hand or "
+                              f"by --keep-last?); pass a checkpoint folder instead (there: {there or 'none'})")
+    return target
+
+
 def eval_value_of(folder: Path, key: str = "loss") -> float | None:
     """A figure of the evaluation recorded in a checkpoint's trainer_state.json (None when it has none)."""
     try:
@@ -298,12 +320,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "verify":
         try:
-            m = verify(args.dir)
+            folder = resolve_pointer(args.dir)  # OUT/latest, OUT/best: the folder they name
+            m = verify(folder)
         except CheckpointError as e:
             print(f"INVALID {e}")
             return 1
         total = sum(f["bytes"] for f in m["files"].values())
-        print(f"OK {args.dir}: step {m['step']}, {len(m['files'])} files, {total / 1e6:.2f} MB, sha256 verified")
+        print(f"OK {folder}: step {m['step']}, {len(m['files'])} files, {total / 1e6:.2f} MB, sha256 verified")
         return 0
     if not args.output_dir.is_dir():
         print(f"{args.output_dir}: " + ("is a file, not an output folder" if args.output_dir.exists()

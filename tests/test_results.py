@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from higgs_min.checkpoint import main as checkpoint_main
 from higgs_min.export.merge import main as export_main
 from higgs_min.generate.cli import main as generate_main
 from higgs_min.evaluate import OverfitWatch
@@ -33,6 +34,15 @@ def test_pointers_resolve_to_the_folder_they_name(out):
     assert resolve_checkpoint(out / "checkpoint-2") == out / "checkpoint-2"  # anything else unchanged
     resume = argparse.Namespace(resume=str(out / "best"), output_dir=out)
     assert _resume_folder(resume) == out / (out / "best").read_text().strip()
+
+
+def test_checkpoint_verify_follows_pointers(out, tmp_path, capsys):
+    for name in ("best", "latest"):  # `higgs-min checkpoint verify OUT/best` verifies the folder it names
+        assert checkpoint_main(["verify", str(out / name)]) == 0
+        assert f"OK {out / (out / name).read_text().strip()}: step" in capsys.readouterr().out
+    (tmp_path / "latest").write_text("checkpoint-9\n")
+    assert checkpoint_main(["verify", str(tmp_path / "latest")]) == 1
+    assert "latest names 'checkpoint-9', which is not a folder" in capsys.readouterr().out
 
 
 def test_generate_and_export_take_run_best(out, tmp_path, capsys):

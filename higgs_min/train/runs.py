@@ -77,26 +77,14 @@ def build_base(preset: str, base_weights: str | Path | None, seed: int, dtype: t
     return model.to(dtype), cfg, f"higgs_min preset {preset} (random init, seed {seed})"
 
 
-POINTERS = ("best", "latest")  # checkpoint.write_latest / update_best: one line, a checkpoint folder's name
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint a path means: OUT/best or OUT/latest -> OUT/<the folder named inside>; any other path
-    as it is. The one place where a pointer is followed, so that generate, export, eval and --resume
-    accept `runs/x/best` wherever they accept a checkpoint folder."""
-    path = Path(path)
-    if path.name not in POINTERS or not path.is_file():
-        return path
+    """checkpoint.resolve_pointer (OUT/best, OUT/latest -> the folder they name), its error as a RunError."""
+    from higgs_min import checkpoint
+
     try:
-        name = path.read_text().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise RunError(f"{path}: cannot read the checkpoint it names: {e}") from e
-    target = path.parent / name
-    if not name or Path(name).name != name or not target.is_dir():
-        there = sorted(p.name for p in path.parent.glob("checkpoint-*"))[-4:]
-        raise RunError(f"{path} names {name!r}, which is not a folder in {path.parent} (deleted by hand or by "
-                       f"--keep-last?); pass a checkpoint folder instead (there: {there or 'none'})")
-    return target
+        return checkpoint.resolve_pointer(path)
+    except checkpoint.CheckpointError as e:
+        raise RunError(str(e)) from e
 
 
 def find_adapter(path: str | Path, option: str = "--adapter") -> Path:
