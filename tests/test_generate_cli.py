@@ -79,6 +79,9 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
     assert "no decoder" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert main(["--adapter", str(ckpt), "--text", "x", "--reference-text", "y", "--codes-out", "a.npy"]) == 2
     assert "voice cloning needs --reference-text together with" in capsys.readouterr().err
+    assert main(["--adapter", str(ckpt), "--text", "x", "--reference-audio", "missing.wav", "--reference-text", "y",
+                 "--random-codec-seed", "0", "--codes-out", "a.npy"]) == 2
+    assert "--reference-audio missing.wav: no such file" in capsys.readouterr().err
     assert main(["--adapter", str(tmp_path / "nope"), "--text", "x", "--codes-out", str(tmp_path / "a.npy")]) == 2
     assert "neither a checkpoint" in capsys.readouterr().err
     (ckpt / "trainer_state.json").unlink()  # a bare adapter: its base is unknown

@@ -93,6 +93,9 @@ def test_eval_without_held_out_data_is_one_line(tmp_path, capsys):
     assert eval_main([str(plain / "latest")]) == 2
     err = capsys.readouterr().err
     assert "no held-out set" in err and "--data" in err and len(err.strip().splitlines()) == 1
+    assert eval_main([str(tmp_path / "nope")]) == 2  # a mistyped checkpoint is named as such
+    err = capsys.readouterr().err
+    assert "nope: no such checkpoint folder" in err and len(err.strip().splitlines()) == 1
 
 
 def _rows(step, loss, text, audio):

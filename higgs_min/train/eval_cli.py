@@ -65,6 +65,8 @@ def held_out(args, settings: dict, encoder):
 
 def check_source(args, folder: Path) -> None:
     """Before the model is built: is there something to score?"""
+    if not folder.is_dir():
+        raise UsageError(f"{args.checkpoint}: no such checkpoint folder (checkpoint-N, OUT/best or OUT/latest)")
     if args.data is not None and not args.data.exists():
         raise UsageError(f"--data {args.data}: no such file or folder")
     recorded = runs.read_settings(folder)
