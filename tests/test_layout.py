@@ -113,3 +113,20 @@ def test_pyproject_ships_every_package():
     present = {".".join(p.parent.relative_to(ROOT).parts) for p in PKG.rglob("__init__.py")}
     assert present - listed == set(), f"pyproject.toml [tool.setuptools] packages misses {sorted(present - listed)}"
     assert listed - present == set(), f"pyproject.toml lists packages that do not exist: {sorted(listed - present)}"
+
+
+def test_readme_resume_table_lists_every_option_in_its_class():
+    """README's "Options, and what a resume refuses" table: each option of train/options.py OPTIONS in the row of
+    its resume class, and no other (the table is what a user reads before a resume is refused)."""
+    from higgs_min.train.options import OPTIONS
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) > 3 and cells[1] in ("TRAINED", "SHAPE", "OPERATIONAL"):
+            rows[cells[1]] = set(re.findall(r"`(--[a-z0-9-]+)`", cells[2]))
+    assert set(rows) == {"TRAINED", "SHAPE", "OPERATIONAL"}, f"README's resume table rows: {sorted(rows)}"
+    wrong = {flag: (resume, [k for k, v in rows.items() if flag in v]) for flag, resume, _ in OPTIONS
+             if flag not in rows[resume.upper()]}
+    extra = sorted(set().union(*rows.values()) - {flag for flag, _, _ in OPTIONS})
+    assert not wrong, f"options missing from their README row (class, rows found in): {wrong}"
+    assert not extra, f"README's resume table names options that do not exist: {extra}"
