@@ -8,6 +8,7 @@ tests only, a seeded random DAC is built on request.
 
 from __future__ import annotations
 
+import warnings
 import wave
 from pathlib import Path
 
@@ -30,17 +31,18 @@ def load_codec(weights: str | Path | None = None, random_seed: int | None = None
     """A DAC in eval mode: from local `weights`, or seeded random when asked explicitly."""
     import dac  # lazy: see the module docstring
 
-    if weights is not None:
-        path = Path(weights)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: codec weights not found (nothing is downloaded)")
-        model = dac.DAC.load(str(path))
-    elif random_seed is not None:
-        torch.manual_seed(random_seed)
-        model = dac.DAC(**RANDOM_CODEC_CONFIG)
-    else:
+    if weights is None and random_seed is None:
         raise ValueError("no codec weights: pass --codec-weights PATH, or --random-codec-seed N "
                          "for a seeded random codec (demos and tests only)")
+    if weights is not None and not Path(weights).exists():
+        raise FileNotFoundError(f"{weights}: codec weights not found (nothing is downloaded)")
+    with warnings.catch_warnings():  # the pinned dac builds its convs with torch's deprecated weight_norm: its
+        warnings.filterwarnings("ignore", "`torch.nn.utils.weight_norm` is deprecated", FutureWarning)  # not ours
+        if weights is not None:
+            model = dac.DAC.load(str(weights))
+        else:
+            torch.manual_seed(random_seed)
+            model = dac.DAC(**RANDOM_CODEC_CONFIG)
     if model.n_codebooks < NUM_CODEBOOKS:
         raise ValueError(f"codec has {model.n_codebooks} codebooks, need at least {NUM_CODEBOOKS}")
     return model.eval()
