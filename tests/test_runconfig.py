@@ -178,3 +178,6 @@ def test_resume_none_is_refused_beside_checkpoints(tmp_path, capsys):
     assert run(out, "--max-steps", 3, "--lora-rank", 8, "--allow-changed-settings") == 2  # a shape change: the
     err = capsys.readouterr().err                                                       # hint is a new folder only
     assert "other shapes" in err and "--resume none" not in err, err
+    assert run(out, "--max-steps", 3, "--resume", out / "checkpoint-999") == 2  # the path said once
+    err = capsys.readouterr().err
+    assert f"--resume {out / 'checkpoint-999'}" in err and err.count("checkpoint-999") == 1, err

@@ -94,7 +94,7 @@ def codes_loader(K: int, C: int, root: str | Path = ".") -> Callable:
     def codes_of(item, where):
         c = item.get("codes")
         if isinstance(c, (str, Path)):
-            return load_codes(Path(root) / c, where, K, C)
+            return load_codes(Path(root) / c, f"{where}.codes", K, C)
         if isinstance(c, (np.ndarray, torch.Tensor)):
             c = torch.as_tensor(np.asarray(c)).long()
             if c.ndim != 2 or c.shape[0] != K or c.shape[1] == 0:

@@ -160,11 +160,12 @@ def read_codes(h: CodesHeader, field: str, C: int) -> np.ndarray:
     return arr.astype(np.int16)
 
 
-def load_codes(path: Path, where: str, K: int, C: int) -> torch.Tensor:
+def load_codes(path: Path, field: str, K: int, C: int) -> torch.Tensor:
     """Read integer codes (K, T) from .npy or .safetensors, header first (above), checked; DataError naming
-    `where` otherwise. (Data lines go through sanitize.line_to_plan; this serves single files, e.g. generate.)"""
+    `field` (e.g. "messages[1].content[0].codes", "--reference-codes") otherwise. (Data lines go through
+    sanitize.line_to_plan; this serves single files, e.g. generate.)"""
     try:
-        arr = read_codes(read_codes_header(Path(path), f"{where}.codes", K), f"{where}.codes", C)
+        arr = read_codes(read_codes_header(Path(path), field, K), field, C)
     except Refused as r:
         raise DataError(f"{r.field}: {r.detail}") from None
     return torch.from_numpy(arr.astype(np.int64))

@@ -129,7 +129,9 @@ def _resume_folder(args) -> Path | None:
         folder = resolve_checkpoint(args.resume)
         checkpoint.verify(folder, keep=True)
     except (checkpoint.CheckpointError, RunError) as e:
-        raise UsageError(f"--resume {args.resume}: {e}") from e
+        msg = str(e)  # most name the path already: "--resume PATH: not a folder", not the path twice
+        msg = msg if msg.startswith(str(args.resume)) else f"{args.resume}: {msg}"
+        raise UsageError(f"--resume {msg}") from e
     return folder
 
 

@@ -99,8 +99,10 @@ def find_adapter(path: str | Path, option: str = "--adapter") -> Path:
         latest = checkpoint.latest_valid(path)
         if latest is not None:
             return latest
+    hint = ("; OUT/best exists once a run evaluates (--eval-data or --eval-split): OUT/latest or OUT is the newest"
+            if path.name == "best" and not path.exists() else "")
     raise UsageError(f"{option} {path}: neither a checkpoint (adapter_config.json) "
-                     f"nor an output folder with a valid checkpoint")
+                     f"nor an output folder with a valid checkpoint{hint}")
 
 
 PROMPT_FILE = "prompt.json"  # an exported folder's copy of the run's prompt record (export/merge.py)
