@@ -135,8 +135,9 @@ class StepReport:
                      f"eta {duration(self.eta(step))}, next save {next_save}")
         out = [", ".join(parts)]
         if self.logged == 1 or step == self.max_steps or self.logged % self.detail_every == 0:
-            out.append(f"  scored {text.count} text targets (logits {text.logits_shape} per chunk), "
-                       f"{int(audio.counts.sum())} audio targets (logits {audio.logits_shape}); "
+            scored = (f"scored {text.count} text targets (logits {text.logits_shape} per chunk), " if text.count
+                      else "no text targets, ")  # (a v3 layout scores audio only)
+            out.append(f"  {scored}{int(audio.counts.sum())} audio targets (logits {audio.logits_shape}); "
                        + "; ".join(x.strip() for x in self.diag.predictions(text, audio)))
         self._warnings(row, text, audio)
         return out

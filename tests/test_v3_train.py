@@ -41,6 +41,8 @@ def test_v3_tiny_trains_on_the_demo(runs):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(r["text_loss"] is None for r in rows)  # v3 scores no text: no text loss (not a 0)
     assert rows[-1]["audio_loss"] == rows[-1]["loss"] < rows[0]["audio_loss"] - 0.1, [r["loss"] for r in rows]
+    log = (runs[0] / "train.log").read_text()  # what it prints says so too
+    assert "no text targets, " in log and "scored 0 text" not in log and "the v3 TTS layout has none" in log
 
 
 def test_v3_resume_is_bitwise_equal_to_an_uninterrupted_run(runs):

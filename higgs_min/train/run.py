@@ -153,9 +153,13 @@ def build_run(args) -> loop.Run:
     prompt = prompt_format(dataset, encoder)  # recorded in every checkpoint: generate's default prompt
     said = f"system turn {prompt['system']!r}" if prompt["system"] is not None else "no system turn"
     # several system turns: generate can default to one only (the most common); say so once, here
-    (log.warning if prompt["distinct"] > 1 else log.info)(
-        "prompt: %s (%d of %d conversations read, %d distinct%s)", said, prompt["samples"], len(dataset),
-        prompt["distinct"], "; generate defaults to the most common, --system picks another" if prompt["distinct"] > 1 else "")
+    if not prompt["samples"]:  # a v3 layout: a TTS prompt, never a chat system turn
+        log.info("prompt: %s (the v3 TTS layout has none)", said)
+    else:
+        (log.warning if prompt["distinct"] > 1 else log.info)(
+            "prompt: %s (%d of %d conversations read, %d distinct%s)", said, prompt["samples"], len(dataset),
+            prompt["distinct"], "; generate defaults to the most common, --system picks another"
+            if prompt["distinct"] > 1 else "")
     dataset, eval_samples = open_eval(args, encoder, dataset)
     model, cfg, base_name = build_model(args, dist_info.device)
     cuda = dist_info.device.type == "cuda"
