@@ -146,7 +146,7 @@ def resolve_pointer(path: str | Path) -> Path:
         raise CheckpointError(f"{path}: cannot read the checkpoint it names: {e}") from e
     target = path.parent / name
     if not name or Path(name).name != name or not target.is_dir():
-        there = sorted(p.name for p in path.parent.glob("checkpoint-*"))[-4:]
+        there = [p.name for _, p in checkpoint_folders(path.parent)[:4]]  # the newest, by step
         raise CheckpointError(f"{path} names {name!r}, which is not a folder in {path.parent} (deleted by hand or "
                               f"by --keep-last?); pass a checkpoint folder instead (there: {there or 'none'})")
     return target

@@ -83,13 +83,20 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
                  "--random-codec-seed", "0", "--codes-out", "a.npy"]) == 2
     assert "--reference-audio missing.wav: no such file" in capsys.readouterr().err
     assert main(["--adapter", str(ckpt), "--text", "x", "--reference-codes", "missing.npy", "--reference-text", "y",
-                 "--codes-out", str(tmp_path / "a.npy")]) != 0
+                 "--codes-out", str(tmp_path / "a.npy")]) == 2
+    assert "--reference-codes missing.npy: no such file" in capsys.readouterr().err
+    np.save(tmp_path / "bad.npy", np.zeros((3, 5), dtype=np.int64))  # a file of the wrong shape names the flag
+    assert main(["--adapter", str(ckpt), "--text", "x", "--reference-codes", str(tmp_path / "bad.npy"),
+                 "--reference-text", "y", "--codes-out", str(tmp_path / "a.npy")]) != 0
     err = capsys.readouterr().err
-    assert "--reference-codes: file" in err and "missing.npy" in err and ".codes:" not in err, err
+    assert "--reference-codes: " in err and ".codes:" not in err, err
     assert main(["--adapter", str(tmp_path / "nope"), "--text", "x", "--codes-out", str(tmp_path / "a.npy")]) == 2
     assert "neither a checkpoint" in capsys.readouterr().err
     assert main(["--adapter", str(tmp_path / "best"), "--text", "x", "--codes-out", str(tmp_path / "a.npy")]) == 2
-    assert "OUT/best exists once a run evaluates" in capsys.readouterr().err  # a run without eval has no best
+    assert "OUT/best" not in capsys.readouterr().err  # not a run's folder (a typo?): no hint about best
+    (tmp_path / "latest").write_text(ckpt.name + "\n")  # a run's folder, never evaluated: it has no best
+    assert main(["--adapter", str(tmp_path / "best"), "--text", "x", "--codes-out", str(tmp_path / "a.npy")]) == 2
+    assert "OUT/best exists once a run evaluates" in capsys.readouterr().err
     (ckpt / "trainer_state.json").unlink()  # a bare adapter: its base is unknown
     assert main(["--adapter", str(ckpt), "--text", "x", "--codes-out", str(tmp_path / "a.npy")]) == 1
     assert "pass --base-weights" in capsys.readouterr().err

@@ -181,3 +181,9 @@ def test_resume_none_is_refused_beside_checkpoints(tmp_path, capsys):
     assert run(out, "--max-steps", 3, "--resume", out / "checkpoint-999") == 2  # the path said once
     err = capsys.readouterr().err
     assert f"--resume {out / 'checkpoint-999'}" in err and err.count("checkpoint-999") == 1, err
+    (out / "checkpoint-3" / "manifest.json").unlink()  # every checkpoint broken: auto does not start beside them
+    assert run(out, "--max-steps", 2) == 2
+    err = capsys.readouterr().err
+    assert "--resume auto" in err and "checkpoint-3" in err and "no checkpoint there verifies" in err, err
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert run(tmp_path / "fresh", "--max-steps", 1, "--resume", "none") == 0  # a fresh folder: none starts

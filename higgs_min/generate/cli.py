@@ -164,8 +164,9 @@ def check_args(args) -> None:
         raise UsageError("pass --reference-codes or --reference-audio, not both")
     if args.reference_codes is None and args.reference_audio is None and args.reference_text is not None:
         raise UsageError("voice cloning needs --reference-text together with --reference-codes/--reference-audio")
-    if args.reference_audio is not None and not Path(args.reference_audio).is_file():
-        raise UsageError(f"--reference-audio {args.reference_audio}: no such file (a clip of the voice)")
+    for flag, path in (("--reference-audio", args.reference_audio), ("--reference-codes", args.reference_codes)):
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"{flag} {path}: no such file")
 
 
 def check_outputs(args, decoder: Decoder) -> None:

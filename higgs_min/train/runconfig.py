@@ -113,24 +113,31 @@ class Run:
                                     "resumed_from": str(self.resume_from), **self.changes}) + "\n")
 
 
+def _refuse_beside_checkpoints(args, why: str) -> None:
+    """A fresh run (step 1) in a folder that holds checkpoint-N folders would interleave two runs' steps there:
+    `latest` naming the new run's checkpoint while --resume auto later took the old run's higher step, one
+    metrics.jsonl for both. Refused, naming the newest folder."""
+    held = checkpoint.checkpoint_folders(Path(args.output_dir))  # names only: valid or not, they are a run's
+    if held:
+        raise UsageError(f"--resume {args.resume}: {args.output_dir} holds {held[0][1].name}{why}; a new run there "
+                         "would mix with it\n  start it in a new --output-dir, or move the old run away first")
+
+
 def _resume_folder(args) -> Path | None:
     if args.resume == "auto":
-        return checkpoint.latest_valid(args.output_dir, keep=True)  # kept: the load hashes nothing again
+        folder = checkpoint.latest_valid(args.output_dir, keep=True)  # kept: the load hashes nothing again
+        if folder is None:
+            _refuse_beside_checkpoints(args, " but no checkpoint there verifies (`higgs-min checkpoint list` says why)")
+        return folder
     if args.resume == "none":
-        # A fresh run beside checkpoints would interleave two runs' step numbers in one folder: `latest` would
-        # name the new run's checkpoint while --resume auto took the old run's higher step. Refused instead.
-        held = checkpoint.checkpoint_folders(Path(args.output_dir))  # names only: valid or not, they are a run's
-        if held:
-            raise UsageError(
-                f"--resume none: {args.output_dir} already holds checkpoints (newest: {held[0][1].name}); a new run "
-                "there would mix with them\n  start it in a new --output-dir, or move the old run away first")
+        _refuse_beside_checkpoints(args, "")
         return None
     try:
         folder = resolve_checkpoint(args.resume)
         checkpoint.verify(folder, keep=True)
     except (checkpoint.CheckpointError, RunError) as e:
         msg = str(e)  # most name the path already: "--resume PATH: not a folder", not the path twice
-        msg = msg if msg.startswith(str(args.resume)) else f"{args.resume}: {msg}"
+        msg = msg if msg.startswith(str(Path(args.resume))) else f"{args.resume}: {msg}"
         raise UsageError(f"--resume {msg}") from e
     return folder
 
