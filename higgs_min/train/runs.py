@@ -99,9 +99,9 @@ def find_adapter(path: str | Path, option: str = "--adapter") -> Path:
         latest = checkpoint.latest_valid(path)
         if latest is not None:
             return latest
-    in_a_run = (path.parent / "latest").exists()
+    never_evaluated = path.name == "best" and not path.exists() and (path.parent / "latest").exists()  # a run's
     hint = ("; OUT/best exists once a run evaluates (--eval-data or --eval-split): OUT/latest or OUT is the newest"
-            if path.name == "best" and not path.exists() and in_a_run else "")
+            if never_evaluated else "")
     raise UsageError(f"{option} {path}: neither a checkpoint (adapter_config.json) "
                      f"nor an output folder with a valid checkpoint{hint}")
 
